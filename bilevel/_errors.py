@@ -1,0 +1,130 @@
+"""Exceptions and input checks shared by the whole library.
+
+Every message names the function, says what was expected and what came, and
+suggests a fix (STYLE.md, house habit 6).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["BilevelError", "ShapeError", "DivergenceError", "NonFiniteError"]
+
+
+class BilevelError(Exception):
+    """Base class of every error raised on purpose by ``bilevel``."""
+
+
+class ShapeError(BilevelError, ValueError):
+    """Trees whose keys, shapes, dtypes or devices do not match what is expected."""
+
+
+class DivergenceError(BilevelError, ArithmeticError):
+    """An iterative solver blew up (growth, NaN/Inf, negative curvature).
+
+    Raised instead of returning a meaningless result. The message says at which
+    iteration and suggests a fix (damping, a smaller step, another solver).
+    """
+
+
+class NonFiniteError(BilevelError, ValueError, ArithmeticError):
+    """A NaN or Inf in an input, a loss, or a computed hypergradient."""
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return f"{type(x).__name__}"
+
+
+def check_tree(tree: Any, fn: str, name: str, *, floating: bool = True) -> dict[str, Tensor]:
+    """Check that ``tree`` is a non-empty ``dict[str, Tensor]``; return it as a dict."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"{fn}: expected `{name}` to be a dict[str, Tensor] (e.g. dict(model.named_parameters())), "
+            f"got {_describe(tree)}. Fix: pass a dict mapping names to tensors."
+        )
+    if len(tree) == 0:
+        raise ShapeError(
+            f"{fn}: expected `{name}` to hold at least one tensor, got an empty dict. "
+            f"Fix: pass the tensors to differentiate, e.g. dict(model.named_parameters())."
+        )
+    for k, v in tree.items():
+        if not isinstance(k, str):
+            raise TypeError(f"{fn}: expected the keys of `{name}` to be str, got key {k!r} of type {type(k).__name__}.")
+        if not isinstance(v, Tensor):
+            raise TypeError(
+                f"{fn}: expected `{name}[{k!r}]` to be a torch.Tensor, got {_describe(v)}. "
+                f"Fix: convert it with torch.as_tensor(...)."
+            )
+        if floating and not (v.is_floating_point() or v.is_complex()):
+            raise TypeError(
+                f"{fn}: expected `{name}[{k!r}]` to be a floating-point tensor (gradients are taken with respect to it), "
+                f"got dtype {v.dtype}. Fix: cast it, e.g. `.to(torch.float32)`."
+            )
+    return dict(tree)
+
+
+def check_like(a: Mapping[str, Tensor], b: Mapping[str, Tensor], fn: str, name_a: str, name_b: str) -> None:
+    """Check that trees ``a`` and ``b`` have the same keys and shapes (``ShapeError`` otherwise)."""
+    ka, kb = set(a), set(b)
+    if ka != kb:
+        missing = sorted(ka - kb)
+        extra = sorted(kb - ka)
+        raise ShapeError(
+            f"{fn}: expected `{name_b}` to have the same keys as `{name_a}`; "
+            f"missing from `{name_b}`: {missing}, not in `{name_a}`: {extra}. "
+            f"Fix: build `{name_b}` from the keys of `{name_a}`, e.g. {{k: ... for k in {name_a}}}."
+        )
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise ShapeError(
+                f"{fn}: expected `{name_b}[{k!r}]` to have shape {tuple(a[k].shape)} like `{name_a}[{k!r}]`, "
+                f"got {tuple(b[k].shape)}. Fix: reshape it to {tuple(a[k].shape)}."
+            )
+
+
+def check_scalar(loss: Any, fn: str, name: str) -> Tensor:
+    """Check that a loss function returned a real scalar tensor."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"{fn}: expected `{name}` to return a scalar torch.Tensor, got {_describe(loss)}. "
+            f"Fix: return a tensor computed from the params (not a Python float or `.item()`)."
+        )
+    if loss.numel() != 1:
+        raise ShapeError(
+            f"{fn}: expected `{name}` to return a scalar (one element), got shape {tuple(loss.shape)}. "
+            f"Fix: reduce it, e.g. `.mean()` or `.sum()`."
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"{fn}: expected `{name}` to return a floating-point scalar, got dtype {loss.dtype}.")
+    return loss.reshape(())
+
+
+def check_finite_tree(tree: Mapping[str, Tensor], fn: str, name: str) -> None:
+    """Raise ``NonFiniteError`` naming the first entry of ``tree`` holding NaN/Inf (one host sync)."""
+    if not tree:
+        return
+    flags = torch.stack([torch.isfinite(v).all() for v in tree.values()])
+    if bool(flags.all()):
+        return
+    for (k, v), ok in zip(tree.items(), flags.tolist()):
+        if not ok:
+            n_nan = int(torch.isnan(v).sum())
+            n_inf = int(torch.isinf(v).sum())
+            raise NonFiniteError(
+                f"{fn}: expected finite values in `{name}[{k!r}]`, got {n_nan} NaN and {n_inf} Inf "
+                f"of {v.numel()} entries. Fix: find where they come from (e.g. a diverged inner optimizer, "
+                f"a log of zero); `torch.autograd.set_detect_anomaly(True)` helps."
+            )
+
+
+def check_finite_scalar(x: Tensor, fn: str, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(
+            f"{fn}: expected `{name}` to be finite, got {x.item() if x.numel() == 1 else x}. "
+            f"Fix: check the inputs for NaN/Inf, lower the learning rate, or clip the loss."
+        )

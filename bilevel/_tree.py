@@ -1,0 +1,160 @@
+"""Arithmetic on parameter trees (``dict[str, Tensor]``) and flat-buffer views.
+
+Trees are the currency of the core: ``dict(model.named_parameters())``. The
+solvers work on one contiguous 1-D buffer instead (:class:`Flat`), because a
+fused vector update over one buffer beats a Python loop over many tensors.
+
+NOTE: measured on this machine (torch 2.13, 2 CPU cores), an axpy over 200
+tensors as one flat buffer is 1.7-3x faster than a per-tensor loop; see
+``benchmarks/bench_tree.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from ._errors import ShapeError, check_like
+
+Tree = Dict[str, Tensor]
+
+__all__ = [
+    "Tree",
+    "Flat",
+    "tree_map",
+    "tree_add",
+    "tree_sub",
+    "tree_scale",
+    "tree_axpy",
+    "tree_vdot",
+    "tree_norm",
+    "tree_zeros_like",
+    "tree_detach",
+    "tree_check_like",
+]
+
+
+def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]) -> Tree:
+    """Apply ``fn`` leaf-wise: ``{k: fn(tree[k], *(r[k] for r in rest))}``."""
+    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+
+
+def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tree:
+    """``a + b`` leaf-wise. Example: ``tree_add({"w": x}, {"w": y}) == {"w": x + y}``."""
+    return {k: a[k] + b[k] for k in a}
+
+
+def tree_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tree:
+    """``a - b`` leaf-wise."""
+    return {k: a[k] - b[k] for k in a}
+
+
+def tree_scale(alpha: float | Tensor, a: Mapping[str, Tensor]) -> Tree:
+    """``alpha * a`` leaf-wise (``alpha`` a Python number or a 0-dim tensor)."""
+    return {k: alpha * v for k, v in a.items()}
+
+
+def tree_axpy(alpha: float | Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Tree:
+    """``alpha * x + y`` leaf-wise (a new tree; inputs untouched)."""
+    return {k: y[k] + alpha * x[k] for k in y}
+
+
+def tree_vdot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """Inner product ``sum_k <a[k], b[k]>`` as a 0-dim tensor (no host sync)."""
+    terms = [torch.vdot(a[k].reshape(-1), b[k].reshape(-1)) for k in a]
+    if not terms:
+        raise ShapeError("tree_vdot: expected non-empty trees, got empty ones.")
+    return torch.stack(terms).sum()
+
+
+def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
+    """Euclidean norm of the whole tree, as a 0-dim tensor (no host sync)."""
+    norms = [torch.linalg.vector_norm(v) for v in a.values()]
+    if not norms:
+        raise ShapeError("tree_norm: expected a non-empty tree, got an empty one.")
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def tree_zeros_like(a: Mapping[str, Tensor]) -> Tree:
+    """A tree of zeros with the keys, shapes, dtypes and devices of ``a``."""
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def tree_detach(a: Mapping[str, Tensor], *, requires_grad: bool = False) -> Tree:
+    """Detached leaves sharing storage with ``a``; optionally ``requires_grad``."""
+    return {k: v.detach().requires_grad_(requires_grad) for k, v in a.items()}
+
+
+def tree_check_like(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, fn: str = "tree_check_like",
+                    name_a: str = "a", name_b: str = "b") -> None:
+    """Raise :class:`bilevel.ShapeError` unless ``a`` and ``b`` have the same keys and shapes."""
+    check_like(a, b, fn, name_a, name_b)
+
+
+class Flat:
+    """The layout of a tree as one contiguous 1-D buffer.
+
+    ``Flat(tree)`` records keys, shapes and offsets; :meth:`flatten` copies a tree of
+    that layout into one vector, :meth:`unflatten` returns a tree of *views* into
+    a vector (no copy). All leaves must share one dtype and one device.
+
+    Args:
+        tree: the template tree, e.g. ``dict(model.named_parameters())``.
+
+    Example:
+        >>> fl = Flat({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+        >>> vec = fl.flatten({"w": torch.ones(2, 3), "b": torch.ones(3)})   # shape (9,)
+        >>> fl.unflatten(vec)["w"].shape
+        torch.Size([2, 3])
+    """
+
+    __slots__ = ("keys", "shapes", "numels", "offsets", "size", "dtype", "device")
+
+    def __init__(self, tree: Mapping[str, Tensor]) -> None:
+        if not tree:
+            raise ShapeError("Flat: expected a non-empty tree, got an empty dict. Fix: pass at least one tensor.")
+        self.keys = list(tree.keys())
+        leaves = list(tree.values())
+        self.dtype = leaves[0].dtype
+        self.device = leaves[0].device
+        for k, v in tree.items():
+            if v.dtype != self.dtype or v.device != self.device:
+                raise ShapeError(
+                    f"Flat: expected every tensor of the tree to share dtype {self.dtype} and device {self.device} "
+                    f"(like {self.keys[0]!r}), got {v.dtype} on {v.device} for {k!r}. "
+                    f"Fix: cast the tree to one dtype/device, e.g. {{k: v.double() for k, v in tree.items()}}."
+                )
+        self.shapes = [v.shape for v in leaves]
+        self.numels = [v.numel() for v in leaves]
+        offs, o = [], 0
+        for n in self.numels:
+            offs.append(o)
+            o += n
+        self.offsets = offs
+        self.size = o
+
+    def flatten(self, tree: Mapping[str, Tensor]) -> Tensor:
+        """Copy ``tree`` (same layout) into a new 1-D tensor of length :attr:`size`."""
+        return torch.cat([tree[k].reshape(-1) for k in self.keys]) if len(self.keys) > 1 \
+            else tree[self.keys[0]].reshape(-1).clone()
+
+    def unflatten(self, vec: Tensor) -> Tree:
+        """A tree of views into ``vec`` (shape ``(size,)``); writes to the views write ``vec``."""
+        if vec.dim() != 1 or vec.shape[0] != self.size:
+            raise ShapeError(f"Flat.unflatten: expected a vector of shape ({self.size},), got {tuple(vec.shape)}.")
+        return {k: vec.narrow(0, o, n).view(s) for k, o, n, s in zip(self.keys, self.offsets, self.numels, self.shapes)}
+
+    def flatten_list(self, leaves: Iterable[Tensor | None]) -> Tensor:
+        """Like :meth:`flatten` for leaves in key order; ``None`` leaves count as zeros."""
+        parts = []
+        for v, n in zip(leaves, self.numels):
+            parts.append(torch.zeros(n, dtype=self.dtype, device=self.device) if v is None else v.reshape(-1))
+        return torch.cat(parts)
+
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+
+    def __repr__(self) -> str:
+        return f"Flat(size={self.size}, tensors={len(self.keys)}, dtype={self.dtype}, device={self.device})"

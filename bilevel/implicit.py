@@ -1,0 +1,278 @@
+"""Implicit differentiation (IFT) of an inner solution.
+
+At a stationary point ``∇_w L_T(w*, λ) = 0`` of the inner loss,
+
+    dL_V/dλ = ∂_λ L_V − ∇_λ <∂_w L_T, u>,   (H + damping·I) u = ∂_w L_V,   H = ∂²_ww L_T
+
+so a hypergradient is (1) ``b = ∂_w L_V``, (2) ``u = solver(H·, b)``, (3) one mixed
+product. One :class:`~bilevel.hvp.HessianOperator` (the inner gradient graph,
+built once) serves every product of step (2) and the mixed product of (3).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._errors import (NonFiniteError, check_finite_scalar, check_finite_tree, check_scalar, check_tree)
+from ._tree import Tree, tree_detach, tree_norm
+from .hvp import HessianOperator
+from .solvers import CG, Solution, Solver, SolverInfo
+
+__all__ = ["implicit_hypergrad", "implicit_diff", "Hypergrad", "HypergradInfo", "solve_adjoint"]
+
+
+@dataclass
+class HypergradInfo:
+    """Diagnostics of one implicit hypergradient.
+
+    Attributes:
+        inner_grad_norm: ``‖∇_w L_T‖`` at params: how stationary the point was.
+            The hypergradient's error grows roughly linearly with it.
+        inner_loss: ``L_T`` at params.
+        outer_loss: ``L_V`` at params (``nan`` for :func:`implicit_diff`).
+        solver: the linear solve's :class:`~bilevel.solvers.SolverInfo` (``None`` for
+            a user solver that returns a plain tree).
+        hvp_mode: how the Hessian products were taken (``"reverse"``/``"forward"``).
+    """
+
+    inner_grad_norm: float
+    inner_loss: float
+    outer_loss: float
+    solver: Optional[SolverInfo]
+    hvp_mode: str
+
+
+class Hypergrad(dict):
+    """The hypergradient tree (keys of ``hparams``) plus diagnostics in ``.info``."""
+
+    info: HypergradInfo
+
+    def __init__(self, tree: Mapping[str, Tensor], info: HypergradInfo) -> None:
+        super().__init__(tree)
+        self.info = info
+
+
+def solve_adjoint(op: HessianOperator, b: Mapping[str, Tensor], solver: Any) -> tuple[Tree, Optional[SolverInfo]]:
+    """Solve ``(H + damping I) u = b`` with ``solver`` on the operator ``op``.
+
+    Built-in solvers run on flat buffers; any other callable ``solver(matvec, b) -> tree``
+    gets tree-valued ``matvec`` (the seam of API.md).
+    """
+    if isinstance(solver, Solver):
+        x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b))
+        return op.flat.unflatten(x), info
+    if not callable(solver):
+        raise TypeError(f"bilevel: expected `solver` to be a bl.Solver or a callable solver(matvec, b) -> tree, "
+                        f"got {type(solver).__name__}. Fix: pass e.g. bl.CG(maxiter=20).")
+    out = solver(op.matvec, dict(b))
+    return dict(out), getattr(out, "info", None)
+
+
+def _resolve_args(args: Any, fn: str, name: str) -> tuple:
+    if isinstance(args, tuple):
+        return args
+    if isinstance(args, list):
+        return tuple(args)
+    raise TypeError(f"{fn}: expected `{name}` to be a tuple of extra arguments, got {type(args).__name__}. "
+                    f"Fix: wrap a single argument as ({name}_value,).")
+
+
+def implicit_hypergrad(
+    inner_loss: Callable[..., Tensor],
+    outer_loss: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    solver: Any = None,
+    inner_args: Sequence[Any] = (),
+    outer_args: Sequence[Any] = (),
+    hvp_mode: str = "auto",
+    check_finite: bool = True,
+) -> Hypergrad:
+    """Hypergradient ``dL_V/dhparams`` at an (approximately) stationary point of the inner loss.
+
+    Args:
+        inner_loss: ``inner_loss(params, hparams, *inner_args) -> scalar`` (training loss).
+        outer_loss: ``outer_loss(params, hparams, *outer_args) -> scalar`` (validation
+            loss; may use ``hparams`` directly or not at all).
+        params: tree ``{name: Tensor}``, approximately ``argmin_w inner_loss``.
+        hparams: tree ``{name: Tensor}`` of floating-point hyperparameters.
+        solver: a linear solver (``bl.CG()`` by default, ``bl.Neumann``, ``bl.Nystrom``,
+            ``bl.Identity``, ``bl.Exact``) or any ``solver(matvec, b) -> tree``.
+        inner_args, outer_args: extra positional arguments (batches).
+        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"`` (see :mod:`bilevel.hvp`).
+        check_finite: check inputs and the result for NaN/Inf (a few host syncs).
+
+    Returns:
+        :class:`Hypergrad`: a tree with the keys and shapes of ``hparams`` and
+        ``.info`` (:class:`HypergradInfo`: inner gradient norm, losses, solver diagnostics).
+
+    Raises:
+        ShapeError: a loss is not scalar, or trees are malformed.
+        NonFiniteError: NaN/Inf in inputs, losses, or the result.
+        DivergenceError: the linear solver diverged (e.g. Neumann with too large a step).
+
+    Example:
+        >>> inner = lambda p, h, X, y: ((X @ p["w"] - y) ** 2).mean() + (h["l2"].exp() * p["w"] ** 2).sum()
+        >>> outer = lambda p, h, X, y: ((X @ p["w"] - y) ** 2).mean()
+        >>> hg = bl.implicit_hypergrad(inner, outer, {"w": w_star}, {"l2": torch.zeros(d)},
+        ...                            solver=bl.CG(maxiter=50), inner_args=(Xtr, ytr), outer_args=(Xva, yva))
+        >>> hg["l2"].shape, hg.info.inner_grad_norm
+    """
+    fn = "bilevel.implicit_hypergrad"
+    params = check_tree(params, fn, "params")
+    hparams = check_tree(hparams, fn, "hparams")
+    inner_args = _resolve_args(inner_args, fn, "inner_args")
+    outer_args = _resolve_args(outer_args, fn, "outer_args")
+    solver = CG() if solver is None else solver
+    if check_finite:
+        check_finite_tree(params, fn, "params")
+        check_finite_tree(hparams, fn, "hparams")
+
+    # (1) b = ∂_w L_V and the direct term ∂_λ L_V.
+    w = tree_detach(params, requires_grad=True)
+    h = tree_detach(hparams, requires_grad=True)
+    with torch.enable_grad():
+        lv = check_scalar(outer_loss(w, h, *outer_args), fn, "outer_loss")
+        if check_finite:
+            check_finite_scalar(lv, fn, "outer_loss(params, hparams, *outer_args)")
+        leaves = list(w.values()) + list(h.values())
+        grads = torch.autograd.grad(lv, leaves, allow_unused=True) if lv.requires_grad else [None] * len(leaves)
+    nw = len(w)
+    b = {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(w.items(), grads[:nw])}
+    direct = {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(h.items(), grads[nw:])}
+
+    # (2) u = (H + damping I)⁻¹ b on one reused inner-gradient graph.
+    op = HessianOperator(inner_loss, params, hparams, inner_args, mode=hvp_mode, name=fn)
+    if check_finite:
+        check_finite_scalar(op.loss, fn, "inner_loss(params, hparams, *inner_args)")
+    u, sinfo = solve_adjoint(op, b, solver)
+
+    # (3) hypergrad = ∂_λ L_V − ∇_λ <∂_w L_T, u>.
+    mixed = op.mixed_vjp(u)
+    hg = {k: direct[k] - mixed[k] for k in hparams}
+    if check_finite:
+        check_finite_tree(hg, fn, "the hypergradient")
+    info = HypergradInfo(float(op.grad_norm), float(op.loss), float(lv.detach()), sinfo, op.mode)
+    return Hypergrad(hg, info)
+
+
+class ImplicitSolution(dict):
+    """The params tree returned by an :func:`implicit_diff`-wrapped solver.
+
+    ``.info`` is ``None`` until a backward pass runs through it; then it holds the
+    :class:`HypergradInfo` of that backward pass (inner gradient norm, solver diagnostics).
+    """
+
+    info: Optional[HypergradInfo]
+
+    def __init__(self, tree: Mapping[str, Tensor]) -> None:
+        super().__init__(tree)
+        self.info = None
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, cfg: dict, *hvals: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.cfg = cfg
+        ctx.save_for_backward(*hvals)
+        return tuple(p.detach().clone() for p in cfg["params"].values())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grad_out: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        cfg = ctx.cfg
+        fn = "bilevel.implicit_diff (backward)"
+        params = cfg["params"]
+        hkeys = cfg["hkeys"]
+        hparams = dict(zip(hkeys, ctx.saved_tensors))
+        b = {k: (torch.zeros_like(p) if g is None else g) for (k, p), g in zip(params.items(), grad_out)}
+        # NOTE: grad mode is off inside backward; the HessianOperator turns it on for its products.
+        op = HessianOperator(cfg["inner_loss"], params, hparams, cfg["args"], mode=cfg["hvp_mode"], name=fn)
+        u, sinfo = solve_adjoint(op, b, cfg["solver"])
+        mixed = op.mixed_vjp(u)
+        out = [-mixed[k] for k in hkeys]
+        if not all(bool(torch.isfinite(o).all()) for o in out):
+            raise NonFiniteError(f"{fn}: the implicit gradient holds NaN/Inf (inner gradient norm "
+                                 f"{float(op.grad_norm):.3e}). Fix: check inner_loss at the solution, add damping.")
+        result: Optional[ImplicitSolution] = cfg["result"]()
+        if result is not None:
+            result.info = HypergradInfo(float(op.grad_norm), float(op.loss), float("nan"), sinfo, op.mode)
+        grads: list[Optional[Tensor]] = [None]
+        grads += [o if need else None for o, need in zip(out, ctx.needs_input_grad[1:])]
+        return tuple(grads)
+
+
+def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None,
+                  hvp_mode: str = "auto") -> Callable[[Callable[..., Mapping[str, Tensor]]], Callable[..., ImplicitSolution]]:
+    """Decorator: make any inner solver differentiable in its hyperparameters by the IFT.
+
+    The wrapped ``solve(hparams, *args) -> params`` runs as written (on detached
+    hyperparameters, so its own iterations build no graph); the returned params
+    carry gradients to ``hparams`` through ``(H + damping I) u = ∂L/∂params``,
+    ``∂L/∂hparams = −∇_hparams <∇_params inner_loss, u>``, evaluated in the
+    backward pass. ``outer(solve(hparams)).backward()`` fills ``hparams[k].grad``.
+
+    Args:
+        inner_loss: ``inner_loss(params, hparams, *args) -> scalar``, the objective
+            ``solve`` minimizes (the same ``*args``).
+        solver: linear solver for the backward pass (``bl.CG()`` by default).
+        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"``.
+
+    Returns:
+        A decorator. The wrapped function returns an :class:`ImplicitSolution`
+        (a params tree; ``.info`` is filled by the backward pass). Gradients flow
+        to ``hparams`` only, not through ``*args``.
+
+    Example:
+        >>> def inner(p, h, X, y):
+        ...     return ((X @ p["w"] - y) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum()
+        >>> @bl.implicit_diff(inner)
+        ... def ridge(h, X, y):
+        ...     A = X.T @ X + h["l2"] * torch.eye(X.shape[1], dtype=X.dtype)
+        ...     return {"w": torch.linalg.solve(A, X.T @ y)}
+        >>> h = {"l2": torch.tensor(1.0, requires_grad=True)}
+        >>> ((Xv @ ridge(h, X, y)["w"] - yv) ** 2).mean().backward()
+        >>> h["l2"].grad
+    """
+    slv = CG() if solver is None else solver
+
+    def decorator(solve: Callable[..., Mapping[str, Tensor]]) -> Callable[..., ImplicitSolution]:
+        name = getattr(solve, "__name__", "solve")
+
+        @functools.wraps(solve)
+        def wrapped(hparams: Mapping[str, Tensor], *args: Any) -> ImplicitSolution:
+            fn = f"bilevel.implicit_diff({name})"
+            hp = check_tree(hparams, fn, "hparams")
+            need = torch.is_grad_enabled() and any(v.requires_grad for v in hp.values())
+            with torch.enable_grad():
+                raw = solve(tree_detach(hp), *args)
+            params = check_tree(raw, fn, f"the value returned by {name}")
+            params = tree_detach(params)
+            result = ImplicitSolution(params)
+            if not torch.is_grad_enabled():
+                return result
+            if not need:
+                raise ValueError(
+                    f"{fn}: expected at least one hparams tensor with requires_grad=True (the IFT gradient "
+                    f"flows to them), got none among {list(hp)}. Fix: `hparams[k].requires_grad_()`, or call "
+                    f"the solver under `torch.no_grad()` if you only need its value."
+                )
+            cfg = {"params": params, "hkeys": list(hp), "inner_loss": inner_loss, "args": args,
+                   "solver": slv, "hvp_mode": hvp_mode,
+                   # weak: the result holds the outputs, whose graph holds cfg (no cycle)
+                   "result": weakref.ref(result)}
+            outs = _ImplicitFunction.apply(cfg, *hp.values())
+            for k, o in zip(params, outs):
+                dict.__setitem__(result, k, o)
+            return result
+
+        return wrapped
+
+    return decorator

@@ -1,0 +1,523 @@
+"""Linear solvers for ``(H + damping·I) x = b`` that only see ``matvec(v) = H v``.
+
+Every solver is a small configured object called as ``solver(matvec, b) -> x``
+on trees (API.md). Internally it runs on one flat contiguous buffer
+(:meth:`Solver.solve_flat`), and the result is a :class:`Solution`: a dict (the
+tree ``x``) that also carries :class:`SolverInfo` diagnostics in ``.info``.
+
+NOTE: no ``.item()`` (host sync) inside the iteration loops. Iterates that have
+converged are frozen with ``torch.where`` masks on device, and convergence or
+blow-up is checked on the host only every ``check_every`` iterations, so a GPU
+pipeline is not stalled by every step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ._errors import DivergenceError, NonFiniteError, ShapeError, check_tree
+from ._tree import Flat, Tree
+
+__all__ = ["Solver", "SolverInfo", "Solution", "CG", "Neumann", "Nystrom", "Identity", "Exact"]
+
+FlatMatvec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class SolverInfo:
+    """Diagnostics of one linear solve.
+
+    Attributes:
+        solver: the solver's name.
+        iterations: iterations run (CG steps, Neumann terms, Nyström rank, ...).
+        matvecs: matrix-vector products used (the cost, in Hessian-vector products).
+        residual_norm: ``‖(H + damping I) x − b‖`` as a float, or an upper bound
+            where stated (Neumann), or ``nan`` when not computed.
+        b_norm: ``‖b‖`` (the relative residual is ``residual_norm / b_norm``).
+        converged: whether the solver's own stopping test passed.
+        extra: solver-specific figures (Neumann's ``alpha`` and ``lambda_max``, ...).
+    """
+
+    solver: str
+    iterations: int
+    matvecs: int
+    residual_norm: float
+    b_norm: float
+    converged: bool
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def relative_residual(self) -> float:
+        return self.residual_norm / self.b_norm if self.b_norm > 0 else self.residual_norm
+
+
+class Solution(dict):
+    """The solution tree ``x`` of a solve (a plain ``dict[str, Tensor]``) plus ``.info``."""
+
+    info: Optional[SolverInfo]
+
+    def __init__(self, tree: Mapping[str, Tensor], info: Optional[SolverInfo] = None) -> None:
+        super().__init__(tree)
+        self.info = info
+
+
+def _check_number(fn: str, name: str, value: Any, *, low: float = 0.0, strict: bool = False,
+                  integer: bool = False) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+        kind = "an int" if integer else "a finite number"
+        raise TypeError(f"{fn}: expected `{name}` to be {kind}, got {value!r}.")
+    if value < low or (strict and value == low):
+        rel = ">" if strict else ">="
+        raise ValueError(f"Invalid {name} for {fn}: {value} (expected {name} {rel} {low}).")
+
+
+class Solver:
+    """Base class: subclasses implement :meth:`solve_flat`.
+
+    ``damping`` turns every solve into ``(H + damping·I) x = b``.
+    """
+
+    damping: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def _damped(self, matvec: FlatMatvec) -> FlatMatvec:
+        d = self.damping
+        if d == 0.0:
+            return matvec
+        return lambda v: matvec(v) + d * v
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, SolverInfo]:
+        """Solve ``(H + damping I) x = b`` for flat vectors ``b`` of shape ``(P,)``.
+
+        ``matvec`` maps a ``(P,)`` vector to ``H v`` (without damping).
+        Returns ``(x, info)``.
+        """
+        raise NotImplementedError
+
+    def __call__(self, matvec: Callable[[Tree], Tree], b: Mapping[str, Tensor]) -> Solution:
+        """Solve on trees: ``matvec`` maps a tree to a tree; ``b`` a tree. Returns a :class:`Solution`."""
+        fn = f"bilevel.{self.name}"
+        b = check_tree(b, fn, "b")
+        fl = Flat(b)
+
+        def mv(v: Tensor) -> Tensor:
+            out = matvec(fl.unflatten(v))
+            if not isinstance(out, Mapping) or set(out) != set(fl.keys):
+                raise ShapeError(f"{fn}: expected `matvec` to return a tree with the keys {fl.keys} of `b`, "
+                                 f"got {type(out).__name__} with keys {list(out) if isinstance(out, Mapping) else None}.")
+            return fl.flatten(out)
+
+        x, info = self.solve_flat(mv, fl.flatten(b))
+        return Solution(fl.unflatten(x), info)
+
+    # shared checks -----------------------------------------------------------
+    def _check_b(self, b: Tensor) -> Tensor:
+        if not bool(torch.isfinite(b).all()):
+            raise NonFiniteError(
+                f"bilevel.{self.name}: expected a finite right-hand side b, got NaN/Inf entries. "
+                f"Fix: check the outer loss and its gradient for NaN/Inf."
+            )
+        return torch.linalg.vector_norm(b)
+
+    def _residual(self, A: FlatMatvec, x: Tensor, b: Tensor) -> float:
+        return float(torch.linalg.vector_norm(A(x) - b))
+
+
+@dataclass(frozen=True)
+class CG(Solver):
+    """Conjugate gradient on ``(H + damping·I) x = b``; ``H`` must be symmetric positive definite.
+
+    Error shrinks like ``((√κ−1)/(√κ+1))^k``. The accurate default.
+
+    Args:
+        maxiter: at most this many iterations (= Hessian-vector products).
+        tol: stop when ``‖r‖ ≤ tol·‖b‖ + atol`` (relative residual).
+        damping: added to the diagonal; makes an indefinite or singular ``H`` solvable.
+        atol: absolute residual tolerance.
+        check_every: test convergence on the host every this many iterations.
+        on_indefinite: ``"raise"`` (default): a direction with ``pᵀAp ≤ 0`` or NaN
+            raises :class:`DivergenceError`; ``"stop"``: return the iterate reached
+            before it (Steihaug truncation), with ``info.converged = False``.
+        x0: ignored unless given to :meth:`solve_flat` (warm start).
+
+    Example:
+        >>> A = torch.tensor([[4., 1.], [1., 3.]])
+        >>> x = bl.CG()(lambda v: {"x": A @ v["x"]}, {"x": torch.tensor([1., 2.])})
+        >>> x["x"], x.info.iterations
+        (tensor([0.0909, 0.6364]), 2)
+    """
+
+    maxiter: int = 100
+    tol: float = 1e-10
+    damping: float = 0.0
+    atol: float = 0.0
+    check_every: int = 5
+    on_indefinite: str = "raise"
+
+    def __post_init__(self) -> None:
+        _check_number("bilevel.CG", "maxiter", self.maxiter, low=1, integer=True)
+        _check_number("bilevel.CG", "tol", self.tol)
+        _check_number("bilevel.CG", "atol", self.atol)
+        _check_number("bilevel.CG", "damping", self.damping)
+        _check_number("bilevel.CG", "check_every", self.check_every, low=1, integer=True)
+        if self.on_indefinite not in ("raise", "stop"):
+            raise ValueError(f"bilevel.CG: expected on_indefinite 'raise' or 'stop', got {self.on_indefinite!r}.")
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
+        A = self._damped(matvec)
+        bnorm = self._check_b(b)
+        matvecs = 0
+        if x0 is None:
+            x = torch.zeros_like(b)
+            r = b.clone()
+        else:
+            x = x0.clone()
+            r = b - A(x)
+            matvecs += 1
+        p = r.clone()
+        rs = torch.dot(r, r)
+        thresh = (self.tol * bnorm + self.atol) ** 2
+        bad = torch.zeros((), dtype=torch.bool, device=b.device)
+        min_curv = torch.full((), math.inf, dtype=b.dtype, device=b.device)
+        zero = torch.zeros((), dtype=b.dtype, device=b.device)
+        it = 0
+        converged = bool(rs <= thresh)
+        indefinite = False
+        while not converged and it < self.maxiter:
+            Ap = A(p)
+            matvecs += 1
+            pAp = torch.dot(p, Ap)
+            active = (rs > thresh) & ~bad
+            curv_ok = pAp > 0  # False for NaN too
+            min_curv = torch.where(active, torch.minimum(min_curv, torch.nan_to_num(pAp, nan=-math.inf)), min_curv)
+            bad = bad | (active & ~curv_ok)
+            step = active & curv_ok
+            alpha = torch.where(step, rs / torch.where(curv_ok, pAp, 1.0), zero)
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = torch.where(step, torch.dot(r, r), rs)
+            beta = torch.where(step, rs_new / torch.where(rs > 0, rs, 1.0), zero)
+            p = torch.where(step, r + beta * p, p)
+            rs = rs_new
+            it += 1
+            if it % self.check_every == 0 or it == self.maxiter:
+                if bool(bad):
+                    indefinite = True
+                    break
+                converged = bool(rs <= thresh)
+        if not indefinite and bool(bad):
+            indefinite = True
+        if indefinite:
+            if self.on_indefinite == "raise":
+                raise DivergenceError(
+                    f"bilevel.CG: expected a symmetric positive definite operator (H + damping·I), but found "
+                    f"curvature pᵀAp = {float(min_curv):.3e} ≤ 0 (or NaN) within the first {it} iterations "
+                    f"(damping={self.damping}). The inner loss is not locally convex at params, or params is "
+                    f"far from a minimum. Fix: add damping, e.g. CG(damping={max(1e-3, 10 * abs(float(min_curv)) / max(float(bnorm), 1e-30)):.1e}), "
+                    f"use on_indefinite='stop', or solve the inner problem further."
+                )
+        rnorm = float(torch.sqrt(rs)) if bool(torch.isfinite(rs)) else math.nan
+        if not math.isfinite(rnorm) or not bool(torch.isfinite(x).all()):
+            raise DivergenceError(f"bilevel.CG: the iterate became non-finite after {it} iterations. "
+                                  f"Fix: check matvec for NaN/Inf, or add damping.")
+        info = SolverInfo("CG", it, matvecs, rnorm, float(bnorm), converged and not indefinite,
+                          {"min_curvature": float(min_curv), "indefinite": indefinite})
+        return x, info
+
+
+def power_iteration(matvec: FlatMatvec, like: Tensor, *, iters: int = 20, seed: int = 0) -> Tensor:
+    """Estimate the dominant eigenvalue of a symmetric operator (Rayleigh quotient).
+
+    Args:
+        matvec: ``v -> A v`` on flat vectors of shape ``like.shape``.
+        like: a vector giving shape, dtype and device.
+        iters: number of products (cost).
+        seed: seed of the random start vector (deterministic).
+
+    Returns:
+        0-dim tensor: the Rayleigh quotient after ``iters`` products; it tends to the
+        eigenvalue of largest magnitude (negative if that one is negative).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+    v = v / torch.linalg.vector_norm(v)
+    lam = torch.zeros((), dtype=like.dtype, device=like.device)
+    for _ in range(iters):
+        Av = matvec(v)
+        lam = torch.dot(v, Av)
+        n = torch.linalg.vector_norm(Av)
+        v = torch.where(n > 0, Av / torch.where(n > 0, n, 1.0), v)
+    return lam
+
+
+@dataclass(frozen=True)
+class Neumann(Solver):
+    """Truncated Neumann series ``x = α Σ_{j=0..steps} (I − αA)^j b``, ``A = H + damping·I``.
+
+    Lorraine et al. (2020). ``steps`` products; at an inner optimum it equals
+    ``steps + 1`` unrolled gradient-descent steps with learning rate ``α``
+    differentiated from there. Converges iff all eigenvalues of ``A`` lie in
+    ``(0, 2/α)``.
+
+    Args:
+        steps: number of series terms after the first (= Hessian-vector products).
+        alpha: step ``α``; ``None`` picks ``1/λ_max`` from ``power_iters`` power
+            iterations (cost: ``power_iters`` extra products).
+        damping: added to the diagonal of ``H``.
+        power_iters: products spent estimating ``λ_max`` when ``alpha`` is ``None``.
+        max_growth: raise :class:`DivergenceError` if a series term grows beyond
+            ``max_growth·‖b‖`` (a convergent series on a symmetric ``A`` never grows).
+        check_every: test for growth/NaN on the host every this many terms.
+        seed: seed of the power iteration's start vector.
+
+    ``info.residual_norm`` is ``‖(I−αA)^steps b‖/α``, the exact residual of the
+    series one term shorter, hence an upper bound of the returned ``x``'s residual
+    when the series converges (free: no extra product).
+
+    Example:
+        >>> A = torch.tensor([[2., 0.], [0., 1.]])
+        >>> x = bl.Neumann(steps=60)(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2)})
+        >>> x["x"]
+        tensor([0.5000, 1.0000])
+    """
+
+    steps: int = 20
+    alpha: Optional[float] = None
+    damping: float = 0.0
+    power_iters: int = 20
+    max_growth: float = 1.001
+    check_every: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_number("bilevel.Neumann", "steps", self.steps, low=0, integer=True)
+        if self.alpha is not None:
+            _check_number("bilevel.Neumann", "alpha", self.alpha, strict=True)
+        _check_number("bilevel.Neumann", "damping", self.damping)
+        _check_number("bilevel.Neumann", "power_iters", self.power_iters, low=1, integer=True)
+        _check_number("bilevel.Neumann", "max_growth", self.max_growth, low=1.0)
+        _check_number("bilevel.Neumann", "check_every", self.check_every, low=1, integer=True)
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, SolverInfo]:
+        A = self._damped(matvec)
+        bnorm = self._check_b(b)
+        matvecs = 0
+        lam_max: Optional[float] = None
+        if self.alpha is None:
+            lam = power_iteration(A, b, iters=self.power_iters, seed=self.seed)
+            matvecs += self.power_iters
+            lam_max = float(lam)
+            if not (math.isfinite(lam_max) and lam_max > 0):
+                raise DivergenceError(
+                    f"bilevel.Neumann: expected a positive dominant eigenvalue of H + damping·I to choose alpha, "
+                    f"got λ ≈ {lam_max:.3e} from {self.power_iters} power iterations (damping={self.damping}). "
+                    f"The inner loss has strong negative curvature at params (or matvec returns NaN). "
+                    f"Fix: add damping larger than |λ|, solve the inner problem further, or use CG(on_indefinite='stop')."
+                )
+            alpha = 1.0 / lam_max
+        else:
+            alpha = float(self.alpha)
+        p = b.clone()
+        acc = b.clone()
+        limit = self.max_growth * bnorm
+        for j in range(1, self.steps + 1):
+            p = p - alpha * A(p)
+            matvecs += 1
+            acc = acc + p
+            if j % self.check_every == 0 or j == self.steps:
+                pn = torch.linalg.vector_norm(p)
+                if not bool(torch.isfinite(pn)) or bool(pn > limit):
+                    raise DivergenceError(
+                        f"bilevel.Neumann: expected the series terms (I − αA)^j b to shrink, but at term {j} "
+                        f"‖(I − αA)^j b‖ = {float(pn):.3e} > {self.max_growth}·‖b‖ = {float(limit):.3e} "
+                        f"(alpha={alpha:.3e}, damping={self.damping}). The series diverges: α·λ_max(H) ≥ 2 or H has "
+                        f"negative curvature. Fix: use alpha=None (chosen by power iteration), a smaller alpha, "
+                        f"damping > 0, or the CG solver."
+                    )
+        x = alpha * acc
+        res = float(torch.linalg.vector_norm(p)) / alpha
+        info = SolverInfo("Neumann", self.steps, matvecs, res, float(bnorm), True,
+                          {"alpha": alpha, "lambda_max": lam_max, "residual_is_bound": True})
+        return x, info
+
+
+def _sym_pinv_apply(M: Tensor, y: Tensor, rcond: float) -> Tensor:
+    evals, evecs = torch.linalg.eigh(0.5 * (M + M.mT))
+    cut = rcond * evals.abs().max().clamp_min(torch.finfo(M.dtype).tiny)
+    inv = torch.where(evals > cut, 1.0 / torch.where(evals > cut, evals, 1.0), torch.zeros_like(evals))
+    return evecs @ (inv * (evecs.mT @ y))
+
+
+@dataclass(frozen=True)
+class Nystrom(Solver):
+    """Nyström approximation ``Â = C W⁺ Cᵀ`` of ``A = H + damping·I``, solved by Woodbury.
+
+    Hataya & Yamada (2023). Takes ``rank`` products ``C = A Ω`` (``Ω`` random
+    coordinate columns, or a Gaussian sketch), and returns ``(Â + ρI)⁻¹ b``
+    from an eigendecomposition of the rank-``k`` factor. No step size, no
+    divergence; cost ``rank`` products (+1 for the residual), memory ``O(P·rank)``.
+    With ``rank ≥ P`` it is exact up to ``rho``.
+
+    Args:
+        rank: number of sampled columns / sketch vectors ``k``.
+        rho: regularization ``ρ > 0`` of the low-rank approximation.
+        damping: added to the diagonal of ``H``.
+        sketch: ``"columns"`` (uniformly sampled coordinates, as in the paper) or
+            ``"gaussian"`` (randomized Nyström, better spectral approximation).
+        seed: seed of the sampling (deterministic).
+        residual: spend one more product to report the true residual.
+
+    Example:
+        >>> A = torch.tensor([[2., 0.], [0., 1.]])
+        >>> x = bl.Nystrom(rank=2, rho=1e-8)(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2)})
+        >>> torch.allclose(x["x"], torch.tensor([0.5, 1.0]))
+        True
+    """
+
+    rank: int = 10
+    rho: float = 1e-3
+    damping: float = 0.0
+    sketch: str = "columns"
+    seed: int = 0
+    residual: bool = True
+
+    def __post_init__(self) -> None:
+        _check_number("bilevel.Nystrom", "rank", self.rank, low=1, integer=True)
+        _check_number("bilevel.Nystrom", "rho", self.rho, strict=True)
+        _check_number("bilevel.Nystrom", "damping", self.damping)
+        if self.sketch not in ("columns", "gaussian"):
+            raise ValueError(f"bilevel.Nystrom: expected sketch 'columns' or 'gaussian', got {self.sketch!r}.")
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, SolverInfo]:
+        A = self._damped(matvec)
+        bnorm = self._check_b(b)
+        P = b.shape[0]
+        k = min(self.rank, P)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        if self.sketch == "columns":
+            idx = torch.randperm(P, generator=gen)[:k].to(b.device)
+            cols = []
+            for i in idx.tolist():
+                e = torch.zeros_like(b)
+                e[i] = 1.0
+                cols.append(A(e))
+            C = torch.stack(cols, dim=1)                      # (P, k)
+            W = C[idx]                                        # (k, k) = Ωᵀ A Ω
+        else:
+            Om = torch.randn(P, k, generator=gen, dtype=b.dtype).to(b.device)
+            Om, _ = torch.linalg.qr(Om)
+            C = torch.stack([A(Om[:, j].contiguous()) for j in range(k)], dim=1)
+            W = Om.mT @ C
+        matvecs = k
+        if not bool(torch.isfinite(C).all()):
+            raise DivergenceError("bilevel.Nystrom: matvec returned NaN/Inf while sampling columns. "
+                                  "Fix: check the inner loss at params for NaN/Inf.")
+        # Â = C W⁺ Cᵀ = B Bᵀ with B = C V_+ S_+^{-1/2}; negative eigenvalues of W (indefinite H)
+        # are dropped, which keeps Â positive semi-definite.
+        s, V = torch.linalg.eigh(0.5 * (W + W.mT))
+        keep = s > s.abs().max().clamp_min(torch.finfo(b.dtype).tiny) * (k * torch.finfo(b.dtype).eps)
+        B = (C @ V[:, keep]) / torch.sqrt(s[keep])
+        U, sig, _ = torch.linalg.svd(B, full_matrices=False)  # Â = U diag(sig²) Uᵀ
+        lam = sig ** 2
+        Utb = U.mT @ b
+        # Component of b outside span(U), projected twice ("twice is enough"): a single
+        # projection leaves O(eps·‖b‖) rounding that the 1/ρ factor would amplify.
+        perp = b - U @ Utb
+        perp = perp - U @ (U.mT @ perp)
+        x = U @ (Utb / (lam + self.rho)) + perp / self.rho
+        res = math.nan
+        if self.residual:
+            res = self._residual(A, x, b)
+            matvecs += 1
+        info = SolverInfo("Nystrom", k, matvecs, res, float(bnorm), True,
+                          {"rank": int(keep.sum()), "eigenvalues": lam.detach().cpu()})
+        return x, info
+
+
+@dataclass(frozen=True)
+class Identity(Solver):
+    """``H ≈ I/scale``: ``x = scale·b / (1 + scale·damping)`` (the "one-step" / T1–T2 approximation).
+
+    Costs nothing (one product if ``residual=True``). The direction is biased but
+    cheap; use it when the inner problem is far from converged or for a first try.
+
+    Example:
+        >>> bl.Identity()(lambda v: v, {"x": torch.ones(2)})["x"]
+        tensor([1., 1.])
+    """
+
+    scale: float = 1.0
+    damping: float = 0.0
+    residual: bool = True
+
+    def __post_init__(self) -> None:
+        _check_number("bilevel.Identity", "scale", self.scale, strict=True)
+        _check_number("bilevel.Identity", "damping", self.damping)
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, SolverInfo]:
+        bnorm = self._check_b(b)
+        x = b * (self.scale / (1.0 + self.scale * self.damping))
+        res, mv = math.nan, 0
+        if self.residual:
+            res, mv = self._residual(self._damped(matvec), x, b), 1
+        return x, SolverInfo("Identity", 0, mv, res, float(bnorm), True)
+
+
+@dataclass(frozen=True)
+class Exact(Solver):
+    """Materialize ``A = H + damping·I`` with ``P`` products and solve densely.
+
+    For small problems and tests (cost ``P`` products, memory ``P²``).
+
+    Args:
+        damping: added to the diagonal.
+        dtype: dtype of the dense solve (default float64, whatever ``b``'s dtype).
+        max_size: refuse problems with more than this many unknowns.
+
+    Example:
+        >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
+        >>> bl.Exact()(lambda v: {"x": A @ v["x"]}, {"x": torch.tensor([1., 2.], dtype=torch.float64)})["x"]
+        tensor([0.0909, 0.6364], dtype=torch.float64)
+    """
+
+    damping: float = 0.0
+    dtype: Optional[torch.dtype] = torch.float64
+    max_size: int = 20_000
+
+    def __post_init__(self) -> None:
+        _check_number("bilevel.Exact", "damping", self.damping)
+        _check_number("bilevel.Exact", "max_size", self.max_size, low=1, integer=True)
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, SolverInfo]:
+        P = b.shape[0]
+        if P > self.max_size:
+            raise ShapeError(
+                f"bilevel.Exact: expected at most max_size={self.max_size} unknowns for a dense solve, got {P}. "
+                f"Fix: use bl.CG() (or raise max_size if {P}² entries fit in memory)."
+            )
+        bnorm = self._check_b(b)
+        A = self._damped(matvec)
+        eye = torch.eye(P, dtype=b.dtype, device=b.device)
+        H = torch.stack([A(eye[:, j].contiguous()) for j in range(P)], dim=1)
+        if not bool(torch.isfinite(H).all()):
+            raise DivergenceError("bilevel.Exact: matvec returned NaN/Inf. Fix: check the inner loss at params.")
+        dt = self.dtype or b.dtype
+        Hd = H.to(dt)
+        x, info_code = torch.linalg.solve_ex(Hd, b.to(dt))
+        if int(info_code) != 0 or not bool(torch.isfinite(x).all()):
+            raise DivergenceError(
+                f"bilevel.Exact: the {P}x{P} operator H + damping·I is singular (damping={self.damping}). "
+                f"Fix: add damping > 0, or remove parameters the inner loss does not use."
+            )
+        x = x.to(b.dtype)
+        res = float(torch.linalg.vector_norm(Hd @ x.to(dt) - b.to(dt)))
+        return x, SolverInfo("Exact", P, P, res, float(bnorm), True)
