@@ -17,6 +17,7 @@ op of the loss lacks a double-backward formula (e.g. a custom
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -101,6 +102,24 @@ class HessianOperator:
         self.grad_norm = tree_norm(self.grad)
         # Only gradient leaves that carry a graph have a non-zero Hessian row.
         self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        # NOTE: a gradient that exists but carries no graph means either a loss that is
+        # linear in that tensor, or an op whose backward is not differentiable (a custom
+        # autograd.Function with once_differentiable, a detach inside a backward). Double
+        # backward would then silently give a zero Hessian row. Forward-over-reverse gets
+        # both cases right (or fails loudly), so "auto" switches to it.
+        self._dead = [k for (k, _), g in zip(self.params.items(), grads) if g is not None and not g.requires_grad]
+        self._forced_forward = False
+        if self._dead and self.mode == "reverse":
+            if self._auto:
+                self._forced_forward = True
+                self._switch_to_forward()
+            else:
+                warnings.warn(
+                    f"{name}: the gradient of {self._dead} carries no autograd graph, so mode='reverse' takes "
+                    f"their Hessian rows as zero. That is right only if the loss is linear in them; otherwise "
+                    f"an op's backward is not differentiable (once_differentiable). Use mode='auto' or 'forward'.",
+                    stacklevel=3,
+                )
 
     # -- evaluation helpers -------------------------------------------------
     def _call(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Tensor:
@@ -126,7 +145,21 @@ class HessianOperator:
                 if not (self._auto and _needs_fallback(err)):
                     raise
                 self._switch_to_forward()
-        return self.flat.flatten(self._matvec_forward(self.flat.unflatten(v)))
+        return self.flat.flatten(self._forward_checked(self._matvec_forward, self.flat.unflatten(v)))
+
+    def _forward_checked(self, fn: Callable[[Tree], Tree], v: Tree) -> Tree:
+        try:
+            return fn(v)
+        except (RuntimeError, NotImplementedError) as err:
+            if not self._forced_forward:
+                raise
+            raise RuntimeError(
+                f"{self._name}: cannot take Hessian products: the gradient of {self._dead} carries no autograd "
+                f"graph under double backward (an op's backward is not differentiable, e.g. a custom "
+                f"autograd.Function marked once_differentiable), and forward-over-reverse failed too "
+                f"({type(err).__name__}: {err}). Fix: give that autograd.Function a differentiable backward "
+                f"or a jvp (forward-mode) rule."
+            ) from err
 
     def matvec(self, v: Mapping[str, Tensor]) -> Tree:
         """``H v`` for a tree ``v`` with the keys and shapes of ``params``."""
@@ -164,7 +197,7 @@ class HessianOperator:
                 if not (self._auto and _needs_fallback(err)):
                     raise
                 self._switch_to_forward()
-        return self._mixed_forward(u)
+        return self._forward_checked(self._mixed_forward, dict(u))
 
     def _mixed_reverse(self, u: Mapping[str, Tensor]) -> Tree:
         hp = list(self.hparams.values())

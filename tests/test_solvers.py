@@ -1,0 +1,203 @@
+"""Linear solvers against dense float64 solves (torch.linalg.solve) on random SPD systems."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bilevel as bl
+
+from conftest import rel_err
+
+DT = torch.float64
+
+
+def spd(n: int, cond: float, seed: int, dtype=DT) -> torch.Tensor:
+    """Random SPD matrix with eigenvalues log-spaced in [1, cond]."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    ev = torch.logspace(0, math.log10(cond), n, dtype=DT) if n > 1 else torch.ones(1, dtype=DT)
+    return ((Q * ev) @ Q.T).to(dtype)
+
+
+def mv_of(A):
+    return lambda v: {"x": A @ v["x"]}
+
+
+def solve(solver, A, b):
+    return solver(mv_of(A), {"x": b})
+
+
+systems = st.tuples(st.integers(1, 12), st.floats(1.0, 50.0), st.integers(0, 10_000))
+hsettings = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@hsettings
+@given(systems)
+def test_cg_and_exact_solve_random_spd(system):
+    n, cond, seed = system
+    A = spd(n, cond, seed)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1), dtype=DT)
+    ref = torch.linalg.solve(A, b)
+    x = solve(bl.CG(maxiter=4 * n + 10, tol=1e-12), A, b)
+    assert rel_err(x["x"], ref) < 1e-9
+    assert x.info.converged and x.info.relative_residual <= 1e-12 * 1.01
+    assert x.info.matvecs == x.info.iterations <= 4 * n + 10
+    assert rel_err(solve(bl.Exact(), A, b)["x"], ref) < 1e-11
+
+
+@hsettings
+@given(systems)
+def test_neumann_auto_alpha_and_nystrom_full_rank(system):
+    n, cond, seed = system
+    A = spd(n, cond, seed)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1), dtype=DT)
+    ref = torch.linalg.solve(A, b)
+    # α = 1/λ_max: contraction (1 − 1/κ) per term, so 40·κ terms leave < e^-40.
+    x = solve(bl.Neumann(steps=int(40 * cond) + 1), A, b)
+    assert rel_err(x["x"], ref) < 1e-9
+    assert 0 < x.info.extra["lambda_max"] <= torch.linalg.eigvalsh(A).max() * (1 + 1e-9)
+    for sketch in ["columns", "gaussian"]:
+        y = solve(bl.Nystrom(rank=n, rho=1e-10, sketch=sketch), A, b)
+        assert rel_err(y["x"], ref) < 1e-8, sketch
+
+
+def test_neumann_converges_monotonically_in_steps():
+    A, b = spd(20, 30.0, 1), torch.randn(20, dtype=DT)
+    ref = torch.linalg.solve(A, b)
+    errs = [rel_err(solve(bl.Neumann(steps=k), A, b)["x"], ref) for k in (5, 20, 80, 320, 1280)]
+    assert all(e2 < e1 for e1, e2 in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-10
+    # the reported residual bounds the true one
+    x = solve(bl.Neumann(steps=50), A, b)
+    assert float((A @ x["x"] - b).norm()) <= x.info.residual_norm * (1 + 1e-9)
+
+
+def test_nystrom_error_shrinks_with_rank():
+    # Low-rank + small diagonal: what Nyström is built for.
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(40, 5, generator=g, dtype=DT)
+    A = U @ U.T + 0.1 * torch.eye(40, dtype=DT)
+    b = torch.randn(40, generator=g, dtype=DT)
+    ref = torch.linalg.solve(A, b)
+    errs = [rel_err(solve(bl.Nystrom(rank=k, rho=1e-10, sketch="gaussian", seed=1), A, b)["x"], ref)
+            for k in (2, 10, 40)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-8, errs
+
+
+def test_identity_is_scaled_rhs_and_reports_residual():
+    A, b = spd(5, 4.0, 2), torch.randn(5, dtype=DT)
+    x = solve(bl.Identity(scale=0.5, damping=1.0), A, b)
+    assert torch.allclose(x["x"], b * 0.5 / 1.5)
+    assert math.isclose(x.info.residual_norm, float(((A + torch.eye(5, dtype=DT)) @ x["x"] - b).norm()), rel_tol=1e-12)
+    assert math.isnan(solve(bl.Identity(residual=False), A, b).info.residual_norm)
+
+
+@pytest.mark.parametrize("solver", [bl.CG(), bl.Exact(), bl.Neumann(steps=2000), bl.Nystrom(rank=6, rho=1e-12)])
+def test_damping_solves_shifted_system(solver):
+    A, b = spd(6, 10.0, 5), torch.randn(6, dtype=DT)
+    damped = type(solver)(**{**solver.__dict__, "damping": 0.7})
+    x = solve(damped, A, b)
+    assert rel_err(x["x"], torch.linalg.solve(A + 0.7 * torch.eye(6, dtype=DT), b)) < 1e-9
+
+
+def test_tree_layout_with_several_keys():
+    A = spd(7, 5.0, 9)
+    b = {"a": torch.randn(2, 2, dtype=DT), "b": torch.randn(3, dtype=DT)}
+
+    def mv(v):
+        out = A @ torch.cat([v["a"].reshape(-1), v["b"]])
+        return {"a": out[:4].reshape(2, 2), "b": out[4:]}
+
+    x = bl.CG()(mv, b)
+    ref = torch.linalg.solve(A, torch.cat([b["a"].reshape(-1), b["b"]]))
+    assert x["a"].shape == (2, 2) and rel_err(torch.cat([x["a"].reshape(-1), x["b"]]), ref) < 1e-10
+    with pytest.raises(bl.ShapeError, match="keys"):
+        bl.CG()(lambda v: {"a": v["a"]}, b)
+
+
+def test_neumann_too_large_step_raises_divergence():
+    A, b = spd(10, 10.0, 4), torch.randn(10, dtype=DT)
+    lam_max = float(torch.linalg.eigvalsh(A).max())
+    with pytest.raises(bl.DivergenceError, match=r"diverges.*alpha=None"):
+        solve(bl.Neumann(steps=50, alpha=2.5 / lam_max), A, b)
+    # just below the limit it converges (slowly)
+    x = solve(bl.Neumann(steps=50, alpha=1.9 / lam_max), A, b)
+    assert torch.isfinite(x["x"]).all()
+
+
+def test_neumann_negative_curvature_raises():
+    A = torch.diag(torch.tensor([-5.0, 1.0, 2.0], dtype=DT))   # dominated by negative curvature
+    with pytest.raises(bl.DivergenceError, match="negative curvature"):
+        solve(bl.Neumann(steps=10), A, torch.ones(3, dtype=DT))
+    A = torch.diag(torch.tensor([-0.5, 1.0, 4.0], dtype=DT))    # positive dominant, series grows slowly
+    with pytest.raises(bl.DivergenceError, match="diverges"):
+        solve(bl.Neumann(steps=200), A, torch.ones(3, dtype=DT))
+
+
+def test_cg_indefinite_is_detected_stopped_or_damped():
+    A = torch.diag(torch.tensor([3.0, 1.0, -1.0, 2.0], dtype=DT))
+    b = torch.ones(4, dtype=DT)
+    with pytest.raises(bl.DivergenceError, match="positive definite.*damping"):
+        solve(bl.CG(), A, b)
+    x = solve(bl.CG(on_indefinite="stop"), A, b)
+    assert torch.isfinite(x["x"]).all() and not x.info.converged and x.info.extra["indefinite"]
+    x = solve(bl.CG(damping=2.0), A, b)
+    assert rel_err(x["x"], torch.linalg.solve(A + 2.0 * torch.eye(4, dtype=DT), b)) < 1e-10
+
+
+def test_cg_singular_inconsistent_system_is_not_silent():
+    A = torch.diag(torch.tensor([1.0, 0.0], dtype=DT))
+    with pytest.raises(bl.DivergenceError):
+        solve(bl.CG(), A, torch.ones(2, dtype=DT))
+
+
+@pytest.mark.parametrize("solver", [bl.CG(), bl.Neumann(), bl.Nystrom(), bl.Identity(), bl.Exact()])
+def test_nan_rhs_and_nan_matvec_raise(solver):
+    A = spd(3, 2.0, 0)
+    with pytest.raises(bl.NonFiniteError, match="finite right-hand side"):
+        solve(solver, A, torch.tensor([1.0, float("nan"), 0.0], dtype=DT))
+    bad = lambda v: {"x": v["x"] * float("nan")}
+    if isinstance(solver, bl.Identity):
+        # Identity never uses H: its x stays b, and the residual it reports exposes the NaN.
+        x = solver(bad, {"x": torch.ones(3, dtype=DT)})
+        assert torch.equal(x["x"], torch.ones(3, dtype=DT)) and math.isnan(x.info.residual_norm)
+    else:
+        with pytest.raises(bl.DivergenceError):
+            solver(bad, {"x": torch.ones(3, dtype=DT)})
+
+
+def test_exact_refuses_large_and_singular():
+    with pytest.raises(bl.ShapeError, match="max_size"):
+        bl.Exact(max_size=3).solve_flat(lambda v: v, torch.ones(4, dtype=DT))
+    with pytest.raises(bl.DivergenceError, match="singular"):
+        bl.Exact().solve_flat(lambda v: v * torch.tensor([1.0, 0.0], dtype=DT), torch.ones(2, dtype=DT))
+
+
+def test_float32_tolerances():
+    A = spd(30, 20.0, 7, dtype=torch.float32)
+    b = torch.randn(30)
+    ref = torch.linalg.solve(A.double(), b.double())
+    x = solve(bl.CG(maxiter=200, tol=1e-6), A, b)
+    assert x["x"].dtype == torch.float32 and rel_err(x["x"], ref) < 1e-4
+    assert rel_err(solve(bl.Neumann(steps=1500), A, b)["x"], ref) < 1e-4
+    assert rel_err(solve(bl.Nystrom(rank=30, rho=1e-6), A, b)["x"], ref) < 1e-3
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="Invalid maxiter"):
+        bl.CG(maxiter=0)
+    with pytest.raises(ValueError, match="Invalid damping"):
+        bl.Neumann(damping=-1.0)
+    with pytest.raises(ValueError, match="Invalid alpha"):
+        bl.Neumann(alpha=0.0)
+    with pytest.raises(TypeError, match="rank"):
+        bl.Nystrom(rank=2.5)
+    with pytest.raises(ValueError, match="Invalid rho"):
+        bl.Nystrom(rho=0.0)
+    with pytest.raises(ValueError, match="sketch"):
+        bl.Nystrom(sketch="svd")
+    with pytest.raises(ValueError, match="on_indefinite"):
+        bl.CG(on_indefinite="ignore")
