@@ -247,3 +247,29 @@ def test_user_solver_callable_seam():
     with pytest.raises(TypeError, match="solver"):
         bl.implicit_hypergrad(ridge_inner, ridge_outer, {"w": P["w"]}, {"lam": P["lam"]}, solver="cg",
                               inner_args=(P["X"], P["y"]), outer_args=(P["Xv"], P["yv"]))
+
+
+# -- property: random quadratic bilevel problems ------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 8), st.integers(1, 5), st.floats(1.0, 30.0), st.integers(0, 10_000))
+def test_random_quadratic_bilevel(P_dim, m, cond, seed):
+    # inner ½ wᵀAw − wᵀBλ  ⇒  w* = A⁻¹Bλ ;  outer ½‖w − t‖² + ½ c‖λ‖²  ⇒  dL/dλ = BᵀA⁻¹(w* − t) + cλ
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P_dim, P_dim, generator=g, dtype=DT))
+    A = (Q * torch.linspace(1.0, cond, P_dim, dtype=DT)) @ Q.T
+    B = torch.randn(P_dim, m, generator=g, dtype=DT)
+    t = torch.randn(P_dim, generator=g, dtype=DT)
+    lam = torch.randn(m, generator=g, dtype=DT)
+    c = 0.3
+    w = torch.linalg.solve(A, B @ lam)
+    ref = B.T @ torch.linalg.solve(A, w - t) + c * lam
+    inner = lambda p, h: 0.5 * p["w"] @ A @ p["w"] - p["w"] @ (B @ h["l"])
+    outer = lambda p, h: 0.5 * ((p["w"] - t) ** 2).sum() + 0.5 * c * (h["l"] ** 2).sum()
+    for solver, tol in [(bl.CG(maxiter=4 * P_dim + 10, tol=1e-13), 1e-9), (bl.Exact(), 1e-11),
+                        (bl.Nystrom(rank=P_dim, rho=1e-11), 1e-7)]:
+        hg = bl.implicit_hypergrad(inner, outer, {"w": w}, {"l": lam}, solver=solver)
+        assert rel_err(hg["l"], ref) < tol, solver
