@@ -49,11 +49,15 @@ class HypergradInfo:
 
 
 class Hypergrad(dict):
-    """The hypergradient tree (keys of ``hparams``) plus diagnostics in ``.info``."""
+    """The hypergradient tree (keys of ``hparams``) plus diagnostics in ``.info``.
 
-    info: HypergradInfo
+    ``.info`` is a :class:`HypergradInfo` for implicit hypergradients and a
+    :class:`bilevel.unroll.UnrollInfo` for unrolled ones.
+    """
 
-    def __init__(self, tree: Mapping[str, Tensor], info: HypergradInfo) -> None:
+    info: Any
+
+    def __init__(self, tree: Mapping[str, Tensor], info: Any) -> None:
         super().__init__(tree)
         self.info = info
 

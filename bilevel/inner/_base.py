@@ -1,0 +1,103 @@
+"""Base of the differentiable functional inner optimizers.
+
+An inner optimizer is a small configured object with two pure methods
+(optax-style, STYLE.md):
+
+    state = opt.init(params)
+    params, state = opt.step(params, grads, state, hparams)
+
+Nothing is updated in place, so the whole trajectory can be differentiated
+(reverse, truncated, checkpointed or forward mode, :mod:`bilevel.unroll`).
+Any numeric option may instead be the *name* of a tensor in ``hparams``
+(``SGD(lr="lr")``): that option is then a hyperparameter and gets a hypergradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+Num = Union[float, int, str, Tensor]
+
+__all__ = ["InnerOptimizer", "Num"]
+
+
+class InnerOptimizer:
+    """Base class: ``init(params) -> state`` and ``step(params, grads, state, hparams) -> (params, state)``."""
+
+    #: names of the options that may reference hparams
+    _numeric: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def init(self, params: Mapping[str, Tensor]) -> Any:
+        raise NotImplementedError
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: Any,
+             hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], Any]:
+        raise NotImplementedError
+
+    # -- hyperparameter references -------------------------------------------------------
+    def hparam_names(self) -> list[str]:
+        """Names of ``hparams`` entries this optimizer reads (its tunable options)."""
+        names: list[str] = []
+        for opt in self._numeric:
+            v = getattr(self, opt)
+            for item in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(item, str):
+                    names.append(item)
+        return names
+
+    def check_hparams(self, hparams: Optional[Mapping[str, Tensor]], fn: str) -> None:
+        """Raise a clear ``KeyError`` when a named option is missing from ``hparams``."""
+        missing = [n for n in self.hparam_names() if hparams is None or n not in hparams]
+        if missing:
+            have = sorted(hparams) if hparams else []
+            raise KeyError(
+                f"{fn}: {self!r} reads the hyperparameters {missing} by name, but `hparams` has only {have}. "
+                f"Fix: add them, e.g. hparams['{missing[0]}'] = torch.tensor(0.1, requires_grad=True), "
+                f"or pass a number instead of a name."
+            )
+
+    @staticmethod
+    def _value(v: Num, hparams: Optional[Mapping[str, Tensor]]) -> Union[float, Tensor]:
+        if isinstance(v, str):
+            assert hparams is not None  # checked by check_hparams
+            return hparams[v]
+        return v
+
+    @staticmethod
+    def _validate(fn: str, name: str, v: Any, low: float = 0.0, high: Optional[float] = None,
+                  strict_low: bool = False, strict_high: bool = False) -> None:
+        if isinstance(v, str):
+            if not v:
+                raise ValueError(f"{fn}: `{name}` names a hyperparameter, but the name is empty.")
+            return
+        if isinstance(v, Tensor):
+            if v.is_floating_point():
+                return
+            raise TypeError(f"{fn}: expected `{name}` to be a number, a floating tensor or a hparams name, got {v.dtype}.")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TypeError(f"{fn}: expected `{name}` to be a finite number or the name of a hparams entry, got {v!r}.")
+        bad_low = v < low or (strict_low and v == low)
+        bad_high = high is not None and (v > high or (strict_high and v == high))
+        if bad_low or bad_high:
+            rng = f"{'(' if strict_low else '['}{low}, {high if high is not None else 'inf'}{')' if strict_high or high is None else ']'}"
+            raise ValueError(f"Invalid {name} for {fn}: {v} (expected a value in {rng}).")
+
+    @staticmethod
+    def _is_zero(v: Num) -> bool:
+        return not isinstance(v, (str, Tensor)) and v == 0
+
+
+def zeros_tree(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+def keys_of(params: Mapping[str, Tensor]) -> Iterable[str]:
+    return params.keys()

@@ -1,0 +1,48 @@
+"""Adapter: use a TorchOpt functional optimizer (``torchopt.adam(...)``, ...) as an inner optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from torch import Tensor
+
+from ._base import InnerOptimizer
+
+__all__ = ["TorchOpt"]
+
+
+class TorchOpt(InnerOptimizer):
+    """Wrap a TorchOpt ``GradientTransformation`` (``torchopt.sgd``, ``torchopt.adam``, a ``chain``...).
+
+    Its update runs with ``inplace=False``, so it is differentiable like the built-in
+    optimizers. Its numbers are fixed at construction (TorchOpt has no notion of
+    named hyperparameters); use :class:`~bilevel.inner.SGD` / :class:`~bilevel.inner.Adam`
+    to tune learning rates.
+
+    Example:
+        >>> import torchopt
+        >>> opt = bl.inner.TorchOpt(torchopt.adam(1e-3))
+        >>> hg, w = bl.unrolled_hypergrad(inner, outer, params, hparams, optimizer=opt, steps=20)
+    """
+
+    def __init__(self, transformation: Any) -> None:
+        if not (hasattr(transformation, "init") and hasattr(transformation, "update")):
+            raise TypeError(
+                f"bilevel.inner.TorchOpt: expected a TorchOpt GradientTransformation (with init/update), "
+                f"got {type(transformation).__name__}. Fix: pass e.g. torchopt.adam(1e-3)."
+            )
+        self.transformation = transformation
+
+    def __repr__(self) -> str:
+        return f"TorchOpt({self.transformation!r})"
+
+    def init(self, params: Mapping[str, Tensor]) -> Any:
+        return self.transformation.init(dict(params))
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: Any,
+             hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], Any]:
+        import torchopt
+
+        params = dict(params)
+        updates, state = self.transformation.update(dict(grads), state, params=params, inplace=False)
+        return dict(torchopt.apply_updates(params, updates, inplace=False)), state

@@ -1,0 +1,122 @@
+"""Differentiable Adam / AdamW (torch.optim.Adam and torch.optim.AdamW's rules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._base import InnerOptimizer, Num, zeros_tree
+
+__all__ = ["Adam", "AdamW", "AdamState"]
+
+
+class AdamState(NamedTuple):
+    """First and second moments (trees), the running max of the second (AMSGrad), steps taken."""
+
+    exp_avg: dict
+    exp_avg_sq: dict
+    max_exp_avg_sq: dict
+    step: int
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    # NOTE: d√x/dx is infinite at 0, and 0·inf = NaN would poison the hypergradient wherever a
+    # gradient entry is exactly zero (unused parameters, ReLU dead units). Same value as x.sqrt(),
+    # zero derivative at 0.
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def _pow(b: Num, t: int) -> Tensor | float:
+    return b ** t
+
+
+@dataclass(frozen=True)
+class Adam(InnerOptimizer):
+    """Functional, differentiable Adam with decoupled (AdamW-style) weight decay by default::
+
+        p ← p·(1 − lr·weight_decay)            (decoupled=True, as torch.optim.AdamW)
+        g ← g + weight_decay·p                 (decoupled=False, as torch.optim.Adam)
+        m ← β1·m + (1 − β1)·g ;  v ← β2·v + (1 − β2)·g²
+        p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + eps)
+
+    ``amsgrad=True`` uses the running maximum of ``v``. Every number (``lr``, each beta,
+    ``eps``, ``weight_decay``) may be the name of an entry of ``hparams``.
+
+    Args:
+        lr: learning rate.
+        betas: ``(β1, β2)``.
+        eps: term added to the denominator.
+        weight_decay: weight decay coefficient.
+        amsgrad: AMSGrad variant.
+        decoupled: AdamW-style decay (default, API.md) or L2 added to the gradient (torch.optim.Adam).
+
+    Example:
+        >>> opt = bl.inner.Adam(lr="lr", weight_decay=1e-2)
+        >>> state = opt.init(params)
+        >>> params, state = opt.step(params, grads, state, {"lr": torch.tensor(1e-3)})
+    """
+
+    lr: Num = 1e-3
+    betas: Tuple[Num, Num] = (0.9, 0.999)
+    eps: Num = 1e-8
+    weight_decay: Num = 0.0
+    amsgrad: bool = False
+    decoupled: bool = True
+
+    _numeric = ("lr", "betas", "eps", "weight_decay")
+
+    def __post_init__(self) -> None:
+        fn = f"bilevel.inner.{self.name}"
+        self._validate(fn, "lr", self.lr)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise TypeError(f"{fn}: expected betas to be a pair (beta1, beta2), got {self.betas!r}.")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        self._validate(fn, "beta1", self.betas[0], high=1.0, strict_high=True)
+        self._validate(fn, "beta2", self.betas[1], high=1.0, strict_high=True)
+        self._validate(fn, "eps", self.eps)
+        self._validate(fn, "weight_decay", self.weight_decay)
+
+    def init(self, params: Mapping[str, Tensor]) -> AdamState:
+        return AdamState(zeros_tree(params), zeros_tree(params), zeros_tree(params) if self.amsgrad else {}, 0)
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: AdamState,
+             hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], AdamState]:
+        lr = self._value(self.lr, hparams)
+        b1 = self._value(self.betas[0], hparams)
+        b2 = self._value(self.betas[1], hparams)
+        eps = self._value(self.eps, hparams)
+        wd = self._value(self.weight_decay, hparams)
+        t = state.step + 1
+        bc1 = 1 - _pow(b1, t)
+        bc2_sqrt = (1 - _pow(b2, t)) ** 0.5
+        step_size = lr / bc1
+        has_wd = not self._is_zero(self.weight_decay)
+        new_p, m_new, v_new, vmax_new = {}, {}, {}, {}
+        for k, p in params.items():
+            g = grads[k]
+            if has_wd:
+                if self.decoupled:
+                    p = p * (1 - lr * wd)
+                else:
+                    g = g + wd * p
+            m = state.exp_avg[k] + (1 - b1) * (g - state.exp_avg[k])        # lerp, as torch.optim
+            v = b2 * state.exp_avg_sq[k] + (1 - b2) * g * g
+            m_new[k], v_new[k] = m, v
+            if self.amsgrad:
+                v = torch.maximum(state.max_exp_avg_sq[k], v)
+                vmax_new[k] = v
+            denom = _safe_sqrt(v) / bc2_sqrt + eps
+            new_p[k] = p - step_size * m / denom
+        return new_p, AdamState(m_new, v_new, vmax_new, t)
+
+
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """:class:`Adam` with decoupled weight decay (``torch.optim.AdamW``), default ``weight_decay=1e-2``."""
+
+    weight_decay: Num = 1e-2
+    decoupled: bool = True

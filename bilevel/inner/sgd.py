@@ -1,0 +1,90 @@
+"""Differentiable SGD with momentum, dampening, Nesterov and weight decay (torch.optim.SGD's rule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Optional
+
+from torch import Tensor
+
+from ._base import InnerOptimizer, Num, zeros_tree
+
+__all__ = ["SGD", "SGDState"]
+
+
+class SGDState(NamedTuple):
+    """``momentum_buffer``: tree (empty without momentum); ``step``: steps taken so far."""
+
+    momentum_buffer: dict
+    step: int
+
+
+@dataclass(frozen=True)
+class SGD(InnerOptimizer):
+    """Functional, differentiable twin of ``torch.optim.SGD`` (same update rule)::
+
+        g ← g + weight_decay·p
+        buf ← g                                   (first step)
+        buf ← momentum·buf + (1 − dampening)·g    (later steps)
+        g ← g + momentum·buf  if nesterov  else  buf
+        p ← p − lr·g
+
+    Every number may be the name of an entry of ``hparams`` (then it is tuned).
+
+    Args:
+        lr: learning rate (number, tensor, or hparams name).
+        momentum: momentum factor.
+        dampening: dampening of the momentum.
+        weight_decay: L2 penalty coefficient added to the gradient.
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
+
+    Example:
+        >>> opt = bl.inner.SGD(lr="lr", momentum=0.9)
+        >>> state = opt.init(params)
+        >>> params, state = opt.step(params, grads, state, {"lr": torch.tensor(0.1)})
+    """
+
+    lr: Num = 1e-3
+    momentum: Num = 0.0
+    dampening: Num = 0.0
+    weight_decay: Num = 0.0
+    nesterov: bool = False
+
+    _numeric = ("lr", "momentum", "dampening", "weight_decay")
+
+    def __post_init__(self) -> None:
+        fn = "bilevel.inner.SGD"
+        self._validate(fn, "lr", self.lr)
+        self._validate(fn, "momentum", self.momentum)
+        self._validate(fn, "dampening", self.dampening, high=1.0)
+        self._validate(fn, "weight_decay", self.weight_decay)
+        if self.nesterov and (self._is_zero(self.momentum) or not self._is_zero(self.dampening)):
+            raise ValueError(f"{fn}: Nesterov momentum requires a momentum and zero dampening, "
+                             f"got momentum={self.momentum!r}, dampening={self.dampening!r}.")
+
+    @property
+    def _uses_momentum(self) -> bool:
+        return not self._is_zero(self.momentum)
+
+    def init(self, params: Mapping[str, Tensor]) -> SGDState:
+        return SGDState(zeros_tree(params) if self._uses_momentum else {}, 0)
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: SGDState,
+             hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], SGDState]:
+        lr = self._value(self.lr, hparams)
+        mom = self._value(self.momentum, hparams)
+        damp = self._value(self.dampening, hparams)
+        wd = self._value(self.weight_decay, hparams)
+        first = state.step == 0
+        new_p: dict[str, Tensor] = {}
+        new_buf: dict[str, Tensor] = {}
+        for k, p in params.items():
+            g = grads[k]
+            if not self._is_zero(self.weight_decay):
+                g = g + wd * p
+            if self._uses_momentum:
+                buf = g if first else mom * state.momentum_buffer[k] + (1 - damp) * g
+                new_buf[k] = buf
+                g = g + mom * buf if self.nesterov else buf
+            new_p[k] = p - lr * g
+        return new_p, SGDState(new_buf, state.step + 1)

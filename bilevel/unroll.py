@@ -1,0 +1,356 @@
+"""Unrolled hypergradients: differentiate through ``steps`` steps of a differentiable optimizer.
+
+``w_{t+1}, s_{t+1} = opt.step(w_t, ∇_w L_T(w_t, λ; batch_t), s_t, λ)`` from ``w_0 = params``
+(a constant), then ``dL_V(w_T, λ)/dλ``. Four ways to get the same derivative:
+
+==============  ==============================  =====================================
+mode            memory                          cost
+==============  ==============================  =====================================
+``reverse``     O(T·(P + activations))          ≈ 3-4 gradients per step
+``truncate=K``  O(K·...), biased (last K steps)  same per differentiated step
+``checkpoint``  O(√T·P) states + one step graph ≈ reverse + one more forward per step
+``forward``     O(m·P), independent of T        ∝ m = number of hyperparameter entries
+==============  ==============================  =====================================
+
+The optimizer state (momentum buffers, Adam moments) is carried, differentiated
+and cut by truncation like the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from ._errors import (NonFiniteError, ShapeError, check_finite_scalar, check_finite_tree, check_scalar,
+                      check_tree)
+from ._tree import Flat, Tree, tree_detach, tree_norm
+from .implicit import Hypergrad
+from .inner import InnerOptimizer
+
+__all__ = ["unrolled_hypergrad", "UnrollInfo", "UNROLL_MODES"]
+
+UNROLL_MODES = ("reverse", "forward", "checkpoint")
+Args = Union[Sequence[Any], Callable[[int], Sequence[Any]]]
+
+
+@dataclass
+class UnrollInfo:
+    """Diagnostics of one unrolled hypergradient.
+
+    Attributes:
+        mode: ``"reverse"``, ``"forward"`` or ``"checkpoint"``.
+        steps: inner steps run; ``differentiated``: how many of them are differentiated.
+        outer_loss: ``L_V`` at the final params.
+        inner_loss: ``L_T`` at the last step (before its update).
+        inner_grad_norm: ``‖∇_w L_T‖`` at the last step.
+        state: the optimizer state after the last step (detached; to continue training).
+        checkpoint_every: spacing of stored states in checkpoint mode (else ``None``).
+    """
+
+    mode: str
+    steps: int
+    differentiated: int
+    outer_loss: float
+    inner_loss: float
+    inner_grad_norm: float
+    state: Any
+    checkpoint_every: Optional[int] = None
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _args_at(args: Args, t: int) -> tuple:
+    out = args(t) if callable(args) else args
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _detach_state(state: Any, requires_grad: bool = False) -> Any:
+    def f(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            x = x.detach()
+            if requires_grad and x.is_floating_point():
+                x.requires_grad_(True)
+        return x
+    return pytree.tree_map(f, state)
+
+
+def _rng_get() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_set(s: tuple) -> None:
+    torch.set_rng_state(s[0])
+    if s[1] is not None:
+        torch.cuda.set_rng_state_all(s[1])
+
+
+class _Stepper:
+    """One inner step ``(w, s) -> (w', s')`` with autograd (reverse modes) or torch.func (forward mode)."""
+
+    def __init__(self, inner_loss: Callable[..., Tensor], optimizer: InnerOptimizer, inner_args: Args, fn: str):
+        self.inner_loss, self.opt, self.inner_args, self.fn = inner_loss, optimizer, inner_args, fn
+        self.checked = False
+        self.last_loss: Optional[Tensor] = None
+        self.last_gnorm: Optional[Tensor] = None
+
+    def _loss(self, w: Tree, h: Tree, t: int) -> Tensor:
+        loss = self.inner_loss(w, h, *_args_at(self.inner_args, t))
+        if not self.checked:
+            loss = check_scalar(loss, self.fn, "inner_loss")
+            self.checked = True
+        return loss.reshape(())
+
+    def autograd(self, w: Tree, s: Any, h: Tree, t: int, create_graph: bool) -> tuple[Tree, Any]:
+        """A step; with ``create_graph`` it is differentiable in ``w``, ``s`` and ``h``."""
+        with torch.enable_grad():
+            if not create_graph:
+                w = tree_detach(w, requires_grad=True)
+            loss = self._loss(w, h, t)
+            gs = torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True)
+        g = {k: (torch.zeros_like(p) if gi is None else gi) for (k, p), gi in zip(w.items(), gs)}
+        self.last_loss = loss.detach()
+        self.last_gnorm = tree_norm({k: v.detach() for k, v in g.items()})
+        if create_graph:
+            return self.opt.step(w, g, s, h)
+        with torch.no_grad():
+            w2, s2 = self.opt.step(tree_detach(w), g, s, tree_detach(h))
+        return tree_detach(w2), _detach_state(s2)
+
+    def functional(self, w: Tree, s: Any, h: Tree, t: int) -> tuple[Tree, Any, Tensor, Tensor]:
+        """A step under torch.func transforms; also returns the loss and gradient norm."""
+        g, loss = torch.func.grad_and_value(lambda ww: self._loss(ww, h, t))(w)
+        w2, s2 = self.opt.step(w, g, s, h)
+        return w2, s2, loss, tree_norm(g)
+
+
+def _outer(outer_loss: Callable[..., Tensor], w: Tree, h: Tree, outer_args: tuple, fn: str) -> Tensor:
+    return check_scalar(outer_loss(w, h, *outer_args), fn, "outer_loss")
+
+
+def _grads_or_zeros(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    if not out.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    gs = torch.autograd.grad(out, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gs)]
+
+
+# -- the modes ------------------------------------------------------------------------------------
+def _reverse(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn):
+    w = tree_detach(w, requires_grad=True)
+    s = _detach_state(s)
+    with torch.enable_grad():
+        for t in range(t0, T):
+            w, s = step.autograd(w, s, h, t, create_graph=True)
+        lv = _outer(outer_loss, w, h, outer_args, fn)
+        hg = _grads_or_zeros(lv, list(h.values()))
+    return dict(zip(h, hg)), tree_detach(w), _detach_state(s), lv.detach()
+
+
+def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
+                every: int):
+    # Forward: run without graph, keep (w, s, rng) every `every` steps.
+    ckpts: dict[int, tuple] = {}
+    w, s = tree_detach(w), _detach_state(s)
+    for t in range(t0, T):
+        if (t - t0) % every == 0:
+            ckpts[t] = (w, s, _rng_get())
+        w, s = step.autograd(w, s, h, t, create_graph=False)
+    rng_end = _rng_get()
+    last_loss, last_gnorm = step.last_loss, step.last_gnorm
+    w_final, s_final = w, s
+    hl = list(h.values())
+    with torch.enable_grad():
+        wl = tree_detach(w, requires_grad=True)
+        lv = _outer(outer_loss, wl, h, outer_args, fn)
+        g = _grads_or_zeros(lv, list(wl.values()) + hl)
+    a_w = g[: len(wl)]
+    hg = g[len(wl):]
+    s_leaves, s_spec = pytree.tree_flatten(s)
+    a_s: list[Optional[Tensor]] = [None] * len(s_leaves)
+    # Backward: segments from last to first; recompute each segment's states from its checkpoint,
+    # then take one vector-Jacobian product per step through a freshly built one-step graph.
+    for start in sorted(ckpts, reverse=True):
+        end = min(start + every, T)
+        w, s, rng = ckpts.pop(start)
+        _rng_set(rng)
+        seg = []
+        for t in range(start, end):
+            seg.append((w, s, _rng_get()))
+            if t < end - 1:
+                w, s = step.autograd(w, s, h, t, create_graph=False)
+        for t in range(end - 1, start - 1, -1):
+            w_t, s_t, rng_t = seg.pop()
+            _rng_set(rng_t)
+            wl = tree_detach(w_t, requires_grad=True)
+            sl = _detach_state(s_t, requires_grad=True)
+            with torch.enable_grad():
+                w1, s1 = step.autograd(wl, sl, h, t, create_graph=True)
+                s1_leaves = pytree.tree_flatten(s1)[0]
+                sl_leaves = pytree.tree_flatten(sl)[0]
+                outs, gos = [], []
+                for o, a in zip(list(w1.values()) + s1_leaves, list(a_w) + a_s):
+                    if isinstance(o, Tensor) and o.requires_grad and a is not None:
+                        outs.append(o)
+                        gos.append(a)
+                s_in = [x for x in sl_leaves if isinstance(x, Tensor) and x.requires_grad]
+                inputs = list(wl.values()) + s_in + hl
+                gr = torch.autograd.grad(outs, inputs, gos, allow_unused=True) if outs else [None] * len(inputs)
+            nw, ns = len(wl), len(s_in)
+            a_w = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(wl.values(), gr[:nw])]
+            it = iter(gr[nw:nw + ns])
+            a_s = [next(it) if (isinstance(x, Tensor) and x.requires_grad) else None for x in sl_leaves]
+            hg = [acc if gi is None else acc + gi for acc, gi in zip(hg, gr[nw + ns:])]
+    _rng_set(rng_end)
+    step.last_loss, step.last_gnorm = last_loss, last_gnorm
+    return dict(zip(h, hg)), w_final, s_final, lv.detach()
+
+
+def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
+             chunk: Optional[int]):
+    w0 = tree_detach(w)
+    s0 = _detach_state(s)
+    hd = tree_detach(h)
+    fl = Flat(hd)
+
+    meta: dict[str, Any] = {}
+
+    def run(hh: Tree):
+        ww, ss = w0, s0
+        loss = gnorm = torch.full((), math.nan, dtype=fl.dtype, device=fl.device)
+        for t in range(t0, T):
+            ww, ss, loss, gnorm = step.functional(ww, ss, hh, t)
+        lv = _outer(outer_loss, ww, hh, outer_args, fn)
+        # transforms return tensors only: the state's non-tensor leaves (step counts) travel aside
+        leaves, meta["spec"] = pytree.tree_flatten(ss)
+        meta["static"] = [None if isinstance(x, Tensor) else x for x in leaves]
+        return lv, (ww, [x for x in leaves if isinstance(x, Tensor)], lv, loss, gnorm)
+
+    def directional(tvec: Tensor):
+        _, dlv, aux = torch.func.jvp(run, (hd,), (fl.unflatten(tvec),), has_aux=True)
+        return dlv, aux
+
+    basis = torch.eye(fl.size, dtype=fl.dtype, device=fl.device)
+    # NOTE: vmap's own chunk_size cannot concatenate unbatched (out_dims=None) outputs, so chunk here.
+    n = fl.size if chunk is None else max(1, int(chunk))
+    parts = []
+    for i in range(0, fl.size, n):
+        d, aux = torch.func.vmap(directional, out_dims=(0, None))(basis[i:i + n])
+        parts.append(d)
+    dl = torch.cat(parts)
+    wT, s_tensors, lv, loss, gnorm = aux
+    it = iter(s_tensors)
+    sT = pytree.tree_unflatten([next(it) if x is None else x for x in meta["static"]], meta["spec"])
+    hg = {k: v.clone() for k, v in fl.unflatten(dl).items()}
+    step.last_loss, step.last_gnorm = loss.detach(), gnorm.detach()
+    return hg, tree_detach(wT), _detach_state(sT), lv.detach()
+
+
+# -- public -----------------------------------------------------------------------------------------
+def unrolled_hypergrad(
+    inner_loss: Callable[..., Tensor],
+    outer_loss: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    optimizer: InnerOptimizer,
+    steps: int,
+    truncate: Optional[int] = None,
+    mode: str = "reverse",
+    inner_args: Args = (),
+    outer_args: Sequence[Any] = (),
+    state: Any = None,
+    checkpoint_every: Optional[int] = None,
+    forward_chunk: Optional[int] = None,
+    check_finite: bool = True,
+) -> tuple[Hypergrad, Tree]:
+    """Hypergradient of ``outer_loss`` after ``steps`` differentiable optimizer steps on ``inner_loss``.
+
+    Args:
+        inner_loss: ``inner_loss(params, hparams, *inner_args) -> scalar``.
+        outer_loss: ``outer_loss(params, hparams, *outer_args) -> scalar``.
+        params: tree, the starting point ``w_0`` (treated as a constant of ``hparams``).
+        hparams: tree of floating hyperparameters (of the losses and/or named by ``optimizer``).
+        optimizer: a differentiable inner optimizer (:class:`bilevel.inner.SGD`, ``Adam``, ``AdamW``,
+            :class:`bilevel.inner.TorchOpt`).
+        steps: number of inner steps ``T``.
+        truncate: differentiate only the last ``K`` steps (the first ``T − K`` run without a graph).
+            Memory O(K·P); the result is biased, the bias shrinking geometrically in ``K`` near a minimum.
+        mode: ``"reverse"``: backprop through the steps; memory grows linearly with the
+            (differentiated) steps. ``"checkpoint"``: the same result (to rounding) with
+            O(√steps) stored states, by recomputing segments in the backward pass; RNG state is saved
+            per checkpoint, so dropout masks are replayed exactly. ``"forward"``: forward-mode
+            (jvp through the steps, vmapped over the hyperparameter entries): memory does not grow
+            with steps, cost grows with the number of hyperparameter entries.
+        inner_args: a tuple used at every step, or a callable ``t -> tuple`` giving step ``t``'s batch
+            (it must return the same batch when called again with the same ``t``: checkpoint mode
+            recomputes steps).
+        outer_args: tuple of extra arguments of ``outer_loss``.
+        state: initial optimizer state (default ``optimizer.init(params)``), e.g. to continue a run.
+        checkpoint_every: spacing of stored states in checkpoint mode (default ``⌈√K⌉``).
+        forward_chunk: in forward mode, how many hyperparameter directions are pushed at once
+            (``None``: all; smaller saves memory).
+        check_finite: raise :class:`bilevel.NonFiniteError` on NaN/Inf losses or hypergradients.
+
+    Returns:
+        ``(hypergrad, final_params)``: a :class:`bilevel.Hypergrad` tree (keys of ``hparams``) whose
+        ``.info`` is an :class:`UnrollInfo` (losses, last inner gradient norm, final optimizer state),
+        and the final params tree (detached).
+
+    Example:
+        >>> opt = bl.inner.SGD(lr="lr", momentum=0.9)
+        >>> hg, w = bl.unrolled_hypergrad(inner, outer, params, {"lr": torch.tensor(0.1), **decays},
+        ...                               optimizer=opt, steps=100, truncate=20, inner_args=lambda t: batches[t])
+    """
+    fn = "bilevel.unrolled_hypergrad"
+    params = check_tree(params, fn, "params")
+    hparams = check_tree(hparams, fn, "hparams")
+    if not isinstance(optimizer, InnerOptimizer):
+        raise TypeError(f"{fn}: expected `optimizer` to be a bilevel.inner optimizer (bl.inner.SGD, bl.inner.Adam, "
+                        f"bl.inner.TorchOpt(...)), got {type(optimizer).__name__}. Fix: for a torchopt "
+                        f"transformation wrap it as bl.inner.TorchOpt(opt).")
+    optimizer.check_hparams(hparams, fn)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"Invalid steps for {fn}: {steps!r} (expected an int >= 1).")
+    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int)
+                                 or not 1 <= truncate <= steps):
+        raise ValueError(f"Invalid truncate for {fn}: {truncate!r} (expected None or an int in [1, steps={steps}]).")
+    if mode not in UNROLL_MODES:
+        raise ValueError(f"{fn}: expected mode in {UNROLL_MODES}, got {mode!r}.")
+    if not (callable(inner_args) or isinstance(inner_args, (tuple, list))):
+        raise TypeError(f"{fn}: expected `inner_args` to be a tuple or a callable t -> tuple, "
+                        f"got {type(inner_args).__name__}.")
+    outer_args = _args_at(outer_args, 0)
+    if check_finite:
+        check_finite_tree(params, fn, "params")
+        check_finite_tree(hparams, fn, "hparams")
+
+    K = steps if truncate is None else truncate
+    step = _Stepper(inner_loss, optimizer, inner_args, fn)
+    w = tree_detach(params)
+    s = optimizer.init(w) if state is None else _detach_state(state)
+    h = tree_detach(hparams, requires_grad=True)
+    for t in range(steps - K):                       # the undifferentiated prefix
+        w, s = step.autograd(w, s, h, t, create_graph=False)
+    every = None
+    if mode == "reverse":
+        hg, w, s, lv = _reverse(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn)
+    elif mode == "checkpoint":
+        every = checkpoint_every or max(1, math.ceil(math.sqrt(K)))
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Invalid checkpoint_every for {fn}: {checkpoint_every!r} (expected an int >= 1).")
+        hg, w, s, lv = _checkpoint(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, every)
+    else:
+        hg, w, s, lv = _forward(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, forward_chunk)
+    if check_finite:
+        check_finite_tree(w, fn, "the final params (the inner optimization diverged; lower the learning rate)")
+        check_finite_scalar(lv, fn, "outer_loss at the final params")
+        check_finite_tree(hg, fn, "the hypergradient")
+    last_loss = float(step.last_loss) if step.last_loss is not None else math.nan
+    last_gn = float(step.last_gnorm) if step.last_gnorm is not None else math.nan
+    info = UnrollInfo(mode, steps, K, float(lv), last_loss, last_gn, s, every)
+    return Hypergrad(hg, info), w

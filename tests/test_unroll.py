@@ -1,0 +1,248 @@
+"""Unrolled hypergradients against closed forms, `higher`, and each other."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import bilevel as bl
+
+from conftest import rel_err, tree_rel_err
+
+DT = torch.float64
+MODES = ["reverse", "checkpoint", "forward"]
+
+
+def quadratic(P=6, m=3, seed=0):
+    """inner ½wᵀAw − wᵀBλ (minimizer A⁻¹Bλ), outer ½‖w − t‖²."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=DT))
+    A = (Q * torch.linspace(1.0, 8.0, P, dtype=DT)) @ Q.T
+    B = torch.randn(P, m, generator=g, dtype=DT)
+    t = torch.randn(P, generator=g, dtype=DT)
+    lam = torch.randn(m, generator=g, dtype=DT)
+    w0 = torch.randn(P, generator=g, dtype=DT)
+    inner = lambda p, h: 0.5 * p["w"] @ A @ p["w"] - p["w"] @ (B @ h["l"])
+    outer = lambda p, h: 0.5 * ((p["w"] - t) ** 2).sum()
+    return A, B, t, lam, w0, inner, outer
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("truncate", [None, 1, 7])
+def test_quadratic_closed_form(mode, truncate):
+    A, B, t, lam, w0, inner, outer = quadratic()
+    T, eta = 30, 0.05
+    I = torch.eye(len(w0), dtype=DT)
+    M = torch.linalg.matrix_power(I - eta * A, T)
+    wT = M @ w0 + (I - M) @ torch.linalg.solve(A, B @ lam)
+    K = T if truncate is None else truncate
+    # d w_T / dλ over the last K steps: (I − (I − ηA)^K) A⁻¹ B
+    J = (I - torch.linalg.matrix_power(I - eta * A, K)) @ torch.linalg.solve(A, B)
+    hg, w = bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, optimizer=bl.inner.SGD(lr=eta),
+                                  steps=T, truncate=truncate, mode=mode, checkpoint_every=4)
+    assert rel_err(hg["l"], J.T @ (wT - t)) < 1e-8
+    assert rel_err(w["w"], wT) < 1e-12
+    assert hg.info.mode == mode and hg.info.differentiated == K and hg.info.steps == T
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_learning_rate_closed_form(mode):
+    A, B, t, lam, w0, _, outer = quadratic()
+    inner = lambda p, h: 0.5 * p["w"] @ A @ p["w"] - p["w"] @ (B @ lam)
+    T, eta = 25, 0.04
+    I = torch.eye(len(w0), dtype=DT)
+    w_star = torch.linalg.solve(A, B @ lam)
+    wT = w_star + torch.linalg.matrix_power(I - eta * A, T) @ (w0 - w_star)
+    dw = -T * A @ torch.linalg.matrix_power(I - eta * A, T - 1) @ (w0 - w_star)   # ∂w_T/∂η
+    hg, _ = bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"lr": torch.tensor(eta, dtype=DT)},
+                                  optimizer=bl.inner.SGD(lr="lr"), steps=T, mode=mode)
+    assert rel_err(hg["lr"], dw @ (wT - t)) < 1e-8
+
+
+def test_unrolled_from_optimum_equals_neumann():
+    # K gradient steps from w* differentiated == Neumann with K − 1 terms and α = lr (DESIGN.md §1).
+    A, B, t, lam, _, inner, outer = quadratic()
+    w_star = torch.linalg.solve(A, B @ lam)
+    eta = 0.1
+    for K in (1, 4, 15):
+        hg, _ = bl.unrolled_hypergrad(inner, outer, {"w": w_star}, {"l": lam}, optimizer=bl.inner.SGD(lr=eta),
+                                      steps=K)
+        ift = bl.implicit_hypergrad(inner, outer, {"w": w_star}, {"l": lam}, solver=bl.Neumann(steps=K - 1, alpha=eta))
+        assert rel_err(hg["l"], ift["l"]) < 1e-10
+
+
+# -- a small MLP with per-parameter weight decays, minibatches, dropout -------------------------
+def mlp_problem(dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+                              torch.nn.Linear(8, 3)).to(DT)
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(40, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (40,), generator=g)
+    Xv = torch.randn(20, 4, generator=g, dtype=DT)
+    yv = torch.randint(0, 3, (20,), generator=g)
+    hparams = {k: torch.full_like(v, -3.0) + 0.1 * torch.randn(v.shape, generator=g, dtype=DT)
+               for k, v in params.items()}
+
+    def inner(p, h, X, y):
+        ce = torch.nn.functional.cross_entropy(functional_call(net, p, (X,)), y)
+        return ce + 0.5 * sum((h[k].exp() * p[k] ** 2).sum() for k in p)
+
+    def outer(p, h, X, y):
+        net.eval()
+        out = torch.nn.functional.cross_entropy(functional_call(net, p, (X,)), y)
+        net.train()
+        return out
+
+    batches = lambda t: (X[(t * 8) % 40:(t * 8) % 40 + 8], y[(t * 8) % 40:(t * 8) % 40 + 8])
+    return net, params, hparams, inner, outer, batches, (Xv, yv)
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
+def test_against_higher(opt_kind):
+    higher = pytest.importorskip("higher")
+    net, params, hparams, inner, outer, batches, val = mlp_problem()
+    T = 12
+    if opt_kind == "sgd":
+        ours = bl.inner.SGD(lr=0.1, momentum=0.9)
+        make = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+    else:
+        # higher's Adam adds eps before the bias correction (torch.optim's after): with a negligible eps
+        # the two rules coincide to rounding.
+        ours = bl.inner.Adam(lr=0.01, eps=1e-16)
+        make = lambda ps: torch.optim.Adam(ps, lr=0.01, eps=1e-16)
+    hg, w = bl.unrolled_hypergrad(inner, outer, params, hparams, optimizer=ours, steps=T,
+                                  inner_args=batches, outer_args=val)
+
+    model = torch.nn.Sequential(*[m for m in net]).to(DT)
+    model.load_state_dict(params, strict=False)
+    h = {k: v.clone().requires_grad_(True) for k, v in hparams.items()}
+    with higher.innerloop_ctx(model, make(model.parameters()), copy_initial_weights=True) as (fmodel, dopt):
+        for t in range(T):
+            X, y = batches(t)
+            p = dict(zip(params, fmodel.parameters()))
+            ce = torch.nn.functional.cross_entropy(fmodel(X), y)
+            dopt.step(ce + 0.5 * sum((h[k].exp() * p[k] ** 2).sum() for k in p))
+        fmodel.eval()
+        loss = torch.nn.functional.cross_entropy(fmodel(val[0]), val[1])
+        ref = torch.autograd.grad(loss, list(h.values()))
+        w_ref = dict(zip(params, [p.detach() for p in fmodel.parameters()]))
+    assert tree_rel_err(w, w_ref) < 1e-12
+    assert tree_rel_err(hg, dict(zip(h, ref))) < 1e-9
+
+
+@pytest.mark.parametrize("opt", [bl.inner.SGD(lr=0.1, momentum=0.9, nesterov=True), bl.inner.Adam(lr=0.02, weight_decay=0.01)],
+                         ids=["nesterov", "adamw"])
+def test_checkpoint_equals_reverse_with_minibatches_and_dropout(opt):
+    net, params, hparams, inner, outer, batches, val = mlp_problem(dropout=0.3)
+    results = {}
+    for mode, every in [("reverse", None), ("checkpoint", 3), ("checkpoint", 1), ("checkpoint", 25)]:
+        torch.manual_seed(123)                                     # same dropout masks in each run
+        hg, w = bl.unrolled_hypergrad(inner, outer, params, hparams, optimizer=opt, steps=20, mode=mode,
+                                      inner_args=batches, outer_args=val, checkpoint_every=every)
+        after = torch.rand(1)                                      # RNG continues as after a plain run
+        results[(mode, every)] = (hg, w, after)
+    ref_hg, ref_w, ref_after = results[("reverse", None)]
+    for key, (hg, w, after) in results.items():
+        assert tree_rel_err(hg, ref_hg) < 1e-12, key
+        assert tree_rel_err(w, ref_w) == 0.0, key
+        assert torch.equal(after, ref_after), key
+
+
+def test_forward_mode_matches_reverse_on_mlp_and_chunks():
+    _, params, hparams, inner, outer, batches, val = mlp_problem()
+    hp = {"b": hparams["0.bias"], "lr": torch.tensor(0.1, dtype=DT), "mom": torch.tensor(0.5, dtype=DT)}
+    inner2 = lambda p, h, X, y: inner(p, {**hparams, "0.bias": h["b"]}, X, y)
+    opt = bl.inner.SGD(lr="lr", momentum="mom")
+    kw = dict(optimizer=opt, steps=10, inner_args=batches, outer_args=val)
+    rev, w_rev = bl.unrolled_hypergrad(inner2, outer, params, hp, **kw)
+    for chunk in (None, 3):
+        fwd, w_fwd = bl.unrolled_hypergrad(inner2, outer, params, hp, mode="forward", forward_chunk=chunk, **kw)
+        assert tree_rel_err(fwd, rev) < 1e-10 and tree_rel_err(w_fwd, w_rev) < 1e-13
+        assert abs(fwd.info.inner_loss - rev.info.inner_loss) < 1e-12
+        assert abs(fwd.info.inner_grad_norm - rev.info.inner_grad_norm) < 1e-12
+
+
+def test_state_continues_a_run():
+    _, params, hparams, inner, outer, batches, val = mlp_problem()
+    opt = bl.inner.Adam(lr=0.01)
+    kw = dict(optimizer=opt, inner_args=batches, outer_args=val)
+    _, w20 = bl.unrolled_hypergrad(inner, outer, params, hparams, steps=20, **kw)
+    hg10, w10 = bl.unrolled_hypergrad(inner, outer, params, hparams, steps=10, **kw)
+    shifted = lambda t: batches(t + 10)
+    _, w_cont = bl.unrolled_hypergrad(inner, outer, w10, hparams, steps=10, state=hg10.info.state,
+                                      **{**kw, "inner_args": shifted})
+    assert tree_rel_err(w_cont, w20) < 1e-13
+
+
+def test_torchopt_inner_optimizer():
+    torchopt = pytest.importorskip("torchopt")
+    _, params, hparams, inner, outer, batches, val = mlp_problem()
+    kw = dict(steps=8, inner_args=batches, outer_args=val)
+    a, _ = bl.unrolled_hypergrad(inner, outer, params, hparams, optimizer=bl.inner.TorchOpt(torchopt.sgd(0.1, momentum=0.9)), **kw)
+    b, _ = bl.unrolled_hypergrad(inner, outer, params, hparams, optimizer=bl.inner.SGD(lr=0.1, momentum=0.9), **kw)
+    c, _ = bl.unrolled_hypergrad(inner, outer, params, hparams, optimizer=bl.inner.TorchOpt(torchopt.sgd(0.1, momentum=0.9)),
+                                 mode="checkpoint", **kw)
+    assert tree_rel_err(a, b) < 1e-10 and tree_rel_err(c, b) < 1e-10
+
+
+def test_errors():
+    A, B, t, lam, w0, inner, outer = quadratic()
+    kw = dict(optimizer=bl.inner.SGD(lr=0.05), steps=5)
+    with pytest.raises(TypeError, match="bilevel.inner optimizer"):
+        bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, optimizer=torch.optim.SGD, steps=5)
+    with pytest.raises(KeyError, match=r"\['lr'\]"):
+        bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, optimizer=bl.inner.SGD(lr="lr"), steps=5)
+    with pytest.raises(ValueError, match="Invalid steps"):
+        bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, optimizer=bl.inner.SGD(lr=0.1), steps=0)
+    with pytest.raises(ValueError, match="Invalid truncate"):
+        bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, truncate=6, **kw)
+    with pytest.raises(ValueError, match="mode"):
+        bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, mode="sideways", **kw)
+    with pytest.raises(bl.ShapeError, match="inner_loss.*scalar"):
+        bl.unrolled_hypergrad(lambda p, h: p["w"] * 2, outer, {"w": w0}, {"l": lam}, **kw)
+    with pytest.raises(bl.NonFiniteError, match="diverged"):   # lr far beyond 2/λ_max
+        bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, optimizer=bl.inner.SGD(lr=100.0), steps=400)
+
+
+# -- memory: checkpoint vs reverse at T = 200 (peak RSS of a fresh process) -----------------------
+_MEM_SCRIPT = textwrap.dedent('''
+    import json, resource, sys, torch
+    import bilevel as bl
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    mode = sys.argv[1]
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    hp = {k: torch.full_like(v, -4.0) for k, v in params.items()}
+    X, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    def inner(p, h):
+        return torch.nn.functional.cross_entropy(functional_call(net, p, (X,)), y) + \\
+            0.5 * sum((h[k].exp() * p[k] ** 2).sum() for k in p)
+    outer = lambda p, h: torch.nn.functional.cross_entropy(functional_call(net, p, (X,)), y)
+    opt = bl.inner.SGD(lr=0.1, momentum=0.9)
+    bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=2, mode=mode)   # warm up
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hg, _ = bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=200, mode=mode)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mode": mode, "peak_mb": (peak - base) / 1024,
+                      "norm": float(sum(v.double().pow(2).sum() for v in hg.values()) ** 0.5)}))
+''')
+
+
+def _mem(mode):
+    out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_checkpoint_memory_well_below_reverse_at_200_steps():
+    rev, ck = _mem("reverse"), _mem("checkpoint")
+    print(f"peak memory above baseline, T=200: reverse {rev['peak_mb']:.1f} MB, checkpoint {ck['peak_mb']:.1f} MB")
+    assert abs(rev["norm"] - ck["norm"]) <= 1e-5 * rev["norm"]
+    assert ck["peak_mb"] < rev["peak_mb"] / 5, (rev, ck)
