@@ -135,21 +135,17 @@ class HessianOperator:
         self._release()
 
     # -- products -----------------------------------------------------------
-    def matvec_flat(self, v: Tensor) -> Tensor:
-        """``H v`` for a flat vector ``v`` of shape ``(flat.size,)``; returns the same shape."""
-        self.matvecs += 1
+    def _dispatch(self, reverse: Callable[[Any], Any], forward: Callable[[Any], Any], arg: Any) -> Any:
+        """Run ``reverse(arg)``; in "auto" mode fall back to ``forward(arg)`` for a missing derivative."""
         if self.mode == "reverse":
             try:
-                return self._matvec_reverse(v)
+                return reverse(arg)
             except (RuntimeError, NotImplementedError) as err:
                 if not (self._auto and _needs_fallback(err)):
                     raise
                 self._switch_to_forward()
-        return self.flat.flatten(self._forward_checked(self._matvec_forward, self.flat.unflatten(v)))
-
-    def _forward_checked(self, fn: Callable[[Tree], Tree], v: Tree) -> Tree:
         try:
-            return fn(v)
+            return forward(arg)
         except (RuntimeError, NotImplementedError) as err:
             if not self._forced_forward:
                 raise
@@ -160,6 +156,12 @@ class HessianOperator:
                 f"({type(err).__name__}: {err}). Fix: give that autograd.Function a differentiable backward "
                 f"or a jvp (forward-mode) rule."
             ) from err
+
+    def matvec_flat(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` of shape ``(flat.size,)``; returns the same shape."""
+        self.matvecs += 1
+        return self._dispatch(self._matvec_reverse,
+                              lambda x: self.flat.flatten(self._matvec_forward(self.flat.unflatten(x))), v)
 
     def matvec(self, v: Mapping[str, Tensor]) -> Tree:
         """``H v`` for a tree ``v`` with the keys and shapes of ``params``."""
@@ -190,14 +192,7 @@ class HessianOperator:
         if not self._with_h:
             raise ValueError(f"{self._name}.mixed_vjp: this operator was built without hparams.")
         check_like(self.params, u, f"{self._name}.mixed_vjp", "params", "u")
-        if self.mode == "reverse":
-            try:
-                return self._mixed_reverse(u)
-            except (RuntimeError, NotImplementedError) as err:
-                if not (self._auto and _needs_fallback(err)):
-                    raise
-                self._switch_to_forward()
-        return self._forward_checked(self._mixed_forward, dict(u))
+        return self._dispatch(self._mixed_reverse, self._mixed_forward, dict(u))
 
     def _mixed_reverse(self, u: Mapping[str, Tensor]) -> Tree:
         hp = list(self.hparams.values())
