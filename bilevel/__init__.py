@@ -11,7 +11,7 @@ from ._errors import BilevelError, DivergenceError, NonFiniteError, ShapeError
 from ._tree import Flat, Tree
 from .hvp import HessianOperator, hvp, mixed_vjp
 from .implicit import Hypergrad, HypergradInfo, ImplicitSolution, implicit_diff, implicit_hypergrad
-from . import inner
+from . import hparams, inner
 from .unroll import UnrollInfo, unrolled_hypergrad
 from .solvers import CG, Exact, Identity, Neumann, Nystrom, Solution, Solver, SolverInfo
 
@@ -40,6 +40,7 @@ __all__ = [
     "Solution",
     "Solver",
     "SolverInfo",
+    "hparams",
     "inner",
     "UnrollInfo",
     "unrolled_hypergrad",
