@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ._rng import get_state as get_rng
+from ._rng import replay as replay_rng
 from ._errors import check_like, check_scalar, check_tree
 from ._tree import Flat, Tree, tree_detach, tree_norm
 
@@ -92,6 +94,9 @@ class HessianOperator:
         self.matvecs = 0
         self.mode = "reverse" if mode == "auto" else mode
         self._auto = mode == "auto"
+        # Forward-mode products re-run f: they replay this RNG state so that dropout draws the
+        # same mask as the pass below (one Hessian, not a different one per product).
+        self._rng = get_rng()
         with torch.enable_grad():
             loss = check_scalar(self._call(self.params, self.hparams), name, "the loss")
             keep = self.mode == "reverse"
@@ -183,7 +188,7 @@ class HessianOperator:
     def _matvec_forward(self, v: Mapping[str, Tensor]) -> Tree:
         h = tree_detach(self.hparams)
         grad_w = torch.func.grad(lambda p: self._call(p, h))
-        with torch.enable_grad():
+        with torch.enable_grad(), replay_rng(self._rng):
             _, out = torch.func.jvp(grad_w, (tree_detach(self.params),), (dict(v),))
         return out
 
@@ -209,7 +214,7 @@ class HessianOperator:
         # Symmetry of mixed partials: ∇_h <∇_w f, u> = d/dε ∇_h f(w + εu, h).
         h = tree_detach(self.hparams)
         grad_h = torch.func.grad(lambda p, hh: self._call(p, hh), argnums=1)
-        with torch.enable_grad():
+        with torch.enable_grad(), replay_rng(self._rng):
             _, out = torch.func.jvp(lambda p: grad_h(p, h), (tree_detach(self.params),), (dict(u),))
         return dict(out)
 

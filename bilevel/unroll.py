@@ -29,6 +29,8 @@ from torch import Tensor
 from ._errors import (NonFiniteError, ShapeError, check_finite_scalar, check_finite_tree, check_scalar,
                       check_tree)
 from ._tree import Flat, Tree, tree_detach, tree_norm
+from ._rng import get_state as get_rng
+from ._rng import set_state as set_rng
 from .implicit import Hypergrad
 from .inner import InnerOptimizer
 
@@ -76,17 +78,6 @@ def _detach_state(state: Any, requires_grad: bool = False) -> Any:
                 x.requires_grad_(True)
         return x
     return pytree.tree_map(f, state)
-
-
-def _rng_get() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _rng_set(s: tuple) -> None:
-    torch.set_rng_state(s[0])
-    if s[1] is not None:
-        torch.cuda.set_rng_state_all(s[1])
 
 
 class _Stepper:
@@ -158,9 +149,9 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
     w, s = tree_detach(w), _detach_state(s)
     for t in range(t0, T):
         if (t - t0) % every == 0:
-            ckpts[t] = (w, s, _rng_get())
+            ckpts[t] = (w, s, get_rng())
         w, s = step.autograd(w, s, h, t, create_graph=False)
-    rng_end = _rng_get()
+    rng_end = get_rng()
     last_loss, last_gnorm = step.last_loss, step.last_gnorm
     w_final, s_final = w, s
     hl = list(h.values())
@@ -177,15 +168,15 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
     for start in sorted(ckpts, reverse=True):
         end = min(start + every, T)
         w, s, rng = ckpts.pop(start)
-        _rng_set(rng)
+        set_rng(rng)
         seg = []
         for t in range(start, end):
-            seg.append((w, s, _rng_get()))
+            seg.append((w, s, get_rng()))
             if t < end - 1:
                 w, s = step.autograd(w, s, h, t, create_graph=False)
         for t in range(end - 1, start - 1, -1):
             w_t, s_t, rng_t = seg.pop()
-            _rng_set(rng_t)
+            set_rng(rng_t)
             wl = tree_detach(w_t, requires_grad=True)
             sl = _detach_state(s_t, requires_grad=True)
             with torch.enable_grad():
@@ -205,7 +196,7 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
             it = iter(gr[nw:nw + ns])
             a_s = [next(it) if (isinstance(x, Tensor) and x.requires_grad) else None for x in sl_leaves]
             hg = [acc if gi is None else acc + gi for acc, gi in zip(hg, gr[nw + ns:])]
-    _rng_set(rng_end)
+    set_rng(rng_end)
     step.last_loss, step.last_gnorm = last_loss, last_gnorm
     return dict(zip(h, hg)), w_final, s_final, lv.detach()
 

@@ -194,3 +194,23 @@ def test_hvp_does_not_touch_inputs_or_their_grads():
     assert p.grad is None and torch.equal(p.detach(), before)
     assert not out["w"].requires_grad
     assert rel_err(out["w"], 12 * before ** 2) < 1e-14
+
+
+def test_forward_mode_products_see_the_same_dropout_mask():
+    torch.manual_seed(0)
+    w = {"w": torch.randn(6, dtype=DT)}
+    drop = torch.nn.Dropout(0.5)
+
+    def f(p):   # with a fixed mask m: f = Σ (m ⊙ w)^3 / ..., H = diag(6 m² w)·scale
+        return (drop(p["w"]) ** 3).sum()
+
+    v = {"w": torch.ones(6, dtype=DT)}
+    rev = bl.HessianOperator(lambda p: f(p), w, None, (), mode="reverse")
+    torch.manual_seed(0)
+    fwd = bl.HessianOperator(lambda p: f(p), w, None, (), mode="forward")
+    a = rev.matvec(v)["w"]
+    b1, b2 = fwd.matvec(v)["w"], fwd.matvec(v)["w"]
+    assert torch.equal(b1, b2)                    # the same Hessian at every product
+    torch.manual_seed(0)
+    c = bl.HessianOperator(lambda p: f(p), w, None, (), mode="reverse").matvec(v)["w"]
+    assert torch.allclose(b1, c, rtol=1e-12) and (a != 0).any()
