@@ -34,7 +34,9 @@ class SolverInfo:
 
     Attributes:
         solver: the solver's name.
-        iterations: iterations run (CG steps, Neumann terms, Nyström rank, ...).
+        iterations: iterations needed (CG: the step at which the residual test first passed, which
+            can be fewer than ``matvecs`` since convergence is checked every ``check_every`` steps;
+            Neumann terms; Nyström rank; ...).
         matvecs: matrix-vector products used (the cost, in Hessian-vector products).
         residual_norm: ``‖(H + damping I) x − b‖`` as a float, or an upper bound
             where stated (Neumann), or ``nan`` when not computed.
@@ -191,6 +193,7 @@ class CG(Solver):
         zero = torch.zeros((), dtype=b.dtype, device=b.device)
         it = 0
         converged = bool(rs <= thresh)
+        done_at = torch.full((), -1, dtype=torch.long, device=b.device)
         indefinite = False
         while not converged and it < self.maxiter:
             Ap = A(p)
@@ -209,6 +212,8 @@ class CG(Solver):
             p = torch.where(step, r + beta * p, p)
             rs = rs_new
             it += 1
+            # the iteration at which the residual test first passed (iterations after it are frozen no-ops)
+            done_at = torch.where((done_at < 0) & (rs <= thresh), it, done_at)
             if it % self.check_every == 0 or it == self.maxiter:
                 if bool(bad):
                     indefinite = True
@@ -229,7 +234,8 @@ class CG(Solver):
         if not math.isfinite(rnorm) or not bool(torch.isfinite(x).all()):
             raise DivergenceError(f"bilevel.CG: the iterate became non-finite after {it} iterations. "
                                   f"Fix: check matvec for NaN/Inf, or add damping.")
-        info = SolverInfo("CG", it, matvecs, rnorm, float(bnorm), converged and not indefinite,
+        first = int(done_at)
+        info = SolverInfo("CG", first if first >= 0 else it, matvecs, rnorm, float(bnorm), converged and not indefinite,
                           {"min_curvature": float(min_curv), "indefinite": indefinite})
         return x, info
 

@@ -44,7 +44,7 @@ def test_cg_and_exact_solve_random_spd(system):
     x = solve(bl.CG(maxiter=4 * n + 10, tol=1e-12), A, b)
     assert rel_err(x["x"], ref) < 1e-9
     assert x.info.converged and x.info.relative_residual <= 1e-12 * 1.01
-    assert x.info.matvecs == x.info.iterations <= 4 * n + 10
+    assert x.info.iterations <= x.info.matvecs <= min(x.info.iterations + 4, 4 * n + 10)
     assert rel_err(solve(bl.Exact(), A, b)["x"], ref) < 1e-11
 
 
