@@ -122,3 +122,47 @@ def test_torchopt_adapter_matches_builtin():
     assert all(torch.allclose(got[k], ref[k], rtol=0, atol=1e-5) for k in params)
     with pytest.raises(TypeError, match="GradientTransformation"):
         bl.inner.TorchOpt(torch.optim.SGD)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, amsgrad=True),
+    lambda ps: torch.optim.SGD([{"params": ps[:1], "lr": 0.05}, {"params": ps[1:], "momentum": 0.5}], lr=0.1),
+], ids=["sgd", "adam", "adamw-amsgrad", "sgd-groups"])
+def test_from_torch_continues_the_trajectory(make):
+    params, loss = _problem()
+    ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    opt = make(ps)
+    named = dict(zip(params, ps))
+
+    def torch_steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss(named).backward()
+            for p in ps:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+
+    torch_steps(3)                                    # state exists now
+    inner, state = bl.inner.from_torch(opt, named)
+    w = {k: p.detach().clone() for k, p in named.items()}
+    for _ in range(4):
+        wl = {k: v.requires_grad_(True) for k, v in {k: v.clone() for k, v in w.items()}.items()}
+        gs = torch.autograd.grad(loss(wl), list(wl.values()), allow_unused=True)
+        g = {k: torch.zeros_like(v) if gi is None else gi for (k, v), gi in zip(wl.items(), gs)}
+        w, state = inner.step(w, g, state, None)
+    torch_steps(4)
+    for k, p in named.items():
+        assert torch.allclose(w[k], p.detach(), rtol=1e-12, atol=1e-14), k
+
+
+def test_from_torch_rejects_unsupported():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match="torch.optim.SGD"):
+        bl.inner.from_torch(torch.optim.RMSprop([p]), {"p": p})
+    with pytest.raises(ValueError, match="maximize"):
+        bl.inner.from_torch(torch.optim.SGD([p], lr=0.1, maximize=True), {"p": p})
+    with pytest.raises(ValueError, match="none of"):
+        bl.inner.from_torch(torch.optim.SGD([p], lr=0.1), {"q": torch.nn.Parameter(torch.ones(1))})

@@ -1,0 +1,123 @@
+"""Differentiable copies of ``torch.optim`` optimizers (same rule, current numbers, current state).
+
+Used by :class:`bilevel.HyperOptimizer` for ``bl.Unrolled`` look-ahead steps: the
+unrolled steps must be the steps the user's optimizer would take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._base import InnerOptimizer
+from .adam import Adam, AdamState
+from .sgd import SGD, SGDState
+
+__all__ = ["Partitioned", "from_torch", "SUPPORTED"]
+
+SUPPORTED = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
+
+
+@dataclass(frozen=True)
+class Partitioned(InnerOptimizer):
+    """Different optimizers (or settings) for disjoint groups of keys, like torch's param groups.
+
+    Args:
+        parts: ``((keys, optimizer), ...)``; every key of the params tree must be in one part.
+
+    Example:
+        >>> opt = Partitioned(((["w"], SGD(lr=0.1)), (["b"], SGD(lr=0.01))))
+    """
+
+    parts: tuple
+
+    def hparam_names(self) -> list[str]:
+        return [n for _, o in self.parts for n in o.hparam_names()]
+
+    def init(self, params: Mapping[str, Tensor]) -> tuple:
+        return tuple(o.init({k: params[k] for k in keys}) for keys, o in self.parts)
+
+    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: tuple,
+             hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], tuple]:
+        new_p: dict[str, Tensor] = {}
+        new_s = []
+        for (keys, o), s in zip(self.parts, state):
+            p, s2 = o.step({k: params[k] for k in keys}, {k: grads[k] for k in keys}, s, hparams)
+            new_p.update(p)
+            new_s.append(s2)
+        return {k: new_p[k] for k in params}, tuple(new_s)
+
+
+def _num(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _step_count(states: Sequence[dict]) -> int:
+    steps = {int(_num(s["step"])) for s in states if "step" in s}
+    if len(steps) > 1:
+        raise ValueError(f"bilevel.inner.from_torch: expected every parameter of a param group to have taken "
+                         f"the same number of steps, got {sorted(steps)}. Fix: step all of them together.")
+    return steps.pop() if steps else 0
+
+
+def _convert_group(optimizer: torch.optim.Optimizer, group: dict, keys: list[str], params: list[Tensor]) -> tuple:
+    fn = "bilevel.inner.from_torch"
+    for flag in ("maximize", "capturable", "differentiable"):
+        if group.get(flag, False):
+            raise ValueError(f"{fn}: the option {flag}=True of {type(optimizer).__name__} is not supported.")
+    states = [optimizer.state.get(p, {}) for p in params]
+    if isinstance(optimizer, torch.optim.SGD):
+        opt = SGD(lr=_num(group["lr"]), momentum=_num(group["momentum"]), dampening=_num(group["dampening"]),
+                  weight_decay=_num(group["weight_decay"]), nesterov=bool(group["nesterov"]))
+        bufs = [s.get("momentum_buffer") for s in states]
+        if opt._uses_momentum and all(b is not None for b in bufs):
+            state = SGDState({k: b.detach().clone() for k, b in zip(keys, bufs)}, 1)
+        else:
+            state = opt.init(dict(zip(keys, params)))
+        return opt, state
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+        opt = Adam(lr=_num(group["lr"]), betas=tuple(_num(b) for b in group["betas"]), eps=_num(group["eps"]),
+                   weight_decay=_num(group["weight_decay"]), amsgrad=bool(group["amsgrad"]), decoupled=decoupled)
+        t = _step_count(states)
+        if t == 0:
+            return opt, opt.init(dict(zip(keys, params)))
+        take = lambda name: {k: s[name].detach().clone() for k, s in zip(keys, states)}
+        return opt, AdamState(take("exp_avg"), take("exp_avg_sq"), take("max_exp_avg_sq") if opt.amsgrad else {}, t)
+    raise TypeError(f"{fn}: expected one of {SUPPORTED} (their update rules are reproduced exactly), got "
+                    f"{type(optimizer).__name__}. Fix: use one of those as inner_optimizer, or bl.Implicit / "
+                    f"bl.FirstOrder, which do not replay the optimizer.")
+
+
+def from_torch(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> tuple[InnerOptimizer, Any]:
+    """A differentiable inner optimizer and state reproducing ``optimizer``'s next steps on ``params``.
+
+    Args:
+        optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` instance (any param groups).
+        params: ``{name: parameter}`` with the very tensors the optimizer holds; parameters of the
+            optimizer that are not in ``params`` are ignored.
+
+    Returns:
+        ``(inner_optimizer, state)`` for :func:`bilevel.unrolled_hypergrad` (a
+        :class:`Partitioned` optimizer when there are several param groups).
+
+    Example:
+        >>> opt, state = bl.inner.from_torch(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        ...                                  dict(model.named_parameters()))
+    """
+    name_of = {id(p): k for k, p in params.items()}
+    parts = []
+    for group in optimizer.param_groups:
+        ps = [p for p in group["params"] if id(p) in name_of]
+        if ps:
+            keys = [name_of[id(p)] for p in ps]
+            parts.append((keys, *_convert_group(optimizer, group, keys, ps)))
+    if not parts:
+        raise ValueError("bilevel.inner.from_torch: none of `params` is held by the optimizer. "
+                         "Fix: pass the parameters the optimizer was built over.")
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    return Partitioned(tuple((keys, o) for keys, o, _ in parts)), tuple(s for _, _, s in parts)
