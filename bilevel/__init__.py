@@ -10,6 +10,7 @@
 from ._errors import BilevelError, DivergenceError, NonFiniteError, ShapeError
 from ._tree import Flat, Tree
 from .hvp import HessianOperator, hvp, mixed_vjp
+from .hyperopt import FirstOrder, HyperOptimizer, HyperStepStats, Implicit, Unrolled
 from .implicit import Hypergrad, HypergradInfo, ImplicitSolution, implicit_diff, implicit_hypergrad
 from . import hparams, inner
 from .unroll import UnrollInfo, unrolled_hypergrad
@@ -25,6 +26,11 @@ __all__ = [
     "Flat",
     "Tree",
     "HessianOperator",
+    "HyperOptimizer",
+    "HyperStepStats",
+    "Implicit",
+    "Unrolled",
+    "FirstOrder",
     "hvp",
     "mixed_vjp",
     "Hypergrad",

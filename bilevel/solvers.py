@@ -201,7 +201,9 @@ class CG(Solver):
             pAp = torch.dot(p, Ap)
             active = (rs > thresh) & ~bad
             curv_ok = pAp > 0  # False for NaN too
-            min_curv = torch.where(active, torch.minimum(min_curv, torch.nan_to_num(pAp, nan=-math.inf)), min_curv)
+            # Rayleigh quotient pᵀAp/pᵀp: the curvature along p, on the scale of H's eigenvalues
+            rq = pAp / torch.dot(p, p).clamp_min(torch.finfo(b.dtype).tiny)
+            min_curv = torch.where(active, torch.minimum(min_curv, torch.nan_to_num(rq, nan=-math.inf)), min_curv)
             bad = bad | (active & ~curv_ok)
             step = active & curv_ok
             alpha = torch.where(step, rs / torch.where(curv_ok, pAp, 1.0), zero)
@@ -225,9 +227,10 @@ class CG(Solver):
             if self.on_indefinite == "raise":
                 raise DivergenceError(
                     f"bilevel.CG: expected a symmetric positive definite operator (H + damping·I), but found "
-                    f"curvature pᵀAp = {float(min_curv):.3e} ≤ 0 (or NaN) within the first {it} iterations "
+                    f"curvature pᵀAp/pᵀp = {float(min_curv):.3e} ≤ 0 (or NaN) within the first {it} iterations "
                     f"(damping={self.damping}). The inner loss is not locally convex at params, or params is "
-                    f"far from a minimum. Fix: add damping, e.g. CG(damping={max(1e-3, 10 * abs(float(min_curv)) / max(float(bnorm), 1e-30)):.1e}), "
+                    f"far from a minimum. Fix: add damping above that, e.g. "
+                    f"CG(damping={self.damping + max(1e-3, 2 * abs(float(min_curv)) if math.isfinite(float(min_curv)) else 1.0):.1e}), "
                     f"use on_indefinite='stop', or solve the inner problem further."
                 )
         rnorm = float(torch.sqrt(rs)) if bool(torch.isfinite(rs)) else math.nan
@@ -236,7 +239,7 @@ class CG(Solver):
                                   f"Fix: check matvec for NaN/Inf, or add damping.")
         first = int(done_at)
         info = SolverInfo("CG", first if first >= 0 else it, matvecs, rnorm, float(bnorm), converged and not indefinite,
-                          {"min_curvature": float(min_curv), "indefinite": indefinite})
+                          {"min_rayleigh_quotient": float(min_curv), "indefinite": indefinite})
         return x, info
 
 

@@ -1,0 +1,430 @@
+"""HyperOptimizer: the stateful edge that adds hyperparameter steps to an ordinary training loop.
+
+Like a ``torch.optim`` optimizer: construct it from the model, the hyperparameters,
+two ordinary optimizers and a method; call ``inner_step(batch)`` to train,
+``hyper_step(inner_batch, outer_batch)`` to update the hyperparameters, or
+``step(batch)`` for both on a schedule; save with ``state_dict()``.
+
+The losses are written as ordinary PyTorch on the model (``model(x)``); the
+library evaluates them at the parameters it needs through
+``torch.func.functional_call``, with copies of the buffers, so the extra passes of a
+hyper step never touch BatchNorm running statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._errors import BilevelError, NonFiniteError, check_finite_tree, check_scalar, check_tree
+from ._rng import get_state as get_rng
+from ._rng import set_state as set_rng
+from ._tree import Tree, tree_detach, tree_norm
+from .implicit import implicit_hypergrad
+from .inner import from_torch
+from .solvers import Neumann
+from .unroll import UNROLL_MODES, unrolled_hypergrad
+
+__all__ = ["HyperOptimizer", "Implicit", "Unrolled", "FirstOrder", "HyperStepStats"]
+
+
+# -- methods (small configured objects: a new method is a new object) ---------------------------
+@dataclass(frozen=True)
+class Implicit:
+    """Implicit differentiation at the current weights (assumed near a minimum of the inner loss).
+
+    Args:
+        solver: linear solver for ``H u = ∂_w L_V`` (default ``bl.Neumann(steps=10)``).
+        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"``.
+    """
+
+    solver: Any = field(default_factory=lambda: Neumann(steps=10))
+    hvp_mode: str = "auto"
+
+
+@dataclass(frozen=True)
+class Unrolled:
+    """Differentiate ``steps`` look-ahead steps of a differentiable copy of the inner optimizer.
+
+    The copy has the inner optimizer's update rule, current numbers (lr, momentum, betas...) and
+    current state (momentum buffers, Adam moments), and starts from the current weights; the
+    model itself is not moved. ``steps=1`` with SGD is second-order DARTS.
+
+    Args:
+        steps: look-ahead steps ``K``.
+        truncate: differentiate only the last ``truncate`` of them.
+        mode: ``"reverse"`` | ``"checkpoint"`` | ``"forward"`` (see :func:`bilevel.unrolled_hypergrad`).
+    """
+
+    steps: int = 1
+    truncate: Optional[int] = None
+    mode: str = "reverse"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"Invalid steps for bilevel.Unrolled: {self.steps!r} (expected an int >= 1).")
+        if self.mode not in UNROLL_MODES:
+            raise ValueError(f"bilevel.Unrolled: expected mode in {UNROLL_MODES}, got {self.mode!r}.")
+
+
+@dataclass(frozen=True)
+class FirstOrder:
+    """Only the direct term ``∂_λ L_V`` at the current weights (first-order DARTS). No second derivatives."""
+
+
+@dataclass
+class HyperStepStats:
+    """What one hyper step did.
+
+    Attributes:
+        hypergrad_norm: ``‖dL_V/dλ‖`` (``nan`` when skipped).
+        outer_loss: ``L_V`` at the weights used.
+        inner_grad_norm: ``‖∇_w L_T‖`` at the weights used (how far from stationary).
+        solver_iterations, solver_residual, matvecs: the linear solve's diagnostics (Implicit).
+        skipped: the step changed nothing (``on_error="skip"``); ``error`` says why.
+        seconds: wall time of the hyper step.
+        method: ``"Implicit"``, ``"Unrolled"`` or ``"FirstOrder"``.
+    """
+
+    hypergrad_norm: float = math.nan
+    outer_loss: float = math.nan
+    inner_grad_norm: float = math.nan
+    solver_iterations: Optional[int] = None
+    solver_residual: Optional[float] = None
+    matvecs: Optional[int] = None
+    skipped: bool = False
+    error: Optional[str] = None
+    seconds: float = 0.0
+    method: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LossCall(nn.Module):
+    """Holds the model so that ``functional_call`` can evaluate any ``loss(model, hparams, batch)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, loss_fn: Callable[..., Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
+        return loss_fn(self.m, hparams, batch)
+
+
+def _ids(tensors: Iterable[Tensor]) -> set[int]:
+    return {id(t) for t in tensors}
+
+
+class HyperOptimizer:
+    """Tune continuous hyperparameters of a model during its training, by hypergradient.
+
+    Args:
+        model: the ``nn.Module`` whose parameters are the inner variables. Parameters that are
+            also in ``hparams`` (architecture weights living in the model) are hyperparameters.
+        hparams: ``{name: Tensor}`` of leaf tensors with ``requires_grad=True``.
+        inner_loss: ``inner_loss(model, hparams, batch) -> scalar``, ordinary PyTorch (``model(x)``).
+        outer_loss: ``outer_loss(model, hparams, batch) -> scalar`` (validation loss).
+        inner_optimizer: a ``torch.optim`` optimizer over (some of) the model's parameters; the
+            parameters it holds are the inner variables, the others are constants.
+        outer_optimizer: a ``torch.optim`` optimizer over ``hparams.values()``.
+        method: ``bl.Implicit(solver=...)`` (default ``bl.Implicit(bl.Neumann(steps=10))``),
+            ``bl.Unrolled(steps=..., truncate=...)`` or ``bl.FirstOrder()``.
+        outer_loader: an iterable of validation batches, cycled by :meth:`step`.
+        hyper_every: :meth:`step` takes a hyper step every this many inner steps.
+        on_error: ``"raise"`` (default) or ``"skip"`` (warn and change nothing) when a loss or a
+            hypergradient is NaN/Inf or a solver diverges. Either way nothing is updated.
+
+    Example:
+        >>> hp, penalty = bl.hparams.weight_decay(model, init=1e-4)
+        >>> hopt = bl.HyperOptimizer(
+        ...     model, hp,
+        ...     inner_loss=lambda m, h, b: F.cross_entropy(m(b[0]), b[1]) + penalty(m, h),
+        ...     outer_loss=lambda m, h, b: F.cross_entropy(m(b[0]), b[1]),
+        ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     outer_optimizer=torch.optim.Adam(hp.values(), lr=1e-2),
+        ...     method=bl.Implicit(solver=bl.CG(maxiter=10)), outer_loader=val_loader, hyper_every=50)
+        >>> for batch in train_loader:
+        ...     hopt.step(batch)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hparams: Mapping[str, Tensor],
+        *,
+        inner_loss: Callable[..., Tensor],
+        outer_loss: Callable[..., Tensor],
+        inner_optimizer: torch.optim.Optimizer,
+        outer_optimizer: torch.optim.Optimizer,
+        method: Any = None,
+        outer_loader: Optional[Iterable[Any]] = None,
+        hyper_every: int = 1,
+        on_error: str = "raise",
+    ) -> None:
+        fn = "bilevel.HyperOptimizer"
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{fn}: expected `model` to be an nn.Module, got {type(model).__name__}.")
+        hparams = check_tree(hparams, fn, "hparams")
+        for k, v in hparams.items():
+            if not (v.is_leaf and v.requires_grad):
+                raise ValueError(
+                    f"{fn}: expected hparams[{k!r}] to be a leaf tensor with requires_grad=True (the outer "
+                    f"optimizer updates it), got requires_grad={v.requires_grad}, is_leaf={v.is_leaf}. "
+                    f"Fix: torch.tensor(..., requires_grad=True), or `.detach().requires_grad_()`."
+                )
+        if not callable(inner_loss) or not callable(outer_loss):
+            raise TypeError(f"{fn}: expected inner_loss and outer_loss to be callables (model, hparams, batch) -> scalar.")
+        for name, opt in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"{fn}: expected `{name}` to be a torch.optim.Optimizer, got {type(opt).__name__}.")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"{fn}: expected on_error 'raise' or 'skip', got {on_error!r}.")
+        if isinstance(hyper_every, bool) or not isinstance(hyper_every, int) or hyper_every < 1:
+            raise ValueError(f"Invalid hyper_every for {fn}: {hyper_every!r} (expected an int >= 1).")
+        method = Implicit() if method is None else method
+        if not isinstance(method, (Implicit, Unrolled, FirstOrder)):
+            raise TypeError(f"{fn}: expected method bl.Implicit(...), bl.Unrolled(...) or bl.FirstOrder(), "
+                            f"got {type(method).__name__}.")
+
+        hp_ids = _ids(hparams.values())
+        key_of_hp = {id(v): k for k, v in hparams.items()}
+        named = dict(model.named_parameters())
+        #: model parameter name -> hparams key, for hyperparameters living in the model
+        self._hp_in_model = {n: key_of_hp[id(p)] for n, p in named.items() if id(p) in hp_ids}
+        inner_opt_params = [p for g in inner_optimizer.param_groups for p in g["params"]]
+        model_ids = _ids(named.values())
+        for p in inner_opt_params:
+            if id(p) in hp_ids:
+                raise ValueError(f"{fn}: inner_optimizer holds the hyperparameter {key_of_hp[id(p)]!r}. Fix: build it "
+                                 f"over bl.nas.weight_parameters(model) or the model parameters that are not hparams.")
+            if id(p) not in model_ids:
+                raise ValueError(f"{fn}: inner_optimizer holds a tensor of shape {tuple(p.shape)} that is not a "
+                                 f"parameter of `model`. Fix: build it over model.parameters().")
+        opt_ids = _ids(inner_opt_params)
+        self._inner_names = [n for n, p in named.items() if id(p) in opt_ids]
+        if not self._inner_names:
+            raise ValueError(f"{fn}: inner_optimizer holds none of the model's parameters.")
+        outer_ids = _ids(p for g in outer_optimizer.param_groups for p in g["params"])
+        stray = [tuple(p.shape) for g in outer_optimizer.param_groups for p in g["params"] if id(p) not in hp_ids]
+        if stray:
+            raise ValueError(f"{fn}: outer_optimizer holds tensors that are not in hparams (shapes {stray[:3]}). "
+                             f"Fix: build it over hparams.values().")
+        missing = [k for k, v in hparams.items() if id(v) not in outer_ids]
+        if missing:
+            raise ValueError(f"{fn}: hparams {missing[:5]} are not in outer_optimizer, so they would never be "
+                             f"updated. Fix: build outer_optimizer over hparams.values().")
+
+        self.model = model
+        self.hparams = hparams
+        self.inner_loss = inner_loss
+        self.outer_loss = outer_loss
+        self.inner_optimizer = inner_optimizer
+        self.outer_optimizer = outer_optimizer
+        self.method = method
+        self.outer_loader = outer_loader
+        self.hyper_every = hyper_every
+        self.on_error = on_error
+        self._call = _LossCall(model)
+        self._outer_iter: Optional[Iterator[Any]] = None
+        self.inner_steps = 0
+        self.hyper_steps = 0
+        self.outer_batches = 0
+        self.skipped = 0
+        self._calls = 0
+        self.last_stats: Optional[HyperStepStats] = None
+
+    # -- evaluation at given parameters -------------------------------------------------------
+    def _params(self) -> dict[str, Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for n in self._inner_names}
+
+    def _evaluator(self, loss_fn: Callable[..., Tensor], buffers: Mapping[str, Tensor]) -> Callable[..., Tensor]:
+        prefix = "m."
+
+        def f(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
+            tensors = {prefix + n: v for n, v in params.items()}
+            tensors.update({prefix + n: hparams[k] for n, k in self._hp_in_model.items()})
+            tensors.update({prefix + n: b for n, b in buffers.items()})
+            return functional_call(self._call, tensors, (loss_fn, hparams, batch))
+
+        return f
+
+    # -- the two steps ------------------------------------------------------------------------
+    def _fail(self, err: BaseException, where: str) -> None:
+        self.skipped += 1
+        if self.on_error == "raise":
+            raise err
+        warnings.warn(f"bilevel.HyperOptimizer.{where}: skipped, nothing was updated ({type(err).__name__}: {err})",
+                      RuntimeWarning, stacklevel=3)
+
+    def inner_step(self, batch: Any) -> Tensor:
+        """One ordinary training step of ``inner_optimizer`` on ``inner_loss``; returns the loss (detached).
+
+        A NaN/Inf loss or gradient leaves the weights untouched (``on_error`` decides: raise or skip).
+        """
+        params = self._params()
+        leaves = list(params.values())
+        self.inner_optimizer.zero_grad(set_to_none=True)
+        loss = check_scalar(self.inner_loss(self.model, self.hparams, batch), "bilevel.HyperOptimizer.inner_step",
+                            "inner_loss")
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        ok = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all() \
+            if any(g is not None for g in grads) else torch.isfinite(loss)
+        if not bool(ok):
+            self._fail(NonFiniteError(f"bilevel.HyperOptimizer.inner_step: the inner loss or its gradient is NaN/Inf "
+                                      f"(loss={float(loss):.4g}). Fix: lower the learning rate, check the batch."),
+                       "inner_step")
+            return loss.detach()
+        for p, g in zip(leaves, grads):
+            p.grad = g
+        self.inner_optimizer.step()
+        self.inner_steps += 1
+        return loss.detach()
+
+    def hypergradient(self, inner_batch: Any, outer_batch: Any) -> tuple[Tree, HyperStepStats]:
+        """The hypergradient of the current method at the current weights (nothing is updated)."""
+        stats = HyperStepStats(method=type(self.method).__name__)
+        params = {n: p.detach() for n, p in self._params().items()}
+        # Copies of the buffers: the passes of a hyper step must not move BatchNorm statistics.
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        f_in = self._evaluator(self.inner_loss, buffers)
+        f_out = self._evaluator(self.outer_loss, buffers)
+        m = self.method
+        if isinstance(m, Implicit):
+            hg = implicit_hypergrad(f_in, f_out, params, self.hparams, solver=m.solver, hvp_mode=m.hvp_mode,
+                                    inner_args=(inner_batch,), outer_args=(outer_batch,))
+            info = hg.info
+            stats.outer_loss, stats.inner_grad_norm = info.outer_loss, info.inner_grad_norm
+            if info.solver is not None:
+                stats.solver_iterations = info.solver.iterations
+                stats.solver_residual = info.solver.residual_norm
+                stats.matvecs = info.solver.matvecs
+        elif isinstance(m, Unrolled):
+            live = self._params()
+            opt, state = from_torch(self.inner_optimizer, live)
+            hg, _ = unrolled_hypergrad(f_in, f_out, params, self.hparams, optimizer=opt, state=state,
+                                       steps=m.steps, truncate=m.truncate, mode=m.mode,
+                                       inner_args=(inner_batch,), outer_args=(outer_batch,))
+            stats.outer_loss, stats.inner_grad_norm = hg.info.outer_loss, hg.info.inner_grad_norm
+        else:
+            h = tree_detach(self.hparams, requires_grad=True)
+            with torch.enable_grad():
+                lv = check_scalar(f_out(params, h, outer_batch), "bilevel.HyperOptimizer.hyper_step", "outer_loss")
+                gs = torch.autograd.grad(lv, list(h.values()), allow_unused=True) if lv.requires_grad \
+                    else [None] * len(h)
+            hg = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(h.items(), gs)}
+            check_finite_tree(hg, "bilevel.HyperOptimizer.hyper_step", "the hypergradient")
+            stats.outer_loss = float(lv)
+        stats.hypergrad_norm = float(tree_norm(hg))
+        return dict(hg), stats
+
+    def hyper_step(self, inner_batch: Any, outer_batch: Any) -> HyperStepStats:
+        """One hyperparameter update: hypergradient on the batches, then ``outer_optimizer.step()``.
+
+        Returns :class:`HyperStepStats`. On a NaN/Inf or a diverging solver, nothing changes
+        (``on_error="raise"`` re-raises, ``"skip"`` warns and returns stats with ``skipped=True``).
+        """
+        t0 = time.perf_counter()
+        try:
+            hg, stats = self.hypergradient(inner_batch, outer_batch)
+        except BilevelError as err:
+            self._fail(err, "hyper_step")
+            stats = HyperStepStats(method=type(self.method).__name__, skipped=True, error=str(err),
+                                   seconds=time.perf_counter() - t0)
+            self.last_stats = stats
+            return stats
+        # Transactional update: keep the hyperparameters and the outer optimizer's state, step,
+        # and put them back if the step produced NaN/Inf.
+        before = {k: v.detach().clone() for k, v in self.hparams.items()}
+        opt_state = self.outer_optimizer.state_dict()
+        for k, v in self.hparams.items():
+            v.grad = hg[k].to(v.dtype)
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(v).all()) for v in self.hparams.values()):
+            with torch.no_grad():
+                for k, v in self.hparams.items():
+                    v.copy_(before[k])
+            self.outer_optimizer.load_state_dict(opt_state)
+            err = NonFiniteError("bilevel.HyperOptimizer.hyper_step: outer_optimizer.step() produced NaN/Inf "
+                                 "hyperparameters; they were restored. Fix: lower the outer learning rate.")
+            self._fail(err, "hyper_step")
+            stats.skipped, stats.error = True, str(err)
+        else:
+            self.hyper_steps += 1
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return stats
+
+    def _next_outer(self) -> Any:
+        if self.outer_loader is None:
+            raise ValueError("bilevel.HyperOptimizer.step: a hyper step is due but no outer_loader was given. "
+                             "Fix: pass outer_loader=... at construction, or call hyper_step yourself.")
+        if self._outer_iter is None:
+            self._outer_iter = iter(self.outer_loader)
+            n = len(self.outer_loader) if hasattr(self.outer_loader, "__len__") else 0
+            for _ in range(self.outer_batches % n if n else 0):       # resume where a checkpoint left off
+                next(self._outer_iter)
+        try:
+            batch = next(self._outer_iter)
+        except StopIteration:
+            self._outer_iter = iter(self.outer_loader)
+            batch = next(self._outer_iter)
+        self.outer_batches += 1
+        return batch
+
+    def step(self, batch: Any) -> Tensor:
+        """An inner step on ``batch`` and, every ``hyper_every`` calls, a hyper step on (``batch``,
+        the next ``outer_loader`` batch). Returns the inner loss; the hyper step's stats are in
+        :attr:`last_stats`."""
+        loss = self.inner_step(batch)
+        self._calls += 1
+        if self._calls % self.hyper_every == 0:
+            self.hyper_step(batch, self._next_outer())
+        return loss
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-identically; loadable with ``torch.load(weights_only=True)``."""
+        cpu, cuda = get_rng()
+        return {
+            "model": self.model.state_dict(),
+            "hparams": {k: v.detach().clone() for k, v in self.hparams.items()},
+            "inner_optimizer": self.inner_optimizer.state_dict(),
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+            "counters": {"inner_steps": self.inner_steps, "hyper_steps": self.hyper_steps,
+                         "outer_batches": self.outer_batches, "skipped": self.skipped,
+                         "calls": self._calls},
+            "rng": {"cpu": cpu, "cuda": list(cuda) if cuda is not None else []},
+            "version": 1,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (model, hparams, both optimizers, counters, RNG)."""
+        fn = "bilevel.HyperOptimizer.load_state_dict"
+        need = ("model", "hparams", "inner_optimizer", "outer_optimizer", "counters", "rng")
+        lacking = [k for k in need if k not in state]
+        if lacking:
+            raise KeyError(f"{fn}: the state dict lacks {lacking}; expected one made by HyperOptimizer.state_dict().")
+        if set(state["hparams"]) != set(self.hparams):
+            raise KeyError(f"{fn}: expected hparams {sorted(self.hparams)}, the state dict has {sorted(state['hparams'])}.")
+        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for k, v in self.hparams.items():
+                v.copy_(state["hparams"][k])
+        self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        c = state["counters"]
+        self.inner_steps, self.hyper_steps = int(c["inner_steps"]), int(c["hyper_steps"])
+        self.outer_batches, self.skipped, self._calls = int(c["outer_batches"]), int(c["skipped"]), int(c["calls"])
+        self._outer_iter = None
+        cuda = state["rng"]["cuda"]
+        set_rng((state["rng"]["cpu"], cuda if cuda else None))

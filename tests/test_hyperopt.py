@@ -1,0 +1,310 @@
+"""HyperOptimizer: equals the core functions, reaches known fixed points, resumes exactly, fails safely."""
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import bilevel as bl
+
+from conftest import rel_err, tree_rel_err
+
+DT = torch.float64
+
+
+def _data(n=60, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = (X @ torch.randn(d, generator=g, dtype=DT) + 0.3 * torch.randn(n, generator=g, dtype=DT) > 0).to(DT)
+    return X, y
+
+
+def _logreg(d=5, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(d, 1).to(DT)
+
+
+def _losses(penalty):
+    inner = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1]) + penalty(m, h)
+    outer = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
+    return inner, outer
+
+
+def _fit(model, hp, inner, batch, steps=300):
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=steps, tolerance_grad=1e-13, tolerance_change=0,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = inner(model, hp, batch)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def test_implicit_equals_implicit_hypergrad():
+    X, y = _data()
+    Xv, yv = _data(seed=1)
+    model = _logreg()
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="parameter")
+    inner, outer = _losses(pen)
+    _fit(model, hp, inner, (X, y))
+    for p in hp.values():
+        p.grad = None
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
+                             inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                             outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1),
+                             method=bl.Implicit(solver=bl.CG(tol=1e-13)))
+    hg, stats = hopt.hypergradient((X, y), (Xv, yv))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    fi = lambda p, h, X, y: F.binary_cross_entropy_with_logits(functional_call(model, p, (X,)).squeeze(-1), y) + pen(p, h)
+    fo = lambda p, h, X, y: F.binary_cross_entropy_with_logits(functional_call(model, p, (X,)).squeeze(-1), y)
+    ref = bl.implicit_hypergrad(fi, fo, params, hp, solver=bl.Exact(), inner_args=(X, y), outer_args=(Xv, yv))
+    assert tree_rel_err(hg, ref) < 1e-8
+    assert stats.inner_grad_norm < 1e-10 and stats.solver_iterations is not None
+    assert math.isclose(stats.hypergrad_norm, float(torch.cat([v.reshape(-1) for v in ref.values()]).norm()), rel_tol=1e-8)
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+                                  lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)], ids=["sgd", "adamw"])
+def test_unrolled_equals_unrolled_hypergrad(make):
+    X, y = _data()
+    Xv, yv = _data(seed=1)
+    model = _logreg()
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="tensor")
+    inner, outer = _losses(pen)
+    opt = make(model.parameters())
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer, inner_optimizer=opt,
+                             outer_optimizer=torch.optim.Adam(hp.values(), lr=0.1), method=bl.Unrolled(steps=4))
+    for _ in range(3):
+        hopt.inner_step((X, y))
+    hg, _ = hopt.hypergradient((X, y), (Xv, yv))
+
+    named = dict(model.named_parameters())
+    inner_opt, state = bl.inner.from_torch(opt, named)
+    fi = lambda p, h, b: F.binary_cross_entropy_with_logits(functional_call(model, p, (b[0],)).squeeze(-1), b[1]) \
+        + pen(p, h)
+    fo = lambda p, h, b: F.binary_cross_entropy_with_logits(functional_call(model, p, (b[0],)).squeeze(-1), b[1])
+    ref, _ = bl.unrolled_hypergrad(fi, fo, {k: v.detach() for k, v in named.items()}, hp, optimizer=inner_opt,
+                                   state=state, steps=4, inner_args=((X, y),), outer_args=((Xv, yv),))
+    assert tree_rel_err(hg, ref) < 1e-12
+
+
+# -- the DARTS paper's toy bilevel problem: L_val = wα − 2α + 1, L_train = w² − 2αw + α² ------------
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(-1.5, dtype=DT))
+        self.alpha = torch.nn.Parameter(torch.tensor(-1.0, dtype=DT))
+
+
+@pytest.mark.parametrize("method,xi,alpha_star", [
+    (bl.FirstOrder(), 0.3, 2.0),                       # ∂_α L_val = w − 2 = 0 at w = α
+    (bl.Unrolled(steps=1), 0.3, 2.0 / (1 + 2 * 0.3)),   # w' − 2 + 2ξα = 0 at w = α
+    (bl.Implicit(solver=bl.Exact()), 0.3, 1.0),         # the true optimum (w*, α*) = (1, 1)
+    (bl.Implicit(solver=bl.CG()), 0.3, 1.0),
+], ids=["first-order", "second-order", "implicit-exact", "implicit-cg"])
+def test_darts_toy_fixed_points(method, xi, alpha_star):
+    m = Toy()
+    hp = {"alpha": m.alpha}                             # a model parameter that is a hyperparameter
+    inner = lambda mm, h, b: mm.w ** 2 - 2 * mm.alpha * mm.w + mm.alpha ** 2
+    outer = lambda mm, h, b: mm.w * mm.alpha - 2 * mm.alpha + 1
+    hopt = bl.HyperOptimizer(m, hp, inner_loss=inner, outer_loss=outer,
+                             inner_optimizer=torch.optim.SGD([m.w], lr=xi),
+                             outer_optimizer=torch.optim.SGD([m.alpha], lr=0.1), method=method)
+    for _ in range(400):
+        for _ in range(5):
+            hopt.inner_step(None)
+        hopt.hyper_step(None, None)
+    assert abs(float(m.alpha) - alpha_star) < 1e-6
+    assert abs(float(m.w) - alpha_star) < 1e-6
+
+
+# -- a held-out task: per-weight L2 logistic regression on breast cancer ------------------------------
+def test_per_weight_decay_beats_best_single_decay_on_breast_cancer():
+    datasets = pytest.importorskip("sklearn.datasets")
+    X, y = datasets.load_breast_cancer(return_X_y=True)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    X, y = torch.tensor(X, dtype=DT)[perm], torch.tensor(y, dtype=DT)[perm]
+    tr, va = slice(0, 80), slice(80, 330)
+    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-8
+    X = (X - mu) / sd
+    batch, vbatch = (X[tr], y[tr]), (X[va], y[va])
+
+    def trained_val_loss(decay):
+        model = torch.nn.Linear(30, 1).to(DT)
+        hp, pen = bl.hparams.weight_decay(model, init=decay, per="model", requires_grad=False)
+        inner, outer = _losses(pen)
+        _fit(model, hp, inner, batch)
+        with torch.no_grad():
+            return float(outer(model, hp, vbatch))
+
+    grid = [10 ** e for e in torch.linspace(-4, 1, 11).tolist()]
+    best = min(grid, key=trained_val_loss)
+    best_val = trained_val_loss(best)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(30, 1).to(DT)
+    hp, pen = bl.hparams.weight_decay(model, init=best, per="parameter")
+    inner, outer = _losses(pen)
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
+                             inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                             outer_optimizer=torch.optim.Adam(hp.values(), lr=0.05),
+                             method=bl.Implicit(solver=bl.CG(maxiter=50)))
+    for _ in range(25):
+        _fit(model, hp, inner, batch, steps=100)        # inner problem to convergence (warm start)
+        stats = hopt.hyper_step(batch, vbatch)
+        assert stats.inner_grad_norm < 1e-6
+    _fit(model, hp, inner, batch)
+    with torch.no_grad():
+        tuned = float(outer(model, hp, vbatch))
+    assert tuned < best_val - 1e-3, (tuned, best_val)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+def _mlp_run(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.2), torch.nn.Linear(16, 1)).to(DT)
+    hp, pen = bl.hparams.weight_decay(model, init=1e-3, exclude=("1.",))
+    inner, outer = _losses(pen)
+    X, y = _data(n=96)
+    Xv, yv = _data(n=48, seed=3)
+    batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
+    val = [(Xv[i:i + 16], yv[i:i + 16]) for i in range(0, 48, 16)]
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
+                             inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                             outer_optimizer=torch.optim.Adam(hp.values(), lr=0.01),
+                             method=bl.Implicit(solver=bl.CG(maxiter=5, damping=0.1, on_indefinite="stop")),
+                             outer_loader=val, hyper_every=2)
+    return hopt, batches
+
+
+def _snapshot(hopt):
+    return ([p.detach().clone() for p in hopt.model.state_dict().values()],
+            [v.detach().clone() for v in hopt.hparams.values()])
+
+
+def test_checkpoint_round_trip_is_bit_identical():
+    hopt, batches = _mlp_run()
+    for b in batches[:4]:
+        hopt.step(b)
+    buf = io.BytesIO()
+    torch.save(hopt.state_dict(), buf)
+    for epoch in range(2):
+        for b in batches:
+            hopt.step(b)
+    ref = _snapshot(hopt)
+
+    fresh, _ = _mlp_run(seed=1)                        # different initialization, overwritten by the load
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for epoch in range(2):
+        for b in batches:
+            fresh.step(b)
+    got = _snapshot(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(ref[0] + ref[1], got[0] + got[1]))
+    assert fresh.hyper_steps == hopt.hyper_steps and fresh.inner_steps == hopt.inner_steps
+
+
+def test_batchnorm_statistics_untouched_by_hyper_steps():
+    hopt, batches = _mlp_run()
+    hopt.inner_step(batches[0])
+    bn = hopt.model[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    for method in (bl.Implicit(solver=bl.CG(maxiter=5, damping=0.1, on_indefinite="stop")), bl.Unrolled(steps=2),
+                   bl.FirstOrder()):
+        hopt.method = method
+        torch.manual_seed(5)
+        s1 = hopt.hyper_step(batches[1], batches[2])
+        assert torch.isfinite(torch.tensor(s1.hypergrad_norm)) and not s1.skipped
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+
+
+def test_dropout_one_mask_per_hypergradient_is_deterministic():
+    hopt, batches = _mlp_run()
+    hopt.inner_step(batches[0])
+    torch.manual_seed(11)
+    a, _ = hopt.hypergradient(batches[1], batches[2])
+    torch.manual_seed(11)
+    b, _ = hopt.hypergradient(batches[1], batches[2])
+    assert tree_rel_err(a, b) == 0.0
+
+
+# -- failure policy -------------------------------------------------------------------------------------
+def _toy_hopt(on_error="raise", method=None, outer=None):
+    m = Toy()
+    hp = {"alpha": m.alpha}
+    inner = lambda mm, h, b: mm.w ** 2 - 2 * mm.alpha * mm.w + mm.alpha ** 2
+    outer = outer or (lambda mm, h, b: mm.w * mm.alpha - 2 * mm.alpha + 1)
+    return bl.HyperOptimizer(m, hp, inner_loss=inner, outer_loss=outer,
+                             inner_optimizer=torch.optim.SGD([m.w], lr=0.1, momentum=0.9),
+                             outer_optimizer=torch.optim.Adam([m.alpha], lr=0.1),
+                             method=method or bl.Implicit(solver=bl.CG()), on_error=on_error)
+
+
+@pytest.mark.parametrize("fault", ["nan_outer", "divergence", "nan_inner"])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_failures_change_nothing(fault, on_error):
+    bad_outer = (lambda mm, h, b: mm.w * mm.alpha * float("nan")) if fault == "nan_outer" else None
+    method = bl.Implicit(solver=bl.Neumann(steps=20, alpha=5.0)) if fault == "divergence" else None
+    hopt = _toy_hopt(on_error, method, bad_outer)
+    hopt.inner_step(None)
+    sd = hopt.state_dict()
+    before = (hopt.model.w.detach().clone(), hopt.model.alpha.detach().clone())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if fault == "nan_inner":
+            hopt.inner_loss = lambda mm, h, b: mm.w * float("inf")
+            call = lambda: hopt.inner_step(None)
+        else:
+            call = lambda: hopt.hyper_step(None, None)
+        if on_error == "raise":
+            with pytest.raises((bl.NonFiniteError, bl.DivergenceError)):
+                call()
+        else:
+            out = call()
+            assert any("skipped" in str(w.message) for w in caught)
+            if fault != "nan_inner":
+                assert out.skipped and out.error
+    assert torch.equal(hopt.model.w.detach(), before[0]) and torch.equal(hopt.model.alpha.detach(), before[1])
+    assert str(hopt.outer_optimizer.state_dict()) == str(sd["outer_optimizer"])
+    assert str(hopt.inner_optimizer.state_dict()) == str(sd["inner_optimizer"])
+    assert hopt.skipped == 1
+
+
+# -- construction errors ---------------------------------------------------------------------------------
+def test_construction_errors():
+    m = Toy()
+    inner = lambda mm, h, b: mm.w ** 2
+    outer = lambda mm, h, b: mm.w
+    kw = dict(inner_loss=inner, outer_loss=outer)
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        bl.HyperOptimizer(m, {"a": torch.tensor(1.0)}, inner_optimizer=torch.optim.SGD([m.w], lr=0.1),
+                          outer_optimizer=torch.optim.SGD([torch.tensor(1.0, requires_grad=True)], lr=0.1), **kw)
+    with pytest.raises(ValueError, match="holds the hyperparameter 'alpha'"):
+        bl.HyperOptimizer(m, {"alpha": m.alpha}, inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                          outer_optimizer=torch.optim.SGD([m.alpha], lr=0.1), **kw)
+    with pytest.raises(ValueError, match="not a parameter of `model`"):
+        bl.HyperOptimizer(m, {"alpha": m.alpha}, inner_optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                          outer_optimizer=torch.optim.SGD([m.alpha], lr=0.1), **kw)
+    other = torch.tensor(0.0, requires_grad=True)
+    with pytest.raises(ValueError, match=r"\['b'\] are not in outer_optimizer"):
+        bl.HyperOptimizer(m, {"alpha": m.alpha, "b": other}, inner_optimizer=torch.optim.SGD([m.w], lr=0.1),
+                          outer_optimizer=torch.optim.SGD([m.alpha], lr=0.1), **kw)
+    with pytest.raises(ValueError, match="not in hparams"):
+        bl.HyperOptimizer(m, {"alpha": m.alpha}, inner_optimizer=torch.optim.SGD([m.w], lr=0.1),
+                          outer_optimizer=torch.optim.SGD([m.alpha, other], lr=0.1), **kw)
+    with pytest.raises(TypeError, match="method"):
+        bl.HyperOptimizer(m, {"alpha": m.alpha}, inner_optimizer=torch.optim.SGD([m.w], lr=0.1),
+                          outer_optimizer=torch.optim.SGD([m.alpha], lr=0.1), method=bl.CG(), **kw)
+    with pytest.raises(ValueError, match="outer_loader"):
+        bl.HyperOptimizer(m, {"alpha": m.alpha}, inner_optimizer=torch.optim.SGD([m.w], lr=0.1),
+                          outer_optimizer=torch.optim.SGD([m.alpha], lr=0.1), **kw).step(None)
