@@ -147,8 +147,9 @@ class CG(Solver):
         atol: absolute residual tolerance.
         check_every: test convergence on the host every this many iterations.
         on_indefinite: ``"raise"`` (default): a direction with ``pᵀAp ≤ 0`` or NaN
-            raises :class:`DivergenceError`; ``"stop"``: return the iterate reached
-            before it (Steihaug truncation), with ``info.converged = False``.
+            raises :class:`DivergenceError`; ``"stop"``: stop there (Steihaug truncation) and
+            return the iterate of smallest residual so far (never worse than ``x0``), with
+            ``info.converged = False`` and ``info.extra["indefinite"] = True``.
         x0: ignored unless given to :meth:`solve_flat` (warm start).
 
     Example:
@@ -195,6 +196,11 @@ class CG(Solver):
         converged = bool(rs <= thresh)
         done_at = torch.full((), -1, dtype=torch.long, device=b.device)
         indefinite = False
+        # NOTE: with on_indefinite="stop" the operator may be indefinite, where CG's residual is not
+        # monotone and iterates before the detected negative curvature can be poor: keep the
+        # iterate of smallest residual (never worse than the start).
+        keep_best = self.on_indefinite == "stop"
+        x_best, rs_best = (x, rs) if keep_best else (None, None)
         while not converged and it < self.maxiter:
             Ap = A(p)
             matvecs += 1
@@ -214,6 +220,10 @@ class CG(Solver):
             p = torch.where(step, r + beta * p, p)
             rs = rs_new
             it += 1
+            if keep_best:
+                better = rs < rs_best
+                x_best = torch.where(better, x, x_best)
+                rs_best = torch.where(better, rs, rs_best)
             # the iteration at which the residual test first passed (iterations after it are frozen no-ops)
             done_at = torch.where((done_at < 0) & (rs <= thresh), it, done_at)
             if it % self.check_every == 0 or it == self.maxiter:
@@ -230,9 +240,11 @@ class CG(Solver):
                     f"curvature pᵀAp/pᵀp = {float(min_curv):.3e} ≤ 0 (or NaN) within the first {it} iterations "
                     f"(damping={self.damping}). The inner loss is not locally convex at params, or params is "
                     f"far from a minimum. Fix: add damping above that, e.g. "
-                    f"CG(damping={self.damping + max(1e-3, 2 * abs(float(min_curv)) if math.isfinite(float(min_curv)) else 1.0):.1e}), "
+                    f"CG(damping={self.damping + max(1e-3, 2 * abs(float(min_curv)) if math.isfinite(float(min_curv)) else 1.0):.3g}), "
                     f"use on_indefinite='stop', or solve the inner problem further."
                 )
+        if keep_best:
+            x, rs = x_best, rs_best
         rnorm = float(torch.sqrt(rs)) if bool(torch.isfinite(rs)) else math.nan
         if not math.isfinite(rnorm) or not bool(torch.isfinite(x).all()):
             raise DivergenceError(f"bilevel.CG: the iterate became non-finite after {it} iterations. "

@@ -201,3 +201,16 @@ def test_config_validation_messages():
         bl.Nystrom(sketch="svd")
     with pytest.raises(ValueError, match="on_indefinite"):
         bl.CG(on_indefinite="ignore")
+
+
+def test_cg_stop_never_returns_worse_than_start():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=DT))
+    ev = torch.cat([torch.logspace(-3, 0, 48, dtype=DT), torch.tensor([-0.05, -0.2], dtype=DT)])
+    A = (Q * ev) @ Q.T
+    b = torch.randn(50, generator=g, dtype=DT)
+    x = solve(bl.CG(maxiter=20, on_indefinite="stop"), A, b)
+    true_res = float((A @ x["x"] - b).norm())
+    assert true_res <= float(b.norm()) * (1 + 1e-12)
+    assert abs(true_res - x.info.residual_norm) <= 1e-8 * float(b.norm())
+    assert x.info.extra["indefinite"] and not x.info.converged
