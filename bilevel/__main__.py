@@ -1,6 +1,7 @@
 """Command line: ``python -m bilevel demo`` (also the ``bilevel`` console script).
 
-The work lives in :mod:`bilevel._demo`; this module only parses arguments.
+The work lives in :mod:`bilevel._demo` (the dispatcher), :mod:`bilevel._demo_mlp`
+(the default task) and :mod:`bilevel._demo_logreg`; this module only parses arguments.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m bilevel``."""
     from . import __version__
-    from ._demo import DATASETS, SOLVERS
+    from ._demo import DATASETS, SOLVERS, TASKS
 
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = argparse.ArgumentParser(
@@ -48,26 +49,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="tune one L2 decay per weight of a logistic regression by implicit hypergradients",
+        help="tune one weight decay per weight (166,400 of them) of an MLP on bundled data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Tune one L2 weight decay per weight of a logistic regression on a dataset bundled with "
-            "scikit-learn (no download), by Adam on the log-decays with implicit (IFT) hypergradients. "
-            "Compares with one global decay chosen by grid search, prints a summary table and writes a PNG."
+            "Tune one L2 weight decay per weight by hypergradient, on a dataset bundled with scikit-learn\n"
+            "(no download), and compare with the best single decay of a grid. Prints a table, writes PNGs.\n"
+            "\n"
+            "--task mlp (default): an MLP 64-512-256-10 on digits (300 train / 300 val / 1197 test images)\n"
+            "  with 166,400 per-weight decays, tuned DURING training by bl.HyperOptimizer: Adam on the\n"
+            "  weights (1000 steps, minibatches of 64), every 10 steps a hyper step with an implicit\n"
+            "  hypergradient (Neumann series, 5 Hessian-vector products) and Adam on the log-decays.\n"
+            "  Baseline: the same training (same steps, optimizer, minibatches) with one global decay,\n"
+            "  the best of 9 half-decades 1e-5..1e-1 by validation loss; the tuned decays start there.\n"
+            "  About 30-60 s on 2 CPU cores; --quick: a few seconds (300 steps, a 3-decay grid).\n"
+            "\n"
+            "--task logreg: one decay per weight of a logistic regression (--dataset breast_cancer: 30,\n"
+            "  digits: 640), inner problem solved by L-BFGS, hypergradient by bl.implicit_hypergrad,\n"
+            "  --outer-steps Adam steps on the log-decays."
         ),
+        epilog="examples:\n"
+               "  python -m bilevel demo                      # the MLP, results in ./demo_out\n"
+               "  python -m bilevel demo --quick --out /tmp/d  # a few seconds\n"
+               "  python -m bilevel demo --seed 1 --json r.json\n"
+               "  python -m bilevel demo --task logreg --dataset digits --solver nystrom",
     )
-    demo.add_argument("--dataset", choices=DATASETS, default="breast_cancer",
-                      help="breast_cancer: binary, 30 decays; digits: 10 classes, 640 decays (default: %(default)s)")
-    demo.add_argument("--solver", choices=SOLVERS, default="cg",
-                      help="linear solver of the hypergradient (default: %(default)s)")
-    demo.add_argument("--outer-steps", type=_positive_int, default=None,
-                      help="Adam steps on the log-decays (default: 40; "
-                           "15 (breast_cancer) or 5 (digits) with --quick)")
-    demo.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate on the log-decays (default: 0.05)")
+    demo.add_argument("--task", choices=TASKS, default="mlp",
+                      help="mlp: per-weight decays of an MLP tuned during training (default); "
+                           "logreg: per-weight decays of a logistic regression, inner problem solved exactly")
     demo.add_argument("--quick", action="store_true", help="a run of a few seconds (used by the tests)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split (default: %(default)s)")
-    demo.add_argument("--out", default="demo_out", metavar="DIR", help="folder for the PNG plot (default: ./%(default)s)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the train/val/test split (and, for mlp, of the initialization and "
+                           "minibatch order) (default: %(default)s)")
+    demo.add_argument("--out", default="demo_out", metavar="DIR", help="folder for the PNG plots (default: ./%(default)s)")
     demo.add_argument("--json", default=None, metavar="FILE", help="also write all figures as JSON to FILE")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    demo.add_argument("--solver", choices=SOLVERS, default=None,
+                      help="linear solver of the implicit hypergradient; mlp: neumann (default) or cg "
+                           "(damped, stops at negative curvature); logreg: cg (default), neumann or nystrom")
+    demo.add_argument("--lr", type=_positive_float, default=None,
+                      help="Adam learning rate on the log-decays (default: 0.05)")
+    demo.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch CPU threads during the run (default: 1; see bilevel/_demo_common.py)")
+    mlp = demo.add_argument_group("--task mlp options")
+    mlp.add_argument("--inner-steps", type=_positive_int, default=None, metavar="N",
+                     help="Adam steps on the weights, for every baseline run and the tuned run "
+                          "(default: 1000; 300 with --quick)")
+    mlp.add_argument("--hyper-every", type=_positive_int, default=None, metavar="K",
+                     help="a hyper step every K inner steps (default: 10)")
+    mlp.add_argument("--init-decay", type=_positive_float, default=None, metavar="D",
+                     help="start every per-weight decay at D (default: the baseline's best decay)")
+    lr = demo.add_argument_group("--task logreg options")
+    lr.add_argument("--dataset", choices=DATASETS, default=None,
+                    help="breast_cancer (default): binary, 30 decays; digits: 10 classes, 640 decays")
+    lr.add_argument("--outer-steps", type=_positive_int, default=None,
+                    help="Adam steps on the log-decays (default: 40; "
+                         "15 (breast_cancer) or 5 (digits) with --quick)")
     return parser
 
 

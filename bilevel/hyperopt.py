@@ -240,6 +240,7 @@ class HyperOptimizer:
         self.skipped = 0
         self._calls = 0
         self.last_stats: Optional[HyperStepStats] = None
+        self.step_stats: Optional[HyperStepStats] = None
 
     # -- evaluation at given parameters -------------------------------------------------------
     def _params(self) -> dict[str, Tensor]:
@@ -383,12 +384,13 @@ class HyperOptimizer:
 
     def step(self, batch: Any) -> Tensor:
         """An inner step on ``batch`` and, every ``hyper_every`` calls, a hyper step on (``batch``,
-        the next ``outer_loader`` batch). Returns the inner loss; the hyper step's stats are in
-        :attr:`last_stats`."""
+        the next ``outer_loader`` batch). Returns the inner loss; :attr:`step_stats` is the
+        :class:`HyperStepStats` of the hyper step this call took, or ``None`` if it took none."""
         loss = self.inner_step(batch)
         self._calls += 1
+        self.step_stats = None
         if self._calls % self.hyper_every == 0:
-            self.hyper_step(batch, self._next_outer())
+            self.step_stats = self.hyper_step(batch, self._next_outer())
         return loss
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 Inner problem:  w*(λ) = argmin_w  mean CE_train(w) + ½ Σ_j exp(λ_j) w_j²
 Outer problem:  min_λ  mean CE_val(w*(λ))
 The hypergradient dCE_val/dλ comes from bl.implicit_hypergrad (implicit function
-theorem + conjugate gradient on Hessian-vector products). `python -m bilevel demo`
+theorem + conjugate gradient on Hessian-vector products). `python -m bilevel demo --task logreg`
 is the full version (baseline, progress bar, plot). Needs scikit-learn.
 """
 import torch

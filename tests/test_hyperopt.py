@@ -308,3 +308,12 @@ def test_construction_errors():
     with pytest.raises(ValueError, match="outer_loader"):
         bl.HyperOptimizer(m, {"alpha": m.alpha}, inner_optimizer=torch.optim.SGD([m.w], lr=0.1),
                           outer_optimizer=torch.optim.SGD([m.alpha], lr=0.1), **kw).step(None)
+
+
+def test_step_reports_whether_it_took_a_hyper_step():
+    hopt, batches = _mlp_run()
+    taken = []
+    for b in batches[:4]:
+        hopt.step(b)
+        taken.append(hopt.step_stats is not None)
+    assert taken == [False, True, False, True] and hopt.hyper_steps == 2 and hopt.outer_batches == 2

@@ -1,0 +1,599 @@
+"""Demo task ``mlp`` (the default): one weight decay per weight of an MLP, tuned during training.
+
+``python -m bilevel demo`` (see :mod:`bilevel.__main__`) runs :func:`run`:
+
+- data: scikit-learn's bundled ``load_digits`` (8x8 images, 10 classes, 1797
+  samples; nothing is downloaded), split train/val/test deterministically by
+  the seed (300 / 300 / 1197, stratified), features standardized with the
+  *train* statistics. 300 training images for a 166k-weight network: without
+  regularization it overfits, so the decays matter.
+- model: MLP 64-512-256-10 with ReLU, float32, initialized from the seed.
+- hyperparameters: ``bl.hparams.weight_decay(model, per="parameter",
+  exclude=("bias",))``, one L2 decay ``exp(raw)`` per weight: 64·512 + 512·256 +
+  256·10 = 166,400 hyperparameters.
+- inner problem: Adam (lr 1e-3) on minibatches of 64 training images of
+  ``CE + ½ Σ decay ⊙ w²``, 1000 steps.
+- outer problem: validation cross-entropy. Every 10 inner steps
+  ``bl.HyperOptimizer.step`` takes a hyper step: implicit hypergradient at the
+  current weights, ``H u = ∇_w L_V`` solved by a 5-term Neumann series
+  (``alpha=0.1``) on the current training minibatch, then Adam (lr 0.05) on the
+  raw log-decays. ``on_error="skip"`` drops a hyper step whose solve diverges
+  (the MLP's Hessian is indefinite early in training); their number is reported.
+- baseline: the same model, optimizer, minibatch order and number of inner
+  steps with ONE global decay, the best (by final validation loss) of a grid
+  of 9 half-decades 1e-5 .. 1e-1. The tuned run starts its 166,400 decays at
+  that best value (``--init-decay`` changes this), so apart from the hyper
+  steps the two runs are the same computation.
+
+:func:`run` returns a plain JSON-serializable dict of numbers (tests and
+scripts check it without parsing text); :func:`format_report` prints it and
+:func:`save_plots` draws it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bilevel as bl
+
+from ._demo_common import MPL_MISSING, Progress, torch_threads, with_overrides
+
+__all__ = ["MLPConfig", "SOLVERS", "make_mlp", "make_solver", "run", "train_run", "format_report", "save_plots"]
+
+SOLVERS = ("neumann", "cg")
+DTYPE = torch.float32
+IN_FEATURES, N_CLASSES = 64, 10           # digits: 8x8 pixels, 10 classes
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class MLPConfig:
+    """Settings of one ``mlp`` demo run; ``None`` fields get defaults (smaller ones with ``quick``) in :meth:`resolved`.
+
+    Attributes:
+        seed: seed of the split, the initialization and the minibatch order.
+        hidden: hidden layer widths (``(512, 256)``: 166,400 weights, so as many decays).
+        n_train, n_val: split sizes (the test set is the rest of the 1797 images).
+        inner_steps: Adam steps on the training loss, for the baseline runs and the tuned run alike.
+        batch_size: training minibatch size.
+        inner_lr: Adam learning rate of the weights.
+        hyper_every: a hyper step every this many inner steps.
+        outer_lr: Adam learning rate of the raw log-decays.
+        solver: ``"neumann"`` or ``"cg"``, the linear solver of the implicit hypergradient.
+        solver_iters: Neumann ``steps`` / CG ``maxiter``.
+        neumann_alpha: Neumann step ``alpha`` (fixed: no power iteration).
+        cg_damping: CG ``damping`` (CG stops at negative curvature: ``on_indefinite="stop"``).
+        val_batch: validation images per hyper step (``0``: the whole validation set).
+        grid: global decays tried by the baseline.
+        init_decay: where the per-weight decays start (``None``: the baseline's best decay).
+        eval_every: record train/val/test loss every this many inner steps (the curves; default
+            40 points, 20 with ``quick``).
+        quick: a run of a few seconds (fewer steps, a 3-point grid; same network, same 166,400 decays).
+        threads: torch intra-op threads during the run (restored afterwards); ``None``: 1.
+    """
+
+    seed: int = 0
+    hidden: Tuple[int, ...] = (512, 256)
+    n_train: int = 300
+    n_val: int = 300
+    inner_steps: Optional[int] = None
+    batch_size: int = 64
+    inner_lr: float = 1e-3
+    hyper_every: int = 10
+    outer_lr: float = 0.05
+    solver: str = "neumann"
+    solver_iters: Optional[int] = None
+    neumann_alpha: float = 0.1
+    cg_damping: float = 0.1
+    val_batch: int = 0
+    grid: Optional[Tuple[float, ...]] = None
+    init_decay: Optional[float] = None
+    eval_every: Optional[int] = None
+    quick: bool = False
+    threads: Optional[int] = None
+
+    def resolved(self) -> "MLPConfig":
+        """A copy with every ``None`` replaced by its default; validates the fields."""
+        fn = "bilevel demo (mlp)"
+        if self.solver not in SOLVERS:
+            raise ValueError(f"{fn}: expected solver in {SOLVERS}, got {self.solver!r}.")
+        steps = self.inner_steps if self.inner_steps is not None else (300 if self.quick else 1000)
+        grid = tuple(float(g) for g in (self.grid if self.grid is not None else
+                                        ((1e-4, 1e-3, 1e-2) if self.quick else
+                                         tuple(float(10 ** (e / 2)) for e in range(-10, -1)))))
+        for name, v in (("inner_steps", steps), ("batch_size", self.batch_size), ("hyper_every", self.hyper_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Invalid {name} for {fn}: {v!r} (expected an int >= 1).")
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            raise ValueError(f"Invalid hidden for {fn}: {self.hidden!r} (expected widths >= 1).")
+        if not grid or any(not (g > 0 and math.isfinite(g)) for g in grid):
+            raise ValueError(f"Invalid grid for {fn}: {grid!r} (expected decays > 0).")
+        for name, v in (("inner_lr", self.inner_lr), ("outer_lr", self.outer_lr),
+                        ("neumann_alpha", self.neumann_alpha)):
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"Invalid {name} for {fn}: {v!r} (expected a number > 0).")
+        if self.init_decay is not None and not (self.init_decay > 0 and math.isfinite(self.init_decay)):
+            raise ValueError(f"Invalid init_decay for {fn}: {self.init_decay!r} (expected a decay > 0).")
+        if self.val_batch < 0 or self.cg_damping < 0:
+            raise ValueError(f"{fn}: expected val_batch >= 0 and cg_damping >= 0, got {self.val_batch}, {self.cg_damping}.")
+        iters = self.solver_iters if self.solver_iters is not None else (5 if self.solver == "neumann" else 10)
+        return MLPConfig(
+            seed=int(self.seed), hidden=tuple(int(h) for h in self.hidden), n_train=int(self.n_train),
+            n_val=int(self.n_val), inner_steps=steps, batch_size=self.batch_size, inner_lr=float(self.inner_lr),
+            hyper_every=self.hyper_every, outer_lr=float(self.outer_lr), solver=self.solver, solver_iters=int(iters),
+            neumann_alpha=float(self.neumann_alpha), cg_damping=float(self.cg_damping), val_batch=int(self.val_batch),
+            grid=grid, init_decay=self.init_decay,
+            eval_every=self.eval_every or max(1, steps // (20 if self.quick else 40)), quick=self.quick,
+            threads=1 if self.threads is None else max(1, int(self.threads)),
+        )
+
+    @property
+    def layer_sizes(self) -> List[int]:
+        return [IN_FEATURES, *[int(h) for h in self.hidden], N_CLASSES]
+
+    @property
+    def n_hparams(self) -> int:
+        """Number of hyperparameters (one decay per weight, biases not decayed), without building anything."""
+        s = self.layer_sizes
+        return sum(a * b for a, b in zip(s[:-1], s[1:]))
+
+    @property
+    def n_params(self) -> int:
+        s = self.layer_sizes
+        return self.n_hparams + sum(s[1:])
+
+
+# --------------------------------------------------------------------------- model, solver, data
+def make_mlp(cfg: MLPConfig) -> nn.Sequential:
+    """The MLP ``64 → hidden... → 10`` with ReLU, initialized from ``cfg.seed`` (same init for every run)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        layers: List[nn.Module] = []
+        sizes = cfg.layer_sizes
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers).to(DTYPE)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def solver_text(cfg: MLPConfig) -> str:
+    """A short description of :func:`make_solver`'s solver for the report."""
+    if cfg.solver == "neumann":
+        return f"bl.Neumann(steps={cfg.solver_iters}, alpha={cfg.neumann_alpha})"
+    return f"bl.CG(maxiter={cfg.solver_iters}, damping={cfg.cg_damping}, on_indefinite='stop')"
+
+
+def make_solver(cfg: MLPConfig) -> bl.Solver:
+    """The linear solver of the implicit hypergradient.
+
+    NOTE: early in training the MLP's Hessian is indefinite and its largest
+    eigenvalue is large (> 2 measured at step 10, seed 0). A Neumann series with
+    ``alpha=1`` then grows (DivergenceError: 7 of 100 hyper steps skipped);
+    ``alpha=0.1`` skipped none on seeds 0-2. ``alpha=None`` would spend 20
+    extra Hessian products per hyper step on power iteration. CG gets damping
+    and stops at negative curvature instead of raising.
+    """
+    if cfg.solver == "neumann":
+        return bl.Neumann(steps=cfg.solver_iters, alpha=cfg.neumann_alpha)
+    return bl.CG(maxiter=cfg.solver_iters, damping=cfg.cg_damping, on_indefinite="stop", tol=1e-6)
+
+
+@dataclass
+class Data:
+    """float32 tensors of the split; labels int64."""
+
+    X_train: Tensor
+    y_train: Tensor
+    X_val: Tensor
+    y_val: Tensor
+    X_test: Tensor
+    y_test: Tensor
+
+
+def load_data(cfg: MLPConfig) -> Data:
+    """Digits, split by ``cfg.seed`` and standardized with train statistics (see :func:`bilevel._demo_logreg.load_split`)."""
+    from ._demo_logreg import load_split
+
+    s = load_split("digits", seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val)
+    return Data(s.X_train.to(DTYPE), s.y_train, s.X_val.to(DTYPE), s.y_val, s.X_test.to(DTYPE), s.y_test)
+
+
+def minibatches(X: Tensor, y: Tensor, batch_size: int, seed: int) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Endless shuffled minibatches (a new permutation every epoch), deterministic in ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    n = X.shape[0]
+    bs = min(batch_size, n)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - bs + 1, bs):
+            idx = perm[i:i + bs]
+            yield X[idx], y[idx]
+
+
+class ValLoader:
+    """The ``outer_loader`` of the HyperOptimizer: validation batches (the whole set when ``batch_size`` is 0)."""
+
+    def __init__(self, X: Tensor, y: Tensor, batch_size: int, seed: int) -> None:
+        self.X, self.y, self.batch_size, self.seed = X, y, batch_size, seed
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        if self.batch_size <= 0 or self.batch_size >= self.X.shape[0]:
+            while True:
+                yield self.X, self.y
+        yield from minibatches(self.X, self.y, self.batch_size, self.seed)
+
+
+def ce(model: nn.Module, batch: Tuple[Tensor, Tensor]) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for part in ("train", "val", "test"):
+        X, y = getattr(data, f"X_{part}"), getattr(data, f"y_{part}")
+        logits = model(X)
+        out[f"{part}_loss"] = float(F.cross_entropy(logits, y))
+        out[f"{part}_acc"] = float((logits.argmax(1) == y).to(DTYPE).mean())
+    return out
+
+
+# --------------------------------------------------------------------------- one training run
+def train_run(cfg: MLPConfig, data: Data, *, decay: float, tune: bool,
+              on_step: Optional[Callable[[int, str], None]] = None) -> Dict[str, Any]:
+    """Train the MLP for ``cfg.inner_steps`` Adam steps with L2 decays starting at ``decay``.
+
+    ``tune=False``: one global decay, fixed (a baseline run). ``tune=True``: one decay per
+    weight, updated by a hyper step every ``cfg.hyper_every`` inner steps. Both go through
+    ``bl.HyperOptimizer.step`` / ``inner_step``, with the same initialization and minibatches.
+
+    Returns a dict: final ``evaluate`` figures, ``wall_s``, the ``curve`` (figures every
+    ``eval_every`` steps), and for ``tune=True`` the hyper steps' statistics and the
+    learned decays (a tensor under ``"_decays"``, per layer).
+    """
+    model = make_mlp(cfg)
+    # Biases are not decayed: one decay per *weight*.
+    hp, penalty = bl.hparams.weight_decay(model, init=decay, per="parameter" if tune else "model", exclude=("bias",))
+
+    def inner_loss(m: nn.Module, h: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
+        return ce(m, batch) + penalty(m, h)
+
+    def outer_loss(m: nn.Module, h: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
+        return ce(m, batch)
+
+    hopt = bl.HyperOptimizer(
+        model, hp, inner_loss=inner_loss, outer_loss=outer_loss,
+        inner_optimizer=torch.optim.Adam(model.parameters(), lr=cfg.inner_lr),
+        outer_optimizer=torch.optim.Adam(hp.values(), lr=cfg.outer_lr),
+        method=bl.Implicit(solver=make_solver(cfg)),
+        outer_loader=ValLoader(data.X_val, data.y_val, cfg.val_batch, cfg.seed + 2),
+        hyper_every=cfg.hyper_every, on_error="skip",
+    )
+    batches = minibatches(data.X_train, data.y_train, cfg.batch_size, cfg.seed + 1)
+    curve: Dict[str, List[float]] = {k: [] for k in ("step", "train_loss", "val_loss", "test_loss",
+                                                       "train_acc", "val_acc", "test_acc")}
+
+    def record(step: int) -> None:
+        ev = evaluate(model, data)
+        curve["step"].append(step)
+        for k, v in ev.items():
+            curve[k].append(v)
+
+    hyper: List[Dict[str, Any]] = []
+    errors: List[str] = []
+    eval_s = 0.0
+    t0 = time.perf_counter()
+    t = time.perf_counter()
+    record(0)
+    eval_s += time.perf_counter() - t
+    with warnings.catch_warnings():
+        # on_error="skip" warns for each skipped hyper step; they are counted and reported instead.
+        warnings.filterwarnings("ignore", message=r"bilevel\.HyperOptimizer", category=RuntimeWarning)
+        for step in range(1, cfg.inner_steps + 1):
+            batch = next(batches)
+            if tune:
+                last = hopt.last_stats
+                loss = hopt.step(batch)
+                st = hopt.last_stats
+                if st is not None and st is not last:
+                    hyper.append({"step": step, "skipped": st.skipped, "outer_loss": st.outer_loss,
+                                  "hypergrad_norm": st.hypergrad_norm, "inner_grad_norm": st.inner_grad_norm,
+                                  "solver_iterations": st.solver_iterations, "solver_residual": st.solver_residual,
+                                  "seconds": st.seconds})
+                    if st.skipped and st.error:
+                        errors.append(f"step {step}: {st.error}")
+            else:
+                loss = hopt.inner_step(batch)
+            if step % cfg.eval_every == 0 or step == cfg.inner_steps:
+                t = time.perf_counter()
+                record(step)
+                eval_s += time.perf_counter() - t
+            if on_step is not None and (step % 10 == 0 or step == cfg.inner_steps):
+                on_step(step, f"inner loss {float(loss):.4f}")
+    wall = time.perf_counter() - t0
+    res: Dict[str, Any] = {**evaluate(model, data), "decay": float(decay), "wall_s": wall,
+                           "train_s": wall - eval_s, "curve": curve}
+    if tune:
+        skipped = sum(1 for h in hyper if h["skipped"])
+        res.update(hyper_steps=len(hyper), skipped_hyper_steps=skipped, skip_errors=errors[:5],
+                   hyper_s=float(sum(h["seconds"] for h in hyper)), hyper=hyper,
+                   _decays={name: penalty.decays(hp)[name].detach().clone() for name in penalty.keys})
+    return res
+
+
+# --------------------------------------------------------------------------- the run
+def run(config: Optional[MLPConfig] = None, *, out_dir: Optional[str] = None, progress: bool = True,
+        stream: Optional[TextIO] = None, **overrides: Any) -> Dict[str, Any]:
+    """Run the demo: baseline grid of global decays, then 166,400 per-weight decays tuned during training.
+
+    Args:
+        config: an :class:`MLPConfig`; keyword ``overrides`` (e.g. ``seed=1``, ``quick=True``)
+            replace its fields.
+        out_dir: folder for the PNG plots; ``None`` makes none.
+        progress: show progress bars on ``stream``.
+        stream: where the progress goes (``sys.stderr`` by default).
+
+    Returns:
+        A JSON-serializable dict: ``config``, ``n_hparams``, ``baseline`` and ``tuned``
+        (``val_loss``, ``val_acc``, ``test_loss``, ``test_acc``, ``wall_s``, ``curve``...),
+        ``baseline["grid"]`` (every decay tried), ``tuned["hyper_steps"]`` and
+        ``tuned["skipped_hyper_steps"]``, ``tuned["decay_stats"]`` (histograms of the
+        learned decays per layer), ``plots`` (PNG paths, or empty with ``plot_skipped``).
+
+    Example:
+        >>> res = run(quick=True, progress=False)
+        >>> res["n_hparams"], res["tuned"]["val_loss"] < res["baseline"]["val_loss"]
+        (166400, True)
+    """
+    cfg = with_overrides(config or MLPConfig(), overrides, "bilevel demo run()").resolved()
+    with torch_threads(cfg.threads):
+        return _run(cfg, out_dir=out_dir, progress=progress, stream=stream)
+
+
+def _run(cfg: MLPConfig, *, out_dir: Optional[str], progress: bool, stream: Optional[TextIO]) -> Dict[str, Any]:
+    t_start = time.perf_counter()
+    out = sys.stderr if stream is None else stream
+    data = load_data(cfg)
+    # NOTE: the first torch.optim.Adam(...) of a process imports torch._dynamo (~1 s, measured
+    # with torch 2.13 CPU); pay it here so that it is not charged to the first baseline run.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+    def say(text: str) -> None:
+        if progress:
+            out.write(text + "\n")
+            out.flush()
+
+    say(f"bilevel demo (mlp): digits, MLP {'-'.join(map(str, cfg.layer_sizes))} ({cfg.n_params:,} parameters), "
+        f"{cfg.n_hparams:,} hyperparameters (one weight decay per weight)")
+    # -- baseline: one global decay, grid search -----------------------------------------------
+    say(f"baseline: {len(cfg.grid)} runs of {cfg.inner_steps} Adam steps, global decay "
+        f"{cfg.grid[0]:.0e}..{cfg.grid[-1]:.0e}")
+    bar = Progress(len(cfg.grid) * cfg.inner_steps, stream=stream, enabled=progress, label="baseline step")
+    t0 = time.perf_counter()
+    rows: List[Dict[str, Any]] = []
+    best: Optional[Dict[str, Any]] = None
+    for i, dec in enumerate(cfg.grid):
+        def on_step(step: int, text: str, i: int = i, dec: float = dec) -> None:
+            bar.update(i * cfg.inner_steps + step, f"decay {dec:.0e}  {text}")
+
+        r = train_run(cfg, data, decay=dec, tune=False, on_step=on_step)
+        rows.append({k: r[k] for k in ("decay", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "wall_s")})
+        if best is None or r["val_loss"] < best["val_loss"]:
+            best = r
+    bar.close()
+    assert best is not None
+    baseline = {**best, "grid": rows, "grid_wall_s": time.perf_counter() - t0}
+
+    # -- tuned: one decay per weight, hyper steps during training ------------------------------
+    init = baseline["decay"] if cfg.init_decay is None else float(cfg.init_decay)
+    say(f"tuned: {cfg.inner_steps} Adam steps, a hyper step every {cfg.hyper_every} "
+        f"({solver_text(cfg)}), decays start at {init:.1e}")
+    bar = Progress(cfg.inner_steps, stream=stream, enabled=progress, label="tuned step")
+    tuned = train_run(cfg, data, decay=init, tune=True, on_step=lambda s, text: bar.update(s, text))
+    bar.close()
+    decays = tuned.pop("_decays")
+    tuned["decay_stats"] = decay_stats(decays, baseline["decay"])
+
+    result: Dict[str, Any] = {
+        "task": "mlp",
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "dataset": "digits",
+        "seed": cfg.seed,
+        "layers": cfg.layer_sizes,
+        "solver_repr": solver_text(cfg),
+        "n_train": int(data.X_train.shape[0]),
+        "n_val": int(data.X_val.shape[0]),
+        "n_test": int(data.X_test.shape[0]),
+        "n_params": cfg.n_params,
+        "n_hparams": int(sum(d.numel() for d in decays.values())),
+        "baseline": baseline,
+        "tuned": tuned,
+        "plots": [],
+        "plot_skipped": None,
+    }
+    if out_dir is not None:
+        try:
+            result["plots"] = save_plots(result, out_dir)
+        except ImportError:
+            result["plot_skipped"] = MPL_MISSING
+    result["total_wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def decay_stats(decays: Dict[str, Tensor], baseline_decay: float, bins: int = 60) -> Dict[str, Any]:
+    """Small JSON summary of the learned decays: quantiles, log10 histograms per layer, mean per input pixel."""
+    allv = torch.cat([d.reshape(-1) for d in decays.values()]).double()
+    logs = allv.log10()
+    lo = min(float(logs.min()), math.log10(baseline_decay)) - 0.05
+    hi = max(float(logs.max()), math.log10(baseline_decay)) + 0.05
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    hist = {}
+    for name, d in decays.items():
+        counts = torch.histc(d.reshape(-1).double().log10(), bins=bins, min=lo, max=hi)
+        hist[name] = [int(c) for c in counts.tolist()]
+    q = torch.quantile(logs, torch.tensor([0.0, 0.05, 0.5, 0.95, 1.0], dtype=torch.float64))
+    first = next(iter(decays.values()))                   # (hidden, 64): decays of the input layer
+    pixel = first.double().log10().mean(0)
+    return {
+        "log10_edges": edges.tolist(),
+        "hist": hist,
+        "shapes": {k: list(v.shape) for k, v in decays.items()},
+        "min": float(allv.min()), "max": float(allv.max()), "median": float(10 ** q[2]),
+        "q05": float(10 ** q[1]), "q95": float(10 ** q[3]),
+        "frac_above_baseline": float((allv > baseline_decay * 1.01).double().mean()),
+        "frac_below_baseline": float((allv < baseline_decay / 1.01).double().mean()),
+        "pixel_mean_log10": pixel.tolist(),
+        "layer_median": {k: float(v.double().median()) for k, v in decays.items()},
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+def format_report(result: Dict[str, Any]) -> str:
+    """The summary printed on stdout: set-up, the baseline grid, and baseline vs tuned."""
+    b, t, c = result["baseline"], result["tuned"], result["config"]
+    ds = t["decay_stats"]
+    L = []
+    L.append(f"bilevel demo: MLP {'-'.join(map(str, result['layers']))} on digits "
+             f"(train {result['n_train']} / val {result['n_val']} / test {result['n_test']}, seed {result['seed']})")
+    L.append(f"  hyperparameters: {result['n_hparams']:,} weight decays, one per weight "
+             f"(bl.hparams.weight_decay(model, per=\"parameter\"), biases not decayed; {result['n_params']:,} parameters)")
+    L.append(f"  training budget (baseline and tuned alike): {c['inner_steps']} Adam(lr={c['inner_lr']}) steps, "
+             f"minibatches of {c['batch_size']}, L2 penalty ½ Σ decay·w²")
+    L.append(f"  hyper steps: every {c['hyper_every']} inner steps, bl.Implicit({result['solver_repr']}) on the "
+             f"training minibatch, {'the whole validation set' if c['val_batch'] <= 0 else str(c['val_batch']) + ' validation images'}; "
+             f"Adam(lr={c['outer_lr']}) on the log-decays")
+    L.append(f"  hyper steps taken: {t['hyper_steps']}, skipped: {t['skipped_hyper_steps']} "
+             f"(HyperOptimizer(on_error='skip') drops a step whose solve diverges)")
+    for e in t.get("skip_errors", [])[:2]:
+        L.append(f"    skipped at {e[:160]}")
+    L.append("")
+    L.append(f"  baseline grid (one global decay, {len(b['grid'])} runs):")
+    L.append(f"  {'decay':>9} {'train loss':>10} {'val loss':>9} {'val acc':>8} {'test loss':>9} {'test acc':>8}")
+    for r in b["grid"]:
+        mark = "  <- best val loss" if r["decay"] == b["decay"] else ""
+        L.append(f"  {r['decay']:>9.1e} {r['train_loss']:>10.4f} {r['val_loss']:>9.4f} {r['val_acc']:>8.2%} "
+                 f"{r['test_loss']:>9.4f} {r['test_acc']:>8.2%}{mark}")
+    L.append("")
+    head = f"  {'':<36} {'val loss':>9} {'val acc':>8} {'test loss':>9} {'test acc':>8} {'wall s':>8}"
+    L.append(head)
+    L.append("  " + "-" * (len(head) - 2))
+    L.append(f"  {'baseline: best global decay %.1e' % b['decay']:<36} {b['val_loss']:>9.4f} {b['val_acc']:>8.2%} "
+             f"{b['test_loss']:>9.4f} {b['test_acc']:>8.2%} {b['wall_s']:>8.2f}")
+    L.append(f"  {'tuned: %s per-weight decays' % format(result['n_hparams'], ','):<36} {t['val_loss']:>9.4f} "
+             f"{t['val_acc']:>8.2%} {t['test_loss']:>9.4f} {t['test_acc']:>8.2%} {t['wall_s']:>8.2f}")
+    dv, dt = t["val_loss"] - b["val_loss"], t["test_loss"] - b["test_loss"]
+    L.append(f"  change: val loss {dv:+.4f} ({dv / b['val_loss']:+.0%}), test loss {dt:+.4f} ({dt / b['test_loss']:+.0%}), "
+             f"test acc {t['test_acc'] - b['test_acc']:+.2%}")
+    verdict = "improved" if dt < 0 else "did NOT improve"
+    L.append(f"  The decays were fitted to the validation set, so its figures flatter them; the test set "
+             f"(never used) is the honest comparison: test loss {verdict}.")
+    start = ("which starts from that best decay" if c["init_decay"] is None
+             else f"which starts from --init-decay {t['decay']:.1e}")
+    L.append(f"  wall s: the baseline's best run ({b['wall_s']:.1f} s; the whole grid {b['grid_wall_s']:.1f} s) vs the "
+             f"tuned run, {start} (its hyper steps: {t['hyper_s']:.1f} s).")
+    L.append(f"  learned decays: median {ds['median']:.1e}, 5%-95% {ds['q05']:.1e}..{ds['q95']:.1e}, "
+             f"range {ds['min']:.1e}..{ds['max']:.1e}; {ds['frac_above_baseline']:.0%} above and "
+             f"{ds['frac_below_baseline']:.0%} below the baseline's {b['decay']:.1e}")
+    if t["decay"] != b["decay"]:
+        L.append(f"  (the tuned decays started at {t['decay']:.1e}, not at the baseline's decay)")
+    L.append(f"  total wall time {result.get('total_wall_s', float('nan')):.1f} s")
+    if result.get("plots"):
+        for p in result["plots"]:
+            L.append(f"  plot: {p}")
+    elif result.get("plot_skipped"):
+        L.append(f"  plot skipped: {result['plot_skipped']}")
+    return "\n".join(L)
+
+
+def save_plots(result: Dict[str, Any], out_dir: str) -> List[str]:
+    """Write two PNGs: the loss/accuracy curves of baseline vs tuned, and the learned decays.
+
+    matplotlib is imported here, lazily, through its object API (no pyplot, no global
+    backend change). Raises ImportError when it is not installed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    b, t = result["baseline"], result["tuned"]
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"demo_mlp_seed{result['seed']}")
+    paths = []
+
+    # -- curves ---------------------------------------------------------------------------------
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    bc, tc = b["curve"], t["curve"]
+    lab_b = f"baseline (global decay {b['decay']:.0e})"
+    lab_t = f"tuned ({result['n_hparams']:,} decays)"
+    for part, ls, lw in (("val", "-", 2.0), ("test", "--", 1.2), ("train", ":", 1.0)):
+        ax1.plot(bc["step"], bc[f"{part}_loss"], color="C0", ls=ls, lw=lw, label=f"{lab_b}: {part}")
+        ax1.plot(tc["step"], tc[f"{part}_loss"], color="C3", ls=ls, lw=lw, label=f"{lab_t}: {part}")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("inner step (Adam on the weights)")
+    ax1.set_ylabel("mean cross-entropy")
+    ax1.set_title("loss during training")
+    ax1.grid(alpha=0.3, which="both")
+    ax1.legend(fontsize=7)
+    for part, ls, lw in (("val", "-", 2.0), ("test", "--", 1.2)):
+        ax2.plot(bc["step"], bc[f"{part}_acc"], color="C0", ls=ls, lw=lw, label=f"baseline: {part}")
+        ax2.plot(tc["step"], tc[f"{part}_acc"], color="C3", ls=ls, lw=lw, label=f"tuned: {part}")
+    lo = min(min(bc["test_acc"][len(bc["step"]) // 4:]), min(tc["test_acc"][len(tc["step"]) // 4:]))
+    ax2.set_ylim(max(0.0, lo - 0.03), 1.005)
+    ax2.set_xlabel("inner step")
+    ax2.set_ylabel("accuracy")
+    ax2.set_title("accuracy during training")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"digits, MLP {'-'.join(map(str, result['layers']))}, seed {result['seed']}: "
+                 f"validation loss {b['val_loss']:.3f} → {t['val_loss']:.3f}, test loss {b['test_loss']:.3f} → "
+                 f"{t['test_loss']:.3f}")
+    paths.append(stem + "_curves.png")
+    fig.savefig(paths[-1], dpi=100)
+
+    # -- learned decays ----------------------------------------------------------------------------
+    ds = t["decay_stats"]
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[2.2, 1.0])
+    edges = np.asarray(ds["log10_edges"])
+    bottom = np.zeros(len(edges) - 1)
+    for i, (name, counts) in enumerate(ds["hist"].items()):
+        c = np.asarray(counts, dtype=float)
+        shape = "x".join(map(str, ds["shapes"][name]))
+        ax1.stairs(bottom + c, edges, baseline=bottom, fill=True, alpha=0.8, color=f"C{i}",
+                   label=f"layer {i + 1}: {name} ({shape})")
+        bottom = bottom + c
+    ax1.axvline(math.log10(b["decay"]), color="k", ls="--", lw=1, label=f"start = baseline decay {b['decay']:.0e}")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("log10 learned decay")
+    ax1.set_ylabel("number of weights (stacked by layer)")
+    ax1.set_title(f"histogram of the {result['n_hparams']:,} learned per-weight decays")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    pix = np.asarray(ds["pixel_mean_log10"])
+    side = int(round(math.sqrt(pix.size)))
+    if side * side == pix.size:
+        im = ax2.imshow(pix.reshape(side, side), cmap="viridis")
+        fig.colorbar(im, ax=ax2, label="mean log10 decay")
+        ax2.set_title("input layer: mean decay per pixel")
+        ax2.set_xticks([])
+        ax2.set_yticks([])
+    paths.append(stem + "_decays.png")
+    fig.savefig(paths[-1], dpi=100)
+    return [os.path.abspath(p) for p in paths]
