@@ -200,7 +200,7 @@ class CG(Solver):
         # monotone and iterates before the detected negative curvature can be poor: keep the
         # iterate of smallest residual (never worse than the start).
         keep_best = self.on_indefinite == "stop"
-        x_best, rs_best = (x, rs) if keep_best else (None, None)
+        x_best, rs_best = (x.clone(), rs) if keep_best else (None, None)
         while not converged and it < self.maxiter:
             Ap = A(p)
             matvecs += 1
@@ -213,11 +213,13 @@ class CG(Solver):
             bad = bad | (active & ~curv_ok)
             step = active & curv_ok
             alpha = torch.where(step, rs / torch.where(curv_ok, pAp, 1.0), zero)
-            x = x + alpha * p
-            r = r - alpha * Ap
+            # NOTE: fused in-place updates (one kernel each, no temporaries). A frozen solve has
+            # alpha = 0, so x and r stay put; p is then never used again, so it needs no mask.
+            x.addcmul_(alpha, p)
+            r.addcmul_(alpha, Ap, value=-1.0)
             rs_new = torch.where(step, torch.dot(r, r), rs)
             beta = torch.where(step, rs_new / torch.where(rs > 0, rs, 1.0), zero)
-            p = torch.where(step, r + beta * p, p)
+            p = torch.addcmul(r, beta, p)
             rs = rs_new
             it += 1
             if keep_best:
