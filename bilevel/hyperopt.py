@@ -323,7 +323,7 @@ class HyperOptimizer:
                     else [None] * len(h)
             hg = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(h.items(), gs)}
             check_finite_tree(hg, "bilevel.HyperOptimizer.hyper_step", "the hypergradient")
-            stats.outer_loss = float(lv)
+            stats.outer_loss = float(lv.detach())
         stats.hypergrad_norm = float(tree_norm(hg))
         return dict(hg), stats
 
