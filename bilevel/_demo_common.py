@@ -14,7 +14,8 @@ from typing import Any, Iterator, Optional, TextIO
 
 import torch
 
-__all__ = ["DemoError", "Progress", "require_sklearn", "torch_threads", "with_overrides", "MPL_MISSING"]
+__all__ = ["DemoError", "Progress", "require_sklearn", "torch_threads", "with_overrides", "MPL_MISSING",
+           "finish_result"]
 
 #: what ``plot_skipped`` says when matplotlib cannot be imported
 MPL_MISSING = ("matplotlib is not installed; "
@@ -129,3 +130,15 @@ class Progress:
         if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def finish_result(result: dict, out_dir: Any, save: Any, key: str, t_start: float) -> dict:
+    """Write the plots (``result[key] = save(result, out_dir)``) unless matplotlib is missing, then
+    record the total wall time since ``t_start``."""
+    if out_dir is not None:
+        try:
+            result[key] = save(result, out_dir)
+        except ImportError:
+            result["plot_skipped"] = MPL_MISSING
+    result["total_wall_s"] = time.perf_counter() - t_start
+    return result

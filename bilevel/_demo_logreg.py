@@ -39,7 +39,7 @@ from torch import Tensor
 
 import bilevel as bl
 
-from ._demo_common import MPL_MISSING, Progress, require_sklearn, torch_threads, with_overrides
+from ._demo_common import finish_result, Progress, require_sklearn, torch_threads, with_overrides
 
 __all__ = ["DATASETS", "SOLVERS", "DemoConfig", "Split", "load_split", "make_solver", "run", "format_report", "save_plot"]
 
@@ -442,13 +442,7 @@ def _run(cfg: DemoConfig, *, out_dir: Optional[str], progress: bool, stream: Opt
         "plot": None,
         "plot_skipped": None,
     }
-    if out_dir is not None:
-        try:
-            result["plot"] = save_plot(result, out_dir)
-        except ImportError:
-            result["plot_skipped"] = MPL_MISSING
-    result["total_wall_s"] = time.perf_counter() - t_start
-    return result
+    return finish_result(result, out_dir, save_plot, "plot", t_start)
 
 
 # --------------------------------------------------------------------------- reporting

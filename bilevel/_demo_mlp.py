@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 import bilevel as bl
 
-from ._demo_common import MPL_MISSING, Progress, torch_threads, with_overrides
+from ._demo_common import finish_result, Progress, torch_threads, with_overrides
 
 __all__ = ["MLPConfig", "SOLVERS", "make_mlp", "make_solver", "run", "train_run", "format_report", "save_plots"]
 
@@ -426,13 +426,7 @@ def _run(cfg: MLPConfig, *, out_dir: Optional[str], progress: bool, stream: Opti
         "plots": [],
         "plot_skipped": None,
     }
-    if out_dir is not None:
-        try:
-            result["plots"] = save_plots(result, out_dir)
-        except ImportError:
-            result["plot_skipped"] = MPL_MISSING
-    result["total_wall_s"] = time.perf_counter() - t_start
-    return result
+    return finish_result(result, out_dir, save_plots, "plots", t_start)
 
 
 def decay_stats(decays: Dict[str, Tensor], baseline_decay: float, bins: int = 60) -> Dict[str, Any]:

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from ._errors import (NonFiniteError, check_finite_scalar, check_finite_tree, check_scalar, check_tree)
-from ._tree import Tree, tree_detach, tree_norm
+from ._tree import Tree, tree_detach
 from .hvp import HessianOperator
-from .solvers import CG, Solution, Solver, SolverInfo
+from .solvers import CG, Solver, SolverInfo
 
 __all__ = ["implicit_hypergrad", "implicit_diff", "Hypergrad", "HypergradInfo", "solve_adjoint"]
 

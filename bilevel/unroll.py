@@ -26,8 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from ._errors import (NonFiniteError, ShapeError, check_finite_scalar, check_finite_tree, check_scalar,
-                      check_tree)
+from ._errors import check_finite_scalar, check_finite_tree, check_scalar, check_tree
 from ._tree import Flat, Tree, tree_detach, tree_norm
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng

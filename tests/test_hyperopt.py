@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 import bilevel as bl
 
-from conftest import rel_err, tree_rel_err
+from conftest import tree_rel_err
 
 DT = torch.float64
 
