@@ -6,11 +6,15 @@ is needed)::
 
     python -m pytest benchmarks --benchmark-only
 
+(The HVP/IFT/tree figures of RESULTS.md add ``--benchmark-min-rounds=10 --benchmark-max-time=2``.)
+
 Every benchmark belongs to a *group* with one *unit* benchmark measured in the
 same run (one gradient for ``hvp`` and ``ift``, one flat-buffer update for
-``tree``). Ratios ``mean / unit mean`` are stored in ``benchmark.extra_info``
-(so they land in ``--benchmark-json``), printed in a table at the end of the
-session, and written as JSON with ``--ratios-json PATH``.
+``tree``). Ratios ``mean / unit mean`` and ``min / unit min`` are stored in
+``benchmark.extra_info`` (so they land in ``--benchmark-json``), printed in a
+table at the end of the session, and written as JSON with ``--ratios-json PATH``.
+The table also gives the CPU load of *other* processes during each benchmark
+(:class:`ForeignLoad`): on a shared 2-core machine that is what spoils a run.
 
 The problem: an MLP 784-1024-256-10 with tanh (1,068,810 float32 parameters),
 batches of 256, seed 0, as a pure loss ``loss(params, X, y)`` through

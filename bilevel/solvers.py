@@ -302,9 +302,9 @@ class Neumann(Solver):
         check_every: test for growth/NaN on the host every this many terms.
         seed: seed of the power iteration's start vector.
 
-    ``info.residual_norm`` is ``‖(I−αA)^steps b‖/α``, the exact residual of the
-    series one term shorter, hence an upper bound of the returned ``x``'s residual
-    when the series converges (free: no extra product).
+    ``info.residual_norm`` is ``‖(I−αA)^steps b‖``, the exact residual of the series one
+    term shorter (``A x − b = −(I−αA)^{steps+1} b`` for the returned ``x``), hence an upper
+    bound of the returned ``x``'s residual when the series converges (free: no extra product).
 
     Example:
         >>> A = torch.tensor([[2., 0.], [0., 1.]])
@@ -367,7 +367,7 @@ class Neumann(Solver):
                         f"damping > 0, or the CG solver."
                     )
         x = alpha * acc
-        res = float(torch.linalg.vector_norm(p)) / alpha
+        res = float(torch.linalg.vector_norm(p))
         info = SolverInfo("Neumann", self.steps, matvecs, res, float(bnorm), True,
                           {"alpha": alpha, "lambda_max": lam_max, "residual_is_bound": True})
         return x, info

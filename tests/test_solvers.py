@@ -214,3 +214,15 @@ def test_cg_stop_never_returns_worse_than_start():
     assert true_res <= float(b.norm()) * (1 + 1e-12)
     assert abs(true_res - x.info.residual_norm) <= 1e-8 * float(b.norm())
     assert x.info.extra["indefinite"] and not x.info.converged
+
+
+@pytest.mark.parametrize("alpha", [0.3, 4.0])
+def test_neumann_residual_bound_holds_for_any_step(alpha):
+    # A x − b = −(I − αA)^{K+1} b: the reported ‖(I − αA)^K b‖ bounds it, with no 1/α factor.
+    A = torch.diag(torch.tensor([0.2, 0.1], dtype=DT))
+    b = torch.ones(2, dtype=DT)
+    x = solve(bl.Neumann(steps=3, alpha=alpha), A, b)
+    true_res = float((A @ x["x"] - b).norm())
+    expected = float((torch.linalg.matrix_power(torch.eye(2, dtype=DT) - alpha * A, 3) @ b).norm())
+    assert math.isclose(x.info.residual_norm, expected, rel_tol=1e-12)
+    assert true_res <= x.info.residual_norm * (1 + 1e-12)
