@@ -5,7 +5,7 @@ solvers work on one contiguous 1-D buffer instead (:class:`Flat`), because a
 fused vector update over one buffer beats a Python loop over many tensors.
 
 NOTE: measured on this machine (torch 2.13, 2 CPU cores), an axpy over 200
-tensors as one flat buffer is 1.7-3x faster than a per-tensor loop; see
+tensors as one flat buffer is 10-17x faster than a per-tensor loop; see
 ``benchmarks/bench_tree.py``.
 """
 

@@ -5,8 +5,8 @@ Two ways to get ``H v`` in eager PyTorch, measured on this machine
 
 - ``"reverse"``: double backward. Build ``g = grad(f, w, create_graph=True)``
   once, then ``grad(g, w, v, retain_graph=True)`` per product. One product from
-  scratch costs about 2.3 gradients; with the graph reused across the k
-  products of one solve the marginal product costs about 1.2 gradients.
+  scratch costs about 2.3-2.5 gradients; with the graph reused across the k
+  products of one solve the marginal product costs 1.1-1.4 gradients (about 1.7-1.9 when a per-weight L2 term also goes through double backward; benchmarks/RESULTS.md).
 - ``"forward"``: forward-over-reverse, ``torch.func.jvp(torch.func.grad(f))``.
   About 4 gradients per product and nothing to reuse in eager mode.
 
@@ -44,7 +44,7 @@ class HessianOperator:
 
     Builds the graph of ``g = ∇_params f`` once and reuses it for every product
     (``retain_graph=True``), so the k products of one linear solve cost about
-    ``1 + 1.2 k`` gradients instead of ``2.3 k``. The same graph also gives the
+    about ``1.5 + 1.3 k`` gradients instead of ``2.4 k`` (benchmarks/RESULTS.md). The same graph also gives the
     mixed product ``∇_hparams <g, u>`` of the implicit hypergradient.
 
     Args:
