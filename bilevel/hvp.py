@@ -43,7 +43,7 @@ class HessianOperator:
     """``H = ∇²_params f(params, hparams, *args)`` at one point, as a linear operator.
 
     Builds the graph of ``g = ∇_params f`` once and reuses it for every product
-    (``retain_graph=True``), so the k products of one linear solve cost about
+    (``retain_graph=True``), so the k products of one linear solve cost
     about ``1.5 + 1.3 k`` gradients instead of ``2.4 k`` (benchmarks/RESULTS.md). The same graph also gives the
     mixed product ``∇_hparams <g, u>`` of the implicit hypergradient.
 
