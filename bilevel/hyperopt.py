@@ -13,6 +13,7 @@ hyper step never touch BatchNorm running statistics.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -345,7 +346,8 @@ class HyperOptimizer:
         # Transactional update: keep the hyperparameters and the outer optimizer's state, step,
         # and put them back if the step produced NaN/Inf.
         before = {k: v.detach().clone() for k, v in self.hparams.items()}
-        opt_state = self.outer_optimizer.state_dict()
+        # deep copy: state_dict() returns the live state tensors, which step() updates in place
+        opt_state = copy.deepcopy(self.outer_optimizer.state_dict())
         for k, v in self.hparams.items():
             v.grad = hg[k].to(v.dtype)
         self.outer_optimizer.step()

@@ -1,5 +1,6 @@
 """HyperOptimizer: equals the core functions, reaches known fixed points, resumes exactly, fails safely."""
 
+import copy
 import io
 import math
 import warnings
@@ -317,3 +318,19 @@ def test_step_reports_whether_it_took_a_hyper_step():
         hopt.step(b)
         taken.append(hopt.step_stats is not None)
     assert taken == [False, True, False, True] and hopt.hyper_steps == 2 and hopt.outer_batches == 2
+
+
+def test_nonfinite_outer_step_restores_hparams_and_optimizer_state():
+    hopt = _toy_hopt(on_error="skip")
+    hopt.hyper_step(None, None)                         # Adam now has moments to corrupt
+    sd = copy.deepcopy(hopt.state_dict())               # state_dict() holds live tensors, as torch's does
+    alpha = hopt.model.alpha.detach().clone()
+    for g in hopt.outer_optimizer.param_groups:
+        g["lr"] = float("inf")                          # the step itself produces ±inf
+    with pytest.warns(RuntimeWarning, match="restored"):
+        stats = hopt.hyper_step(None, None)
+    assert stats.skipped and torch.equal(hopt.model.alpha.detach(), alpha)
+    restored = hopt.outer_optimizer.state_dict()["state"]
+    for k, st in sd["outer_optimizer"]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(restored[k][name], v), name
