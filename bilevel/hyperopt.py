@@ -294,7 +294,8 @@ class HyperOptimizer:
     def hypergradient(self, inner_batch: Any, outer_batch: Any) -> tuple[Tree, HyperStepStats]:
         """The hypergradient of the current method at the current weights (nothing is updated)."""
         stats = HyperStepStats(method=type(self.method).__name__)
-        params = {n: p.detach() for n, p in self._params().items()}
+        live = self._params()
+        params = {n: p.detach() for n, p in live.items()}
         # Copies of the buffers: the passes of a hyper step must not move BatchNorm statistics.
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         f_in = self._evaluator(self.inner_loss, buffers)
@@ -310,7 +311,6 @@ class HyperOptimizer:
                 stats.solver_residual = info.solver.residual_norm
                 stats.matvecs = info.solver.matvecs
         elif isinstance(m, Unrolled):
-            live = self._params()
             opt, state = from_torch(self.inner_optimizer, live)
             hg, _ = unrolled_hypergrad(f_in, f_out, params, self.hparams, optimizer=opt, state=state,
                                        steps=m.steps, truncate=m.truncate, mode=m.mode,
