@@ -27,25 +27,41 @@ GROUP = "ift"
 TARGET_GRADIENTS = 16.0  # the issue's target for CG with 10 iterations
 
 
-def _hypergrad(problem: MLPProblem, solver: Any) -> bl.Hypergrad:
-    return bl.implicit_hypergrad(problem.inner_loss, problem.outer_loss, problem.params, problem.hparams,
+def _hypergrad(problem: MLPProblem, solver: Any, split: bool = False) -> bl.Hypergrad:
+    """``split``: the decay term passed as ``penalty=`` (elementwise Hessian) instead of inside the loss."""
+    inner = problem.data_loss if split else problem.inner_loss
+    return bl.implicit_hypergrad(inner, problem.outer_loss, problem.params, problem.hparams,
                                  solver=solver, inner_args=(problem.X, problem.y),
-                                 outer_args=(problem.X_val, problem.y_val))
+                                 outer_args=(problem.X_val, problem.y_val),
+                                 penalty=problem.penalty if split else None)
+
+
+def _gradient_fn(problem: MLPProblem) -> Any:
+    w = problem.leaves()
+    leaves = list(w.values())
+    return lambda: torch.autograd.grad(problem.loss(w, problem.X, problem.y), leaves)
 
 
 def test_gradient(problem: MLPProblem, measure: Measure) -> None:
     """The unit: ``torch.autograd.grad`` of the (undecayed) batch loss."""
-    w = problem.leaves()
-    leaves = list(w.values())
-    measure(lambda: torch.autograd.grad(problem.loss(w, problem.X, problem.y), leaves),
-            group=GROUP, name="gradient (unit)", unit=True, hvps=0)
+    measure(_gradient_fn(problem), group=GROUP, name="gradient (unit)", unit=True, hvps=0)
 
 
 def test_ift_cg10(problem: MLPProblem, measure: Measure) -> None:
     """``implicit_hypergrad`` with ``CG(maxiter=10, tol=0.0)``: exactly 10 products + 1 mixed."""
     solver = bl.CG(maxiter=10, tol=0.0)
     hg = measure(lambda: _hypergrad(problem, solver), group=GROUP, name="IFT, CG 10 iterations",
-                 hvps=10, target_gradients=TARGET_GRADIENTS)
+                 paired_with=_gradient_fn(problem), hvps=10, target_gradients=TARGET_GRADIENTS)
+    info = hg.info.solver
+    assert info is not None and info.matvecs == 10 and info.iterations == 10
+
+
+def test_ift_cg10_penalty(problem: MLPProblem, measure: Measure) -> None:
+    """As above with the decay term declared as ``penalty=`` (its Hessian and mixed term elementwise)."""
+    solver = bl.CG(maxiter=10, tol=0.0)
+    hg = measure(lambda: _hypergrad(problem, solver, split=True), group=GROUP,
+                 name="IFT, CG 10 iterations, penalty=", paired_with=_gradient_fn(problem), hvps=10,
+                 target_gradients=TARGET_GRADIENTS)
     info = hg.info.solver
     assert info is not None and info.matvecs == 10 and info.iterations == 10
 
@@ -54,7 +70,7 @@ def test_ift_neumann10_fixed_alpha(problem: MLPProblem, neumann_alpha: float, me
     """``implicit_hypergrad`` with ``Neumann(steps=10, alpha=fixed)``: 10 products + 1 mixed."""
     solver = bl.Neumann(steps=10, alpha=neumann_alpha)
     hg = measure(lambda: _hypergrad(problem, solver), group=GROUP, name="IFT, Neumann 10 steps, fixed alpha",
-                 hvps=10, alpha=neumann_alpha)
+                 paired_with=_gradient_fn(problem), hvps=10, alpha=neumann_alpha)
     info = hg.info.solver
     assert info is not None and info.matvecs == 10
 
@@ -83,7 +99,17 @@ def test_component_operator_build(problem: MLPProblem, measure: Measure) -> None
 def test_component_marginal_hvp(problem: MLPProblem, operator: bl.HessianOperator, measure: Measure) -> None:
     """One product on the built operator (what each CG / Neumann step pays)."""
     v = operator.flat.flatten(problem.random_direction())
-    measure(lambda: operator.matvec_flat(v), group=GROUP, name="component: marginal HVP (with hparams)", hvps=1)
+    measure(lambda: operator.matvec_flat(v), group=GROUP, name="component: marginal HVP (with hparams)",
+            paired_with=_gradient_fn(problem), hvps=1)
+
+
+def test_component_marginal_hvp_penalty(problem: MLPProblem, measure: Measure) -> None:
+    """One product on the operator of the data loss with the decay as ``penalty=`` (elementwise ``d ⊙ v``)."""
+    op = bl.HessianOperator(problem.data_loss, problem.params, problem.hparams, (problem.X, problem.y),
+                            penalty=problem.penalty)
+    v = op.flat.flatten(problem.random_direction())
+    measure(lambda: op.matvec_flat(v), group=GROUP, name="component: marginal HVP (penalty=)",
+            paired_with=_gradient_fn(problem), hvps=1)
 
 
 def test_component_mixed(problem: MLPProblem, operator: bl.HessianOperator, measure: Measure) -> None:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import bilevel as bl
+from bilevel.hparams import WeightDecay
 from bilevel.solvers import power_iteration
 
 T = TypeVar("T")
@@ -54,6 +55,7 @@ WEIGHT_DECAY = 1e-2  # exp(log-decay) of every parameter at the benchmarked poin
 TRAIN_STEPS = 50
 TRAIN_LR = 3e-3
 WARMUP_CALLS = 2  # untimed calls before each benchmark (allocator, lazy init)
+PAIRS = 15  # back-to-back (unit, X) pairs of a paired ratio
 NOISY_LOAD = 0.1  # cores of foreign load above which a benchmark is flagged as disturbed
 
 
@@ -183,6 +185,15 @@ class MLPProblem:
         reg = sum((hparams[k].exp() * params[k].square()).sum() for k in params)
         return self.loss(params, X, y) + 0.5 * reg
 
+    def data_loss(self, params: Tree, hparams: Tree, X: Tensor, y: Tensor) -> Tensor:
+        """The inner loss without its penalty: ``inner_loss = data_loss + penalty``."""
+        return self.loss(params, X, y)
+
+    @property
+    def penalty(self) -> WeightDecay:
+        """``0.5 Σ exp(hparams) ⊙ params²`` as a declared separable penalty (``penalty=`` of the library)."""
+        return WeightDecay({k: k for k in self.params}, per="parameter", kind="exp")
+
     def outer_loss(self, params: Tree, hparams: Tree, X: Tensor, y: Tensor) -> Tensor:
         """Validation cross-entropy (no direct dependence on ``hparams``)."""
         return self.loss(params, X, y)
@@ -252,6 +263,7 @@ class Timing:
     ratio_mean: Optional[float] = None
     ratio_min: Optional[float] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    paired: Optional[float] = None  # median of back-to-back time(X)/time(unit) pairs (Measure paired_with=)
 
 
 class RatioReport:
@@ -282,13 +294,15 @@ class RatioReport:
             unit_name = u.name if u is not None else "(unit not measured in this run)"
             out.append(f"[{group}] unit = {unit_name}")
             out.append(f"  {'benchmark':<48} {'mean ms':>9} {'± sd':>8} {'min ms':>8} {'mean/min':>8}"
-                       f" {'rounds':>6} {'other load':>10} {'x unit (mean)':>14} {'x unit (min)':>13}")
+                       f" {'rounds':>6} {'other load':>10} {'x unit (mean)':>14} {'x unit (min)':>13}"
+                       f" {'x unit (paired)':>16}")
             for t in timings:
                 rm = f"{t.ratio_mean:.2f}" if t.ratio_mean is not None else "-"
                 rn = f"{t.ratio_min:.2f}" if t.ratio_min is not None else "-"
                 ol = "-" if t.other_load is None else f"{t.other_load:.2f}" + ("!" if t.other_load > NOISY_LOAD else " ")
                 out.append(f"  {t.name:<48} {1e3 * t.mean:>9.3f} {1e3 * t.stddev:>8.3f} {1e3 * t.min:>8.3f}"
-                           f" {t.mean / t.min:>8.2f} {t.rounds:>6} {ol:>10} {rm:>14} {rn:>13}")
+                           f" {t.mean / t.min:>8.2f} {t.rounds:>6} {ol:>10} {rm:>14} {rn:>13}"
+                           f" {'-' if t.paired is None else f'{t.paired:.2f}':>16}")
         worst = max((t.other_load or 0.0 for ts in self.groups.values() for t in ts), default=0.0)
         out.append(f"other load = CPU cores used by other processes during the benchmark (worst {worst:.2f}); "
                    f"'!' marks more than {NOISY_LOAD}: those figures are disturbed, rerun.")
@@ -323,7 +337,7 @@ class Measure:
         self._report = report
 
     def __call__(self, fn: Callable[[], T], *, group: str, name: str, unit: bool = False,
-                 **extra: Any) -> T:
+                 paired_with: Optional[Callable[[], Any]] = None, pairs: int = PAIRS, **extra: Any) -> T:
         bm = self._benchmark
         bm.group = group
         bm.extra_info.update({"name": name, "unit": unit, **extra})
@@ -339,11 +353,32 @@ class Measure:
             t = Timing(group, name, s.mean, s.stddev, s.median, s.min, s.rounds, unit, other, extra=dict(extra))
             bm.extra_info["other_load_cores"] = other
             self._report.add(t)
+            if paired_with is not None:
+                t.paired = paired_ratio(fn, paired_with, pairs)
+                bm.extra_info["x_unit_paired_median"] = t.paired
             u = self._report.unit(group)
             if u is not None:
                 bm.extra_info["x_unit_mean"] = t.mean / u.mean
                 bm.extra_info["x_unit_min"] = t.min / u.min
         return result
+
+
+def paired_ratio(fn: Callable[[], Any], unit: Callable[[], Any], pairs: int) -> float:
+    """Median over ``pairs`` of ``time(fn) / time(unit)``, each pair timed back to back.
+
+    The machine's speed drifts by 15-30% over the seconds between two benchmarks of
+    one run; a ratio of two times taken a few milliseconds apart does not see that drift.
+    """
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        unit()
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+    ratios.sort()
+    return ratios[len(ratios) // 2]
 
 
 @pytest.fixture

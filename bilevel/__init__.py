@@ -9,7 +9,7 @@
 
 from ._errors import BilevelError, DivergenceError, NonFiniteError, ShapeError
 from ._tree import Flat, Tree
-from .hvp import HessianOperator, hvp, mixed_vjp
+from .hvp import HessianOperator, SeparablePenalty, hvp, mixed_vjp
 from .hyperopt import FirstOrder, HyperOptimizer, HyperStepStats, Implicit, Unrolled
 from .implicit import Hypergrad, HypergradInfo, ImplicitSolution, implicit_diff, implicit_hypergrad
 from . import hparams, inner
@@ -26,6 +26,7 @@ __all__ = [
     "Flat",
     "Tree",
     "HessianOperator",
+    "SeparablePenalty",
     "HyperOptimizer",
     "HyperStepStats",
     "Implicit",

@@ -271,7 +271,7 @@ def train_run(cfg: MLPConfig, data: Data, *, decay: float, tune: bool,
     hp, penalty = bl.hparams.weight_decay(model, init=decay, per="parameter" if tune else "model", exclude=("bias",))
 
     def inner_loss(m: nn.Module, h: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
-        return ce(m, batch) + penalty(m, h)
+        return ce(m, batch)    # + penalty, added by the HyperOptimizer (penalty= below)
 
     def outer_loss(m: nn.Module, h: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
         return ce(m, batch)
@@ -283,6 +283,8 @@ def train_run(cfg: MLPConfig, data: Data, *, decay: float, tune: bool,
         method=bl.Implicit(solver=make_solver(cfg)),
         outer_loader=ValLoader(data.X_val, data.y_val, cfg.val_batch, cfg.seed + 2),
         hyper_every=cfg.hyper_every, on_error="skip",
+        # a separable penalty given apart: its Hessian is applied elementwise in the hyper steps
+        penalty=penalty,
     )
     batches = minibatches(data.X_train, data.y_train, cfg.batch_size, cfg.seed + 1)
     curve: Dict[str, List[float]] = {k: [] for k in ("step", "train_loss", "val_loss", "test_loss",

@@ -105,6 +105,14 @@ class WeightDecay:
         terms = [(positive(hparams[key], self.kind) * p[name].square()).sum() for name, key in self.keys.items()]
         return 0.5 * torch.stack(terms).sum()
 
+    def hessian_diag(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``∂²penalty/∂w²``: the decay of each weight, ``{param name: Tensor like params[name]}``.
+
+        Lets :class:`bilevel.HessianOperator` apply the penalty's Hessian as ``decay ⊙ v``
+        (``penalty=`` of :func:`bilevel.implicit_hypergrad`).
+        """
+        return {name: positive(hparams[key], self.kind).expand_as(params[name]) for name, key in self.keys.items()}
+
     def mixed_closed_form(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
                           u: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``∇_hparams <∇_w penalty, u>`` in closed form: ``decay'(raw) ⊙ w ⊙ u`` (summed per hparam).

@@ -188,6 +188,8 @@ class CG(Solver):
             matvecs += 1
         p = r.clone()
         rs = torch.dot(r, r)
+        # ‖p‖² by the recurrence ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖² (r_{k+1} ⊥ p_k): saves a pass per iteration.
+        pp = rs
         thresh = (self.tol * bnorm + self.atol) ** 2
         bad = torch.zeros((), dtype=torch.bool, device=b.device)
         min_curv = torch.full((), math.inf, dtype=b.dtype, device=b.device)
@@ -208,7 +210,7 @@ class CG(Solver):
             active = (rs > thresh) & ~bad
             curv_ok = pAp > 0  # False for NaN too
             # Rayleigh quotient pᵀAp/pᵀp: the curvature along p, on the scale of H's eigenvalues
-            rq = pAp / torch.dot(p, p).clamp_min(torch.finfo(b.dtype).tiny)
+            rq = pAp / pp.clamp_min(torch.finfo(b.dtype).tiny)
             min_curv = torch.where(active, torch.minimum(min_curv, torch.nan_to_num(rq, nan=-math.inf)), min_curv)
             bad = bad | (active & ~curv_ok)
             step = active & curv_ok
@@ -219,7 +221,8 @@ class CG(Solver):
             r.addcmul_(alpha, Ap, value=-1.0)
             rs_new = torch.where(step, torch.dot(r, r), rs)
             beta = torch.where(step, rs_new / torch.where(rs > 0, rs, 1.0), zero)
-            p = torch.addcmul(r, beta, p)
+            torch.addcmul(r, beta, p, out=p)   # in place: no 4-byte-per-weight allocation per iteration
+            pp = rs_new + beta * beta * pp
             rs = rs_new
             it += 1
             if keep_best:

@@ -214,3 +214,59 @@ def test_forward_mode_products_see_the_same_dropout_mask():
     torch.manual_seed(0)
     c = bl.HessianOperator(lambda p: f(p), w, None, (), mode="reverse").matvec(v)["w"]
     assert torch.allclose(b1, c, rtol=1e-12) and (a != 0).any()
+
+
+# -- separable penalties kept out of the double-backward graph --------------------------------
+def _penalized(kind):
+    net, params, X, y, loss = _mlp()
+    hp, wd = bl.hparams.weight_decay(net, init=0.3, per="parameter", kind=kind)
+    hp = {k: v.detach() + 0.1 * torch.randn_like(v) for k, v in hp.items()}
+    data = lambda p, h, X, y: loss(p, X, y)
+    return params, hp, X, y, data, wd
+
+
+@pytest.mark.parametrize("kind", ["exp", "softplus"])
+@pytest.mark.parametrize("closed", [True, False], ids=["closed-form", "autograd"])
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_operator_penalty_equals_penalty_inside_the_loss(kind, closed, mode):
+    params, hp, X, y, data, wd = _penalized(kind)
+    # the same penalty as a plain callable: no closed forms, so the autograd path is used
+    pen = wd if closed else (lambda p, h: wd(p, h))
+    full = bl.HessianOperator(lambda p, h, X, y: data(p, h, X, y) + wd(p, h), params, hp, (X, y), mode=mode)
+    split = bl.HessianOperator(data, params, hp, (X, y), mode=mode, penalty=pen)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    assert tree_rel_err(split.matvec(v), full.matvec(v)) < 1e-12
+    assert tree_rel_err(split.mixed_vjp(v), full.mixed_vjp(v)) < 1e-12
+    assert tree_rel_err(split.grad, full.grad) < 1e-12
+    assert abs(float(split.loss - full.loss)) < 1e-12 and abs(float(split.grad_norm - full.grad_norm)) < 1e-12
+
+
+def test_operator_penalty_on_some_tensors_and_without_hparams():
+    _, params, X, y, loss = _mlp()
+    pen = lambda p, h: 0.5 * (p["0.weight"] ** 4).sum()          # separable, not quadratic, one tensor
+    full = bl.HessianOperator(lambda p, X, y: loss(p, X, y) + pen(p, None), params, None, (X, y))
+    split = bl.HessianOperator(lambda p, X, y: loss(p, X, y), params, None, (X, y), penalty=pen)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    assert tree_rel_err(split.matvec(v), full.matvec(v)) < 1e-12
+    H = _dense_hessian(lambda p, X, y: loss(p, X, y) + pen(p, None), params, X, y)
+    fl = Flat(params)
+    assert rel_err(split.matvec_flat(fl.flatten(v)), H @ fl.flatten(v)) < 1e-12
+
+
+@pytest.mark.parametrize("coupled", [
+    lambda p, h: (p["0.weight"].sum()) ** 2,                      # couples all entries of a tensor
+    lambda p, h: (p["0.bias"] * p["2.bias"].sum()).sum(),          # couples two tensors
+], ids=["within-tensor", "across-tensors"])
+def test_operator_rejects_a_coupled_penalty(coupled):
+    _, params, X, y, loss = _mlp()
+    with pytest.raises(ValueError, match="separable"):
+        bl.HessianOperator(lambda p, X, y: loss(p, X, y), params, None, (X, y), penalty=coupled)
+
+
+def test_operator_penalty_errors():
+    _, params, X, y, loss = _mlp()
+    with pytest.raises(TypeError, match="penalty"):
+        bl.HessianOperator(lambda p, X, y: loss(p, X, y), params, None, (X, y), penalty=3.0)
+    with pytest.raises(bl.ShapeError):
+        bl.HessianOperator(lambda p, X, y: loss(p, X, y), params, None, (X, y),
+                           penalty=lambda p, h: p["0.bias"] ** 2)          # not a scalar

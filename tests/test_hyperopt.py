@@ -334,3 +334,28 @@ def test_nonfinite_outer_step_restores_hparams_and_optimizer_state():
     for k, st in sd["outer_optimizer"]["state"].items():
         for name, v in st.items():
             assert torch.equal(restored[k][name], v), name
+
+
+@pytest.mark.parametrize("method", [bl.Implicit(solver=bl.CG(maxiter=8, tol=0.0, damping=1.0)), bl.Unrolled(steps=3)], ids=["implicit", "unrolled"])
+def test_penalty_argument_equals_penalty_in_inner_loss(method):
+    """``penalty=`` gives the trajectory of ``inner_loss + penalty``; a frozen tensor stays frozen."""
+    X, y = _data()
+    Xv, yv = _data(seed=1)
+    runs = []
+    for split in (False, True):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(DT)
+        hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="parameter")
+        inner, outer = _losses(pen) if not split else _losses(lambda m, h: 0.0)
+        inner_params = [p for n, p in model.named_parameters() if n != "0.bias"]      # 0.bias is frozen
+        hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
+                                 inner_optimizer=torch.optim.SGD(inner_params, lr=0.1),
+                                 outer_optimizer=torch.optim.SGD(hp.values(), lr=10.0), method=method,
+                                 penalty=pen if split else None)
+        for _ in range(3):
+            hopt.inner_step((X, y))
+            hopt.hyper_step((X, y), (Xv, yv))
+        runs.append((copy.deepcopy(dict(model.named_parameters())), {k: v.detach().clone() for k, v in hp.items()}))
+    (w0, h0), (w1, h1) = runs
+    assert tree_rel_err(w1, w0) < 1e-10 and tree_rel_err(h1, h0) < 1e-10
+    assert not torch.equal(h1["weight_decay/2.weight"], torch.full_like(h1["weight_decay/2.weight"], math.log(1e-2)))

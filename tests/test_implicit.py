@@ -273,3 +273,34 @@ def test_random_quadratic_bilevel(P_dim, m, cond, seed):
                         (bl.Nystrom(rank=P_dim, rho=1e-11), 1e-7)]:
         hg = bl.implicit_hypergrad(inner, outer, {"w": w}, {"l": lam}, solver=solver)
         assert rel_err(hg["l"], ref) < tol, solver
+
+
+# -- penalty=: a separable penalty outside the double-backward graph, same closed form ----------
+@pytest.mark.parametrize("solver", [bl.CG(), bl.Exact(), bl.Nystrom(rank=6, rho=1e-12)])
+@pytest.mark.parametrize("hvp_mode", ["auto", "forward"])
+def test_ridge_penalty_argument_matches_closed_form(solver, hvp_mode):
+    P = ridge_problem()
+    data = lambda p, h, X, y: 0.5 * ((X @ p["w"] - y) ** 2).sum()
+    _, wd = bl.hparams.weight_decay({"w": P["w"]}, per="parameter")       # keys {"w": "weight_decay/w"}
+    hp_key = next(iter(wd.keys.values()))
+    for pen in (wd, lambda p, h: wd(p, h)):                               # closed form, then autograd
+        hg = bl.implicit_hypergrad(data, ridge_outer, {"w": P["w"]}, {hp_key: P["lam"]}, solver=solver,
+                                   inner_args=(P["X"], P["y"]), outer_args=(P["Xv"], P["yv"]), hvp_mode=hvp_mode,
+                                   penalty=pen)
+        assert rel_err(hg[hp_key], P["ref"]) < 1e-8
+        assert hg.info.inner_grad_norm < 1e-10     # the penalty's gradient is counted
+
+
+def test_implicit_diff_penalty_argument():
+    P = ridge_problem()
+    data = lambda p, h, X, y: 0.5 * ((X @ p["w"] - y) ** 2).sum()
+    pen = lambda p, h: 0.5 * (h["lam"].exp() * p["w"] ** 2).sum()
+
+    @bl.implicit_diff(data, penalty=pen)
+    def ridge(h, X, y):
+        A = X.T @ X + torch.diag(h["lam"].exp())
+        return {"w": torch.linalg.solve(A, X.T @ y)}
+
+    h = {"lam": P["lam"].clone().requires_grad_(True)}
+    ridge_outer(ridge(h, P["X"], P["y"]), None, P["Xv"], P["yv"]).backward()
+    assert rel_err(h["lam"].grad, P["ref"]) < 1e-8
