@@ -75,23 +75,14 @@ _SCRIPT = textwrap.dedent('''
             kw.update(mode=config)
         return lambda: bl.unrolled_hypergrad(inner, outer, params, hp, **kw)[0]
 
-    def status(key):
-        with open("/proc/self/status") as fh:
-            return next(int(l.split()[1]) for l in fh if l.startswith(key))
-
     config, T = sys.argv[1], int(sys.argv[2])
     run = make_runner(config, T)
     run()                                   # warm-up (allocator, lazy init)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    base = status("VmRSS:")
-    t0 = time.perf_counter()
-    out = run()
-    seconds = time.perf_counter() - t0
-    peak = status("VmHWM:")
+    from bilevel._memory import peak_rss_growth
+    out, peak_mb, seconds = peak_rss_growth(run)
     vals = out.values() if isinstance(out, dict) else out
     norm = float(sum(float(v.double().square().sum()) for v in vals) ** 0.5)
-    print(json.dumps({"config": config, "T": T, "peak_mb": (peak - base) / 1024, "seconds": seconds,
+    print(json.dumps({"config": config, "T": T, "peak_mb": peak_mb, "seconds": seconds,
                       "hypergrad_norm": norm}))
 ''')
 
@@ -106,7 +97,7 @@ def peak_memory(config: str, T: int) -> Dict[str, Any]:
 
 def _runner(config: str, T: int) -> Callable[[], Any]:
     ns: Dict[str, Any] = {"__name__": "bench_unroll_problem"}
-    exec(compile(_SCRIPT.split("def status(key):")[0], "bench_unroll_problem", "exec"), ns)
+    exec(compile(_SCRIPT.split("config, T = sys.argv")[0], "bench_unroll_problem", "exec"), ns)
     return ns["make_runner"](config, T)
 
 

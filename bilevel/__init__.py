@@ -12,7 +12,7 @@ from ._tree import Flat, Tree
 from .hvp import HessianOperator, SeparablePenalty, hvp, mixed_vjp
 from .hyperopt import FirstOrder, HyperOptimizer, HyperStepStats, Implicit, Unrolled
 from .implicit import Hypergrad, HypergradInfo, ImplicitSolution, implicit_diff, implicit_hypergrad
-from . import hparams, inner
+from . import hparams, inner, kernels, losses, nas
 from .unroll import UnrollInfo, unrolled_hypergrad
 from .solvers import CG, Exact, Identity, Neumann, Nystrom, Solution, Solver, SolverInfo
 
@@ -49,6 +49,9 @@ __all__ = [
     "SolverInfo",
     "hparams",
     "inner",
+    "kernels",
+    "losses",
+    "nas",
     "UnrollInfo",
     "unrolled_hypergrad",
 ]

@@ -80,10 +80,19 @@ def check_like(a: Mapping[str, Tensor], b: Mapping[str, Tensor], fn: str, name_a
             f"Fix: build `{name_b}` from the keys of `{name_a}`, e.g. {{k: ... for k in {name_a}}}."
         )
     for k in a:
+        if not isinstance(b[k], Tensor):
+            raise ShapeError(f"{fn}: expected `{name_b}[{k!r}]` to be a Tensor like `{name_a}[{k!r}]`, got "
+                             f"{_describe(b[k])}. Fix: pass torch tensors.")
         if a[k].shape != b[k].shape:
             raise ShapeError(
                 f"{fn}: expected `{name_b}[{k!r}]` to have shape {tuple(a[k].shape)} like `{name_a}[{k!r}]`, "
                 f"got {tuple(b[k].shape)}. Fix: reshape it to {tuple(a[k].shape)}."
+            )
+        if a[k].dtype != b[k].dtype or a[k].device != b[k].device:
+            raise ShapeError(
+                f"{fn}: expected `{name_b}[{k!r}]` to have dtype {a[k].dtype} on {a[k].device} like "
+                f"`{name_a}[{k!r}]`, got {b[k].dtype} on {b[k].device}. Fix: "
+                f"`{name_b} = {{k: t.to({name_a}[k]) for k, t in {name_b}.items()}}`."
             )
 
 

@@ -119,11 +119,12 @@ class WeightDecay:
 
         For ``kind="exp"`` this is ``e^raw ⊙ w ⊙ u`` (DESIGN.md §3), one pass, no autograd.
         """
+        from .kernels import decay_mixed
+
         out: dict[str, Tensor] = {}
         for name, key in self.keys.items():
             raw = hparams[key]
-            d = raw.exp() if self.kind == "exp" else torch.sigmoid(raw)   # softplus' = sigmoid
-            g = d * params[name] * u[name]
+            g = decay_mixed(raw, params[name], u[name], self.kind)     # one fused pass on CUDA
             if g.shape != raw.shape:
                 g = g.sum() if raw.numel() == 1 else g
                 g = g.reshape(raw.shape)

@@ -27,10 +27,29 @@ from ._rng import get_state as get_rng
 from ._rng import replay as replay_rng
 from ._errors import check_like, check_scalar, check_tree
 from ._tree import Flat, Tree, tree_detach, tree_norm
+from .distributed import all_reduce_mean_, all_reduce_mean_list, all_reduce_mean_tree, world_size
 
 __all__ = ["hvp", "mixed_vjp", "HessianOperator", "SeparablePenalty", "HVP_MODES"]
 
 HVP_MODES = ("auto", "reverse", "forward")
+
+
+def reachable_leaves(roots: Sequence[Tensor | None]) -> set[int]:
+    """``id``s of the leaf tensors that the autograd graphs of ``roots`` reach (a walk, no compute)."""
+    seen: set[int] = set()
+    out: set[int] = set()
+    stack = [t.grad_fn for t in roots if t is not None and t.grad_fn is not None]
+    out.update(id(t) for t in roots if t is not None and t.grad_fn is None and t.requires_grad)
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None:
+            out.add(id(var))
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return out
 
 
 def _needs_fallback(err: BaseException) -> bool:
@@ -83,6 +102,9 @@ class SeparablePenalty:
             value = check_scalar(penalty(params, hparams), name, "penalty(params, hparams)")
             grads = torch.autograd.grad(value, leaves, create_graph=not closed, allow_unused=True) \
                 if value.requires_grad else [None] * len(leaves)
+        reach = reachable_leaves([value])
+        #: keys of ``hparams`` the penalty's value depends on
+        self.hparams_in_value = {k for k, h in hparams.items() if id(h) in reach}
         self.value = value.detach()
         self.grad: Tree = {k: torch.zeros_like(p) if g is None else g.detach()
                            for (k, p), g in zip(params.items(), grads)}
@@ -157,6 +179,9 @@ class HessianOperator:
             ``params`` (e.g. ``bl.hparams.weight_decay``'s penalty), *added* to ``f``. Its
             Hessian and mixed term are applied elementwise (:class:`SeparablePenalty`)
             instead of going through double backward with the rest of the loss.
+        group: a ``torch.distributed`` process group: the loss, gradient, every product and
+            the mixed product are averaged over its ranks (data parallelism; see
+            :mod:`bilevel.distributed`). ``None``: one process.
 
     Attributes:
         loss: ``f`` (plus ``penalty``) at the point (0-dim, detached).
@@ -181,6 +206,7 @@ class HessianOperator:
         *,
         mode: str = "auto",
         penalty: Callable[..., Tensor] | None = None,
+        group: Any = None,
         name: str = "HessianOperator",
     ) -> None:
         if mode not in HVP_MODES:
@@ -196,16 +222,26 @@ class HessianOperator:
         self.matvecs = 0
         self.mode = "reverse" if mode == "auto" else mode
         self._auto = mode == "auto"
+        # A structured loss (bilevel.losses) declares its Hessian: "auto" uses the closed form.
+        self._structured = callable(getattr(f, "hvp", None))   # takes hparams always (bilevel.losses)
+        self._closed = mode == "auto" and self._structured
+        if self._closed:
+            self.mode = "closed"
         # Forward-mode products re-run f: they replay this RNG state so that dropout draws the
         # same mask as the pass below (one Hessian, not a different one per product).
         self._rng = get_rng()
         with torch.enable_grad():
             loss = check_scalar(self._call(self.params, self.hparams), name, "the loss")
-            keep = self.mode == "reverse"
+            keep = self.mode == "reverse"          # closed form / forward mode: no graph to keep
             grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=keep, allow_unused=True)
-        self.loss = loss.detach()
+        self._group = group
+        self._reach = reachable_leaves([loss])     # which leaves the loss depends on (a graph walk)
         self._g = grads
         self.grad: Tree = {k: (torch.zeros_like(p) if g is None else g.detach()) for (k, p), g in zip(self.params.items(), grads)}
+        if world_size(group) > 1:        # the data term's loss and gradient, averaged over ranks
+            red = all_reduce_mean_list([loss.detach(), *self.grad.values()], group)
+            loss, self.grad = red[0], dict(zip(self.grad, red[1:]))
+        self.loss = loss.detach()
         self._pen: SeparablePenalty | None = None
         self._pen_diag: Tensor | None = None
         if penalty is not None:
@@ -214,6 +250,10 @@ class HessianOperator:
             self.loss = self.loss + self._pen.value
             self.grad = {k: g + self._pen.grad[k] for k, g in self.grad.items()}
         self.grad_norm = tree_norm(self.grad)
+        # A structured loss may prepare its Hessian once per point (e.g. the logistic row curvatures).
+        prepare = getattr(f, "hessian", None) if self._closed else None
+        self._hess = prepare(tree_detach(self.params), tree_detach(self.hparams), *self._args) \
+            if callable(prepare) else None
         # Only gradient leaves that carry a graph have a non-zero Hessian row.
         self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         # NOTE: a gradient that exists but carries no graph means either a loss that is
@@ -237,7 +277,7 @@ class HessianOperator:
 
     # -- evaluation helpers -------------------------------------------------
     def _call(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Tensor:
-        if self._with_h:
+        if self._with_h or self._structured:      # structured losses always take hparams
             return self._f(params, hparams, *self._args)
         return self._f(params, *self._args)
 
@@ -274,8 +314,15 @@ class HessianOperator:
     def matvec_flat(self, v: Tensor) -> Tensor:
         """``H v`` for a flat vector ``v`` of shape ``(flat.size,)``; returns the same shape."""
         self.matvecs += 1
-        out = self._dispatch(self._matvec_reverse,
-                             lambda x: self.flat.flatten(self._matvec_forward(self.flat.unflatten(x))), v)
+        if self._closed:
+            vt = self.flat.unflatten(v.to(self.flat.dtype))
+            hv = self._hess(vt) if self._hess is not None else \
+                self._f.hvp(tree_detach(self.params), tree_detach(self.hparams), vt, *self._args)
+            out = self.flat.flatten_list([hv.get(k) for k in self.flat.keys])
+        else:
+            out = self._dispatch(self._matvec_reverse,
+                                 lambda x: self.flat.flatten(self._matvec_forward(self.flat.unflatten(x))), v)
+        all_reduce_mean_(out, self._group)          # every product of a data-parallel solve is averaged
         if self._pen_diag is not None:
             out = out.addcmul_(self._pen_diag, v.to(out.dtype))   # `out` is a fresh buffer
         return out
@@ -309,7 +356,12 @@ class HessianOperator:
         if not self._with_h:
             raise ValueError(f"{self._name}.mixed_vjp: this operator was built without hparams.")
         check_like(self.params, u, f"{self._name}.mixed_vjp", "params", "u")
-        out = self._dispatch(self._mixed_reverse, self._mixed_forward, dict(u))
+        if self._closed:
+            out = self._mixed_closed(dict(u))
+        else:
+            out = self._dispatch(self._mixed_reverse, self._mixed_forward, dict(u))
+        if world_size(self._group) > 1:
+            out = all_reduce_mean_tree(out, self._group)
         if self._pen is not None:
             pm = self._pen.mixed_vjp(u)
             out = {k: o + pm[k] for k, o in out.items()}
@@ -325,6 +377,29 @@ class HessianOperator:
                                       grad_outputs=[u[keys[i]] for i in self._live],
                                       retain_graph=True, allow_unused=True)
         return {k: (torch.zeros_like(h) if o is None else o) for (k, h), o in zip(self.hparams.items(), out)}
+
+    def hparams_in_loss(self) -> set[str]:
+        """Keys of the hyperparameters that the loss (with the penalty) depends on at all."""
+        keys = {k for k, h in self.hparams.items() if id(h) in self._reach}
+        if self._pen is not None:
+            keys |= self._pen.hparams_in_value
+        return keys
+
+    def _mixed_closed(self, u: Mapping[str, Tensor]) -> Tree:
+        mixed = getattr(self._f, "mixed_vjp", None)
+        if callable(mixed):
+            out = mixed(tree_detach(self.params), tree_detach(self.hparams), u, *self._args)
+            return {k: (out[k] if k in out else torch.zeros_like(h)) for k, h in self.hparams.items()}
+        # no declared mixed term: one gradient graph, built now (the products did not need it)
+        with torch.enable_grad():
+            loss = self._call(self.params, self.hparams)
+            g = torch.autograd.grad(loss, list(self.params.values()), create_graph=True, allow_unused=True)
+            pairs = [(gi, u[k]) for k, gi in zip(self.params, g) if gi is not None and gi.requires_grad]
+            if not pairs:
+                return {k: torch.zeros_like(h) for k, h in self.hparams.items()}
+            out = torch.autograd.grad([a for a, _ in pairs], list(self.hparams.values()),
+                                      grad_outputs=[b for _, b in pairs], allow_unused=True)
+        return {k: torch.zeros_like(h) if o is None else o for (k, h), o in zip(self.hparams.items(), out)}
 
     def _mixed_forward(self, u: Mapping[str, Tensor]) -> Tree:
         # Symmetry of mixed partials: ∇_h <∇_w f, u> = d/dε ∇_h f(w + εu, h).

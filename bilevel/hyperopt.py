@@ -27,11 +27,13 @@ from torch.func import functional_call
 from ._errors import BilevelError, NonFiniteError, check_finite_tree, check_scalar, check_tree
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
+from ._io import atomic_save
 from ._tree import Tree, tree_detach, tree_norm
+from .distributed import all_reduce_mean_list, check_group, world_size
 from .implicit import implicit_hypergrad
 from .inner import from_torch
 from .solvers import Neumann
-from .unroll import UNROLL_MODES, unrolled_hypergrad
+from .unroll import UNROLL_MODES, _one_step_finite_difference, unrolled_hypergrad
 
 __all__ = ["HyperOptimizer", "Implicit", "Unrolled", "FirstOrder", "HyperStepStats"]
 
@@ -62,17 +64,35 @@ class Unrolled:
         steps: look-ahead steps ``K``.
         truncate: differentiate only the last ``truncate`` of them.
         mode: ``"reverse"`` | ``"checkpoint"`` | ``"forward"`` (see :func:`bilevel.unrolled_hypergrad`).
+        second_order: ``"exact"`` (default: differentiate the step, one Hessian-vector product) or
+            ``"finite_difference"`` (``steps=1`` only): the mixed second-order term by a central
+            difference of ``∂_λ L_T`` at ``w ± ε·v``, ``ε = fd_radius/‖v‖``, as second-order DARTS.
+        fd_radius: how far the finite difference moves the weights (DARTS: 0.01).
     """
 
     steps: int = 1
     truncate: Optional[int] = None
     mode: str = "reverse"
+    second_order: str = "exact"
+    fd_radius: float = 0.01
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"Invalid steps for bilevel.Unrolled: {self.steps!r} (expected an int >= 1).")
         if self.mode not in UNROLL_MODES:
             raise ValueError(f"bilevel.Unrolled: expected mode in {UNROLL_MODES}, got {self.mode!r}.")
+        if self.second_order not in ("exact", "finite_difference"):
+            raise ValueError(f"bilevel.Unrolled: expected second_order 'exact' or 'finite_difference', "
+                             f"got {self.second_order!r}.")
+        if self.second_order == "finite_difference":
+            if self.steps != 1 or self.truncate is not None or self.mode != "reverse":
+                raise ValueError(f"bilevel.Unrolled: second_order='finite_difference' is the one-step DARTS "
+                                 f"approximation; expected steps=1, truncate=None, mode='reverse', got "
+                                 f"steps={self.steps}, truncate={self.truncate}, mode={self.mode!r}. Fix: use "
+                                 f"second_order='exact' for longer unrolls.")
+            if not (isinstance(self.fd_radius, (int, float)) and math.isfinite(self.fd_radius) and self.fd_radius > 0):
+                raise ValueError(f"Invalid fd_radius for bilevel.Unrolled: {self.fd_radius!r} (expected a finite "
+                                 f"number > 0, e.g. 0.01).")
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,13 @@ class HyperOptimizer:
             :func:`bilevel.implicit_hypergrad`).
         on_error: ``"raise"`` (default) or ``"skip"`` (warn and change nothing) when a loss or a
             hypergradient is NaN/Inf or a solver diverges. Either way nothing is updated.
+        process_group: data parallelism. ``"auto"`` (default): the group of a
+            ``DistributedDataParallel``-wrapped ``model``, else the default group when
+            ``torch.distributed`` is initialized with more than one rank, else none. Each rank
+            passes its shard of every batch; inner gradients, outer gradients, every
+            Hessian-vector product and the mixed product are averaged where the global batch
+            would average them, so hyperparameters and weights stay bit-identical across ranks.
+            ``None``: no communication.
 
     Example:
         >>> hp, penalty = bl.hparams.weight_decay(model, init=1e-4)
@@ -204,8 +231,16 @@ class HyperOptimizer:
         hyper_every: int = 1,
         on_error: str = "raise",
         penalty: Optional[Callable[..., Tensor]] = None,
+        process_group: Any = "auto",
     ) -> None:
         fn = "bilevel.HyperOptimizer"
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        if ddp is not None:
+            # the library evaluates the losses itself (functional_call on the module) and averages
+            # gradients where the global batch would; DDP's own hooks only fire in .backward()
+            model = ddp.module
+            if process_group == "auto":
+                process_group = ddp.process_group
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: expected `model` to be an nn.Module, got {type(model).__name__}.")
         hparams = check_tree(hparams, fn, "hparams")
@@ -262,6 +297,17 @@ class HyperOptimizer:
                              f"updated. Fix: build outer_optimizer over hparams.values().")
 
         self.model = model
+        self.ddp = ddp
+        #: the process group of data-parallel hyper steps (None: one process); see bilevel.distributed
+        self.group = check_group(process_group, fn)
+        if world_size(self.group) > 1:
+            # like DDP does for the weights: every rank starts from rank 0's hyperparameters
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                src = dist.get_global_rank(self.group, 0) if self.group is not dist.group.WORLD else 0
+                for v in hparams.values():
+                    dist.broadcast(v.data, src=src, group=self.group)
         self.hparams = hparams
         self.inner_loss = inner_loss
         self.outer_loss = outer_loss
@@ -320,6 +366,11 @@ class HyperOptimizer:
             loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams),
                                        "bilevel.HyperOptimizer.inner_step", "penalty")
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        if world_size(self.group) > 1:
+            # the global batch's gradient (and loss); NaN on any rank reaches all, so all skip together
+            full = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+            red = all_reduce_mean_list([*full, loss.detach().reshape(1).to(full[0].dtype)], self.group)
+            grads, loss = tuple(red[:-1]), red[-1].reshape(()).to(loss.dtype)
         ok = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all() \
             if any(g is not None for g in grads) else torch.isfinite(loss)
         if not bool(ok):
@@ -349,7 +400,8 @@ class HyperOptimizer:
             pen = _InnerPenalty(self.penalty, fixed)
         if isinstance(m, Implicit):
             hg = implicit_hypergrad(f_in, f_out, params, self.hparams, solver=m.solver, hvp_mode=m.hvp_mode,
-                                    inner_args=(inner_batch,), outer_args=(outer_batch,), penalty=pen)
+                                    inner_args=(inner_batch,), outer_args=(outer_batch,), penalty=pen,
+                                    group=self.group)
             info = hg.info
             stats.outer_loss, stats.inner_grad_norm = info.outer_loss, info.inner_grad_norm
             if info.solver is not None:
@@ -361,9 +413,17 @@ class HyperOptimizer:
                 f_data, pen_ = f_in, pen
                 f_in = lambda p, h, b: f_data(p, h, b) + pen_(p, h)  # noqa: E731
             opt, state = from_torch(self.inner_optimizer, live)
-            hg, _ = unrolled_hypergrad(f_in, f_out, params, self.hparams, optimizer=opt, state=state,
-                                       steps=m.steps, truncate=m.truncate, mode=m.mode,
-                                       inner_args=(inner_batch,), outer_args=(outer_batch,))
+            if m.second_order == "finite_difference":
+                if self.group is not None:
+                    raise ValueError("bilevel.HyperOptimizer: Unrolled(second_order='finite_difference') does not "
+                                     "support data parallelism. Fix: second_order='exact'.")
+                hg, _ = _one_step_finite_difference(f_in, f_out, params, self.hparams, optimizer=opt, state=state,
+                                                    radius=m.fd_radius, inner_args=(inner_batch,),
+                                                    outer_args=(outer_batch,))
+            else:
+                hg, _ = unrolled_hypergrad(f_in, f_out, params, self.hparams, optimizer=opt, state=state,
+                                           steps=m.steps, truncate=m.truncate, mode=m.mode,
+                                           inner_args=(inner_batch,), outer_args=(outer_batch,), group=self.group)
             stats.outer_loss, stats.inner_grad_norm = hg.info.outer_loss, hg.info.inner_grad_norm
         else:
             h = tree_detach(self.hparams, requires_grad=True)
@@ -372,6 +432,9 @@ class HyperOptimizer:
                 gs = torch.autograd.grad(lv, list(h.values()), allow_unused=True) if lv.requires_grad \
                     else [None] * len(h)
             hg = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(h.items(), gs)}
+            if world_size(self.group) > 1:
+                red = all_reduce_mean_list([*hg.values(), lv.detach()], self.group)
+                hg, lv = dict(zip(hg, red[:-1])), red[-1]
             check_finite_tree(hg, "bilevel.HyperOptimizer.hyper_step", "the hypergradient")
             stats.outer_loss = float(lv.detach())
         stats.hypergrad_norm = float(tree_norm(hg))
@@ -395,17 +458,28 @@ class HyperOptimizer:
         # Transactional update: keep the hyperparameters and the outer optimizer's state, step,
         # and put them back if the step produced NaN/Inf.
         before = {k: v.detach().clone() for k, v in self.hparams.items()}
+        grads_before = {k: v.grad for k, v in self.hparams.items()}
         # deep copy: state_dict() returns the live state tensors, which step() updates in place
         opt_state = copy.deepcopy(self.outer_optimizer.state_dict())
-        for k, v in self.hparams.items():
-            v.grad = hg[k].to(v.dtype)
-        self.outer_optimizer.step()
-        self.outer_optimizer.zero_grad(set_to_none=True)
-        if not all(bool(torch.isfinite(v).all()) for v in self.hparams.values()):
+
+        def restore() -> None:
             with torch.no_grad():
                 for k, v in self.hparams.items():
                     v.copy_(before[k])
+                    v.grad = grads_before[k]
             self.outer_optimizer.load_state_dict(opt_state)
+
+        try:
+            for k, v in self.hparams.items():
+                v.grad = hg[k].to(v.dtype)
+            self.outer_optimizer.step()
+            for k, v in self.hparams.items():
+                v.grad = grads_before[k]
+        except BaseException:
+            restore()            # an exception inside the outer optimizer (or an interrupt): as before
+            raise
+        if not all(bool(torch.isfinite(v).all()) for v in self.hparams.values()):
+            restore()
             err = NonFiniteError("bilevel.HyperOptimizer.hyper_step: outer_optimizer.step() produced NaN/Inf "
                                  "hyperparameters; they were restored. Fix: lower the outer learning rate.")
             self._fail(err, "hyper_step")
@@ -459,6 +533,28 @@ class HyperOptimizer:
             "rng": {"cpu": cpu, "cuda": list(cuda) if cuda is not None else []},
             "version": 1,
         }
+
+    def save(self, path: Any, extra: Optional[Mapping[str, Any]] = None) -> None:
+        """Write :meth:`state_dict` (plus ``extra``, e.g. the data position) to ``path`` atomically.
+
+        The file is written next to ``path`` and renamed over it (after ``fsync``), so a process
+        killed at any moment leaves either the previous checkpoint or the new one, never a torn
+        file. Load with :meth:`load` (``torch.load(weights_only=True)`` underneath).
+
+        Example:
+            >>> hopt.save("run/ckpt.pt", extra={"step": step})
+            >>> extra = hopt.load("run/ckpt.pt")          # later, in a fresh process
+        """
+        state = self.state_dict()
+        if extra is not None:
+            state["extra"] = dict(extra)
+        atomic_save(state, path)
+
+    def load(self, path: Any, map_location: Any = None) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save`; returns its ``extra`` dict (empty if none)."""
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        self.load_state_dict(state)
+        return dict(state.get("extra", {}))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (model, hparams, both optimizers, counters, RNG)."""

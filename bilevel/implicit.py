@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._errors import (NonFiniteError, check_finite_scalar, check_finite_tree, check_scalar, check_tree)
 from ._tree import Tree, tree_detach
+from .distributed import all_reduce_mean_list, check_group, world_size
 from .hvp import HessianOperator
 from .solvers import CG, Solver, SolverInfo
 
@@ -99,6 +100,7 @@ def implicit_hypergrad(
     hvp_mode: str = "auto",
     check_finite: bool = True,
     penalty: Optional[Callable[..., Tensor]] = None,
+    group: Any = None,
 ) -> Hypergrad:
     """Hypergradient ``dL_V/dhparams`` at an (approximately) stationary point of the inner loss.
 
@@ -120,6 +122,11 @@ def implicit_hypergrad(
             and mixed term applied elementwise, not through double backward: with one decay
             per weight that saves about 0.5 gradient per Hessian product
             (benchmarks/RESULTS.md). A coupled penalty raises ``ValueError``.
+        group: a ``torch.distributed`` process group for data parallelism (each rank passes
+            its shard of the batches): the outer gradient, every Hessian-vector product and the
+            mixed product are averaged over the ranks, so every rank returns the global-batch
+            hypergradient, bit-identical across ranks (:mod:`bilevel.distributed`). ``"auto"``:
+            the default group when ``torch.distributed`` is initialized with more than one rank.
 
     Returns:
         :class:`Hypergrad`: a tree with the keys and shapes of ``hparams`` and
@@ -143,6 +150,7 @@ def implicit_hypergrad(
     inner_args = _resolve_args(inner_args, fn, "inner_args")
     outer_args = _resolve_args(outer_args, fn, "outer_args")
     solver = CG() if solver is None else solver
+    group = check_group(group, fn)
     if check_finite:
         check_finite_tree(params, fn, "params")
         check_finite_tree(hparams, fn, "hparams")
@@ -152,18 +160,34 @@ def implicit_hypergrad(
     h = tree_detach(hparams, requires_grad=True)
     with torch.enable_grad():
         lv = check_scalar(outer_loss(w, h, *outer_args), fn, "outer_loss")
-        if check_finite:
+        if check_finite and group is None:
             check_finite_scalar(lv, fn, "outer_loss(params, hparams, *outer_args)")
         leaves = list(w.values()) + list(h.values())
         grads = torch.autograd.grad(lv, leaves, allow_unused=True) if lv.requires_grad else [None] * len(leaves)
     nw = len(w)
     b = {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(w.items(), grads[:nw])}
     direct = {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(h.items(), grads[nw:])}
+    if world_size(group) > 1:            # the global batch's outer gradient, direct term and loss
+        red = all_reduce_mean_list([*b.values(), *direct.values(), lv.detach()], group)
+        b, direct = dict(zip(b, red[:nw])), dict(zip(direct, red[nw:-1]))
+        lv = red[-1]
+        # NOTE: checked after the reduction, so that every rank raises (or none does): a rank
+        # raising alone would leave the others waiting in the next collective.
+        if check_finite:
+            check_finite_scalar(lv, fn, "outer_loss(params, hparams, *outer_args) (mean over ranks)")
 
     # (2) u = (H + damping I)⁻¹ b on one reused inner-gradient graph.
-    op = HessianOperator(inner_loss, params, hparams, inner_args, mode=hvp_mode, penalty=penalty, name=fn)
+    op = HessianOperator(inner_loss, params, hparams, inner_args, mode=hvp_mode, penalty=penalty, group=group,
+                         name=fn)
     if check_finite:
         check_finite_scalar(op.loss, fn, "inner_loss(params, hparams, *inner_args)")
+    inner_used = op.hparams_in_loss()
+    unused = [k for k, g in zip(h, grads[nw:]) if g is None and k not in inner_used]
+    if unused:
+        raise ValueError(
+            f"{fn}: expected every hyperparameter to reach inner_loss (or penalty) or outer_loss, got {unused} "
+            f"reaching neither (their hypergradient would be zero forever). Fix: remove them from hparams, or "
+            f"read them as hparams[key] inside a loss (a tensor captured from elsewhere is not the one passed).")
     u, sinfo = solve_adjoint(op, b, solver)
 
     # (3) hypergrad = ∂_λ L_V − ∇_λ <∂_w L_T, u>.

@@ -79,6 +79,20 @@ def _check_number(fn: str, name: str, value: Any, *, low: float = 0.0, strict: b
         raise ValueError(f"Invalid {name} for {fn}: {value} (expected {name} {rel} {low}).")
 
 
+def _check_backend(fn: str, backend: Any) -> None:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"{fn}: expected backend 'auto', 'torch' or 'triton', got {backend!r}.")
+
+
+def _use_triton(backend: str, b: Tensor, fn: str) -> bool:
+    """Whether a solver runs its fused Triton updates on ``b`` (``"auto"``: CUDA vectors only)."""
+    if backend == "torch" or (backend == "auto" and not b.is_cuda):
+        return False
+    from .kernels import resolve_backend
+
+    return resolve_backend(backend, b, name=fn) == "triton"
+
+
 class Solver:
     """Base class: subclasses implement :meth:`solve_flat`.
 
@@ -151,6 +165,11 @@ class CG(Solver):
             return the iterate of smallest residual so far (never worse than ``x0``), with
             ``info.converged = False`` and ``info.extra["indefinite"] = True``.
         x0: ignored unless given to :meth:`solve_flat` (warm start).
+        backend: ``"auto"`` (fused Triton updates for CUDA vectors when Triton is installed,
+            torch otherwise), ``"torch"``, or ``"triton"`` (see :mod:`bilevel.kernels`). The
+            fused path runs the Chronopoulos–Gear form of CG (the same iterates in exact
+            arithmetic) with every reduction on the device; ``on_indefinite="stop"`` there
+            returns the iterate from before the direction of non-positive curvature.
 
     Example:
         >>> A = torch.tensor([[4., 1.], [1., 3.]])
@@ -165,8 +184,10 @@ class CG(Solver):
     atol: float = 0.0
     check_every: int = 5
     on_indefinite: str = "raise"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_backend("bilevel.CG", self.backend)
         _check_number("bilevel.CG", "maxiter", self.maxiter, low=1, integer=True)
         _check_number("bilevel.CG", "tol", self.tol)
         _check_number("bilevel.CG", "atol", self.atol)
@@ -175,9 +196,36 @@ class CG(Solver):
         if self.on_indefinite not in ("raise", "stop"):
             raise ValueError(f"bilevel.CG: expected on_indefinite 'raise' or 'stop', got {self.on_indefinite!r}.")
 
+    def _indefinite_error(self, min_curv: float, it: int) -> DivergenceError:
+        fix = max(1e-3, 2 * abs(min_curv)) if math.isfinite(min_curv) else 1.0
+        return DivergenceError(
+            f"bilevel.CG: expected a symmetric positive definite operator (H + damping·I), but found "
+            f"curvature pᵀAp/pᵀp = {min_curv:.3e} ≤ 0 (or NaN) within the first {it} iterations "
+            f"(damping={self.damping}). The inner loss is not locally convex at params, or params is "
+            f"far from a minimum. Fix: add damping above that, e.g. CG(damping={self.damping + fix:.3g}), "
+            f"use on_indefinite='stop', or solve the inner problem further."
+        )
+
+    def _solve_fused(self, A: FlatMatvec, b: Tensor, bnorm: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, SolverInfo]:
+        from .kernels import FusedCG
+
+        thresh = float((self.tol * bnorm + self.atol) ** 2)
+        res = FusedCG(self.maxiter, thresh, self.check_every).solve(A, b, x0)
+        if res.indefinite and self.on_indefinite == "raise":
+            raise self._indefinite_error(res.min_rayleigh_quotient, res.iterations)
+        rnorm = math.sqrt(res.residual_sq) if math.isfinite(res.residual_sq) else math.nan
+        if not math.isfinite(rnorm) or not bool(torch.isfinite(res.x).all()):
+            raise DivergenceError(f"bilevel.CG: the iterate became non-finite after {res.iterations} iterations. "
+                                  f"Fix: check matvec for NaN/Inf, or add damping.")
+        return res.x, SolverInfo("CG", res.iterations, res.matvecs, rnorm, float(bnorm), res.converged,
+                                 {"min_rayleigh_quotient": res.min_rayleigh_quotient, "indefinite": res.indefinite,
+                                  "backend": "triton"})
+
     def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
         A = self._damped(matvec)
         bnorm = self._check_b(b)
+        if _use_triton(self.backend, b, "bilevel.CG"):
+            return self._solve_fused(A, b, bnorm, x0)
         matvecs = 0
         if x0 is None:
             x = torch.zeros_like(b)
@@ -238,16 +286,8 @@ class CG(Solver):
                 converged = bool(rs <= thresh)
         if not indefinite and bool(bad):
             indefinite = True
-        if indefinite:
-            if self.on_indefinite == "raise":
-                raise DivergenceError(
-                    f"bilevel.CG: expected a symmetric positive definite operator (H + damping·I), but found "
-                    f"curvature pᵀAp/pᵀp = {float(min_curv):.3e} ≤ 0 (or NaN) within the first {it} iterations "
-                    f"(damping={self.damping}). The inner loss is not locally convex at params, or params is "
-                    f"far from a minimum. Fix: add damping above that, e.g. "
-                    f"CG(damping={self.damping + max(1e-3, 2 * abs(float(min_curv)) if math.isfinite(float(min_curv)) else 1.0):.3g}), "
-                    f"use on_indefinite='stop', or solve the inner problem further."
-                )
+        if indefinite and self.on_indefinite == "raise":
+            raise self._indefinite_error(float(min_curv), it)
         if keep_best:
             x, rs = x_best, rs_best
         rnorm = float(torch.sqrt(rs)) if bool(torch.isfinite(rs)) else math.nan
@@ -304,6 +344,8 @@ class Neumann(Solver):
             ``max_growth·‖b‖`` (a convergent series on a symmetric ``A`` never grows).
         check_every: test for growth/NaN on the host every this many terms.
         seed: seed of the power iteration's start vector.
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"``: the fused in-place update
+            (:func:`bilevel.kernels.neumann_step`; Triton for CUDA vectors under ``"auto"``).
 
     ``info.residual_norm`` is ``‖(I−αA)^steps b‖``, the exact residual of the series one
     term shorter (``A x − b = −(I−αA)^{steps+1} b`` for the returned ``x``), hence an upper
@@ -323,8 +365,10 @@ class Neumann(Solver):
     max_growth: float = 1.001
     check_every: int = 5
     seed: int = 0
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_backend("bilevel.Neumann", self.backend)
         _check_number("bilevel.Neumann", "steps", self.steps, low=0, integer=True)
         if self.alpha is not None:
             _check_number("bilevel.Neumann", "alpha", self.alpha, strict=True)
@@ -352,15 +396,18 @@ class Neumann(Solver):
             alpha = 1.0 / lam_max
         else:
             alpha = float(self.alpha)
+        from .kernels import neumann_step
+
+        backend = "triton" if _use_triton(self.backend, b, "bilevel.Neumann") else "torch"
         p = b.clone()
         acc = b.clone()
+        alpha_t = torch.tensor(alpha, dtype=b.dtype, device=b.device)
         limit = self.max_growth * bnorm
         for j in range(1, self.steps + 1):
-            p = p - alpha * A(p)
+            sq = neumann_step(p, A(p), acc, alpha_t, backend=backend)   # in place: p ← p − αAp; acc += p
             matvecs += 1
-            acc = acc + p
             if j % self.check_every == 0 or j == self.steps:
-                pn = torch.linalg.vector_norm(p)
+                pn = torch.sqrt(sq)
                 if not bool(torch.isfinite(pn)) or bool(pn > limit):
                     raise DivergenceError(
                         f"bilevel.Neumann: expected the series terms (I − αA)^j b to shrink, but at term {j} "

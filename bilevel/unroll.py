@@ -31,7 +31,9 @@ from ._tree import Flat, Tree, tree_detach, tree_norm
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
 from .implicit import Hypergrad
+from .hvp import reachable_leaves
 from .inner import InnerOptimizer
+from .distributed import all_reduce_mean_list, check_group, differentiable_mean, world_size
 
 __all__ = ["unrolled_hypergrad", "UnrollInfo", "UNROLL_MODES"]
 
@@ -82,8 +84,12 @@ def _detach_state(state: Any, requires_grad: bool = False) -> Any:
 class _Stepper:
     """One inner step ``(w, s) -> (w', s')`` with autograd (reverse modes) or torch.func (forward mode)."""
 
-    def __init__(self, inner_loss: Callable[..., Tensor], optimizer: InnerOptimizer, inner_args: Args, fn: str):
+    def __init__(self, inner_loss: Callable[..., Tensor], optimizer: InnerOptimizer, inner_args: Args, fn: str,
+                 group: Any = None):
         self.inner_loss, self.opt, self.inner_args, self.fn = inner_loss, optimizer, inner_args, fn
+        self.group = group
+        self.first_loss: Optional[Tensor] = None
+        self.track_first = False                     # reverse mode: keep the first step's loss graph
         self.checked = False
         self.last_loss: Optional[Tensor] = None
         self.last_gnorm: Optional[Tensor] = None
@@ -101,8 +107,15 @@ class _Stepper:
             if not create_graph:
                 w = tree_detach(w, requires_grad=True)
             loss = self._loss(w, h, t)
+            if create_graph and self.track_first and self.first_loss is None:
+                self.first_loss = loss              # for the check that every hparam is used
             gs = torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True)
-        g = {k: (torch.zeros_like(p) if gi is None else gi) for (k, p), gi in zip(w.items(), gs)}
+            gl = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(w.values(), gs)]
+            if world_size(self.group) > 1:   # the global batch's gradient: differentiable when unrolled
+                red = (differentiable_mean if create_graph else all_reduce_mean_list)(
+                    [*gl, loss.detach().reshape(1).to(gl[0].dtype)], self.group)
+                gl, loss = red[:-1], red[-1].reshape(()).to(loss.dtype)
+        g = dict(zip(w, gl))
         self.last_loss = loss.detach()
         self.last_gnorm = tree_norm({k: v.detach() for k, v in g.items()})
         if create_graph:
@@ -131,12 +144,20 @@ def _grads_or_zeros(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
 
 # -- the modes ------------------------------------------------------------------------------------
 def _reverse(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn):
+    step.track_first = True
     w = tree_detach(w, requires_grad=True)
     s = _detach_state(s)
     with torch.enable_grad():
         for t in range(t0, T):
             w, s = step.autograd(w, s, h, t, create_graph=True)
         lv = _outer(outer_loss, w, h, outer_args, fn)
+        reach = reachable_leaves([lv, step.first_loss])
+        unused = [k for k, v in h.items() if id(v) not in reach]
+        if unused:
+            raise ValueError(
+                f"{fn}: expected every hyperparameter to reach the losses or the optimizer, got {unused} reaching "
+                f"neither (their hypergradient would be zero forever). Fix: remove them from hparams, or read "
+                f"them as hparams[key] inside a loss / name them in the optimizer (e.g. lr='lr').")
         hg = _grads_or_zeros(lv, list(h.values()))
     return dict(zip(h, hg)), tree_detach(w), _detach_state(s), lv.detach()
 
@@ -257,6 +278,7 @@ def unrolled_hypergrad(
     checkpoint_every: Optional[int] = None,
     forward_chunk: Optional[int] = None,
     check_finite: bool = True,
+    group: Any = None,
 ) -> tuple[Hypergrad, Tree]:
     """Hypergradient of ``outer_loss`` after ``steps`` differentiable optimizer steps on ``inner_loss``.
 
@@ -285,6 +307,10 @@ def unrolled_hypergrad(
         forward_chunk: in forward mode, how many hyperparameter directions are pushed at once
             (``None``: all; smaller saves memory).
         check_finite: raise :class:`bilevel.NonFiniteError` on NaN/Inf losses or hypergradients.
+        group: a ``torch.distributed`` process group for data parallelism (each rank passes its
+            shard of every batch): each step's inner gradient is averaged over the ranks by a
+            differentiable all-reduce, then the hypergradient; every rank gets the global-batch
+            result (:mod:`bilevel.distributed`). Modes ``"reverse"`` and ``"checkpoint"`` only.
 
     Returns:
         ``(hypergrad, final_params)``: a :class:`bilevel.Hypergrad` tree (keys of ``hparams``) whose
@@ -319,8 +345,12 @@ def unrolled_hypergrad(
         check_finite_tree(params, fn, "params")
         check_finite_tree(hparams, fn, "hparams")
 
+    group = check_group(group, fn)
+    if group is not None and mode == "forward":
+        raise ValueError(f"{fn}: mode='forward' does not support a process group (collectives have no "
+                         f"forward-mode derivative). Fix: mode='reverse' or 'checkpoint'.")
     K = steps if truncate is None else truncate
-    step = _Stepper(inner_loss, optimizer, inner_args, fn)
+    step = _Stepper(inner_loss, optimizer, inner_args, fn, group)
     w = tree_detach(params)
     s = optimizer.init(w) if state is None else _detach_state(state)
     h = tree_detach(hparams, requires_grad=True)
@@ -336,6 +366,9 @@ def unrolled_hypergrad(
         hg, w, s, lv = _checkpoint(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, every)
     else:
         hg, w, s, lv = _forward(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, forward_chunk)
+    if world_size(group) > 1:            # mean over ranks of the per-rank outer losses' hypergradients
+        red = all_reduce_mean_list([*hg.values(), lv], group)
+        hg, lv = dict(zip(hg, red[:-1])), red[-1]
     if check_finite:
         check_finite_tree(w, fn, "the final params (the inner optimization diverged; lower the learning rate)")
         check_finite_scalar(lv, fn, "outer_loss at the final params")
@@ -344,3 +377,65 @@ def unrolled_hypergrad(
     last_gn = float(step.last_gnorm) if step.last_gnorm is not None else math.nan
     info = UnrollInfo(mode, steps, K, float(lv), last_loss, last_gn, s, every)
     return Hypergrad(hg, info), w
+
+
+def _one_step_finite_difference(
+    inner_loss: Callable[..., Tensor],
+    outer_loss: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    optimizer: InnerOptimizer,
+    state: Any = None,
+    radius: float = 0.01,
+    inner_args: Sequence[Any] = (),
+    outer_args: Sequence[Any] = (),
+) -> tuple[Hypergrad, Tree]:
+    """``dL_V(w', λ)/dλ`` for one step ``w' = step(w, ∇_w L_T(w, λ), s, λ)``, with the one second-order
+    term taken by a central finite difference (second-order DARTS's approximation).
+
+    NOTE: the chain rule gives ``∂_λ L_V + (∂w'/∂λ)ᵀ v + ∂_λ⟨∇_w L_T(w, λ), u⟩`` with
+    ``v = ∇_{w'} L_V`` and ``u = (∂w'/∂g)ᵀ v`` (one backward through the optimizer's update rule only;
+    for SGD ``u = −ξ v``). The mixed term is ``[∂_λ L_T(w + εu) − ∂_λ L_T(w − εu)] / 2ε`` with
+    ``ε = radius/‖u‖``: the weights move by ``radius`` along ``v``, exactly DARTS's ``w± = w ± εv``,
+    ``ε = 0.01/‖v‖`` for SGD. No Hessian-vector product; error O(radius²) (0 for a quadratic L_T).
+    """
+    fn = "bilevel.Unrolled(second_order='finite_difference')"
+    w = tree_detach(params)
+    s = optimizer.init(w) if state is None else _detach_state(state)
+    h = tree_detach(hparams, requires_grad=True)
+    hl = list(h.values())
+    rng = get_rng()
+    with torch.enable_grad():
+        wl = tree_detach(w, requires_grad=True)
+        lt = check_scalar(inner_loss(wl, h, *inner_args), fn, "inner_loss")
+        g = dict(zip(wl, torch.autograd.grad(lt, list(wl.values()), allow_unused=True)))
+        g = {k: torch.zeros_like(wl[k]) if v is None else v for k, v in g.items()}
+        gl = tree_detach(g, requires_grad=True)
+        w1, s1 = optimizer.step(w, gl, s, h)
+        w1l = tree_detach(w1, requires_grad=True)
+        lv = _outer(outer_loss, w1l, h, outer_args, fn)
+        gv = _grads_or_zeros(lv, list(w1l.values()) + hl)
+        v, direct = gv[: len(w1l)], gv[len(w1l):]
+        outs = [o for o in w1.values()]
+        ins = list(gl.values()) + [x for x in hl]
+        pulled = torch.autograd.grad(outs, ins, v, allow_unused=True)
+    u = {k: torch.zeros_like(gl[k]) if pk is None else pk for k, pk in zip(gl, pulled[: len(gl)])}
+    hg = [d if p is None else d + p for d, p in zip(direct, pulled[len(gl):])]
+    unorm = float(tree_norm(u))
+    if unorm > 0 and math.isfinite(unorm):
+        eps = radius / unorm
+
+        def dl_dh(sign: float) -> list[Tensor]:
+            set_rng(rng)                                   # the same dropout masks as the step itself
+            with torch.enable_grad():
+                ws = {k: w[k] + sign * eps * u[k] for k in w}
+                return _grads_or_zeros(inner_loss(ws, h, *inner_args), hl)
+
+        plus, minus = dl_dh(1.0), dl_dh(-1.0)
+        hg = [a + (p - m) / (2 * eps) for a, p, m in zip(hg, plus, minus)]
+    out = dict(zip(h, hg))
+    check_finite_tree(out, fn, "the hypergradient")
+    info = UnrollInfo("finite_difference", 1, 1, float(lv.detach()), float(lt.detach()),
+                      float(tree_norm(g)), _detach_state(s1))
+    return Hypergrad(out, info), tree_detach(w1)

@@ -75,3 +75,17 @@ def test_learning_rate_smoke():
     assert curve[-1] < curve[0]
     assert out["lr"] > 0.01                                    # from lr = 0.01, too small for 30 steps
     assert 0.0 < out["momentum"] < 1.0
+
+
+def test_ddp_weight_decay_smoke():
+    """2 processes (gloo, spawned): ranks identical and equal to one process on the global batches."""
+    import re
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(EXAMPLES / "ddp_weight_decay.py"), "--nproc", "2", "--smoke", "--check",
+                          "--double"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "hyperparameters identical on all 2 ranks: True" in out.stdout
+    m = re.search(r"hyperparameters ([0-9.e+-]+), weights ([0-9.e+-]+)", out.stdout)
+    assert m and float(m.group(1)) < 1e-10 and float(m.group(2)) < 1e-10, out.stdout
+    assert "4 hyper steps (0 skipped)" in out.stdout

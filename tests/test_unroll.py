@@ -229,17 +229,10 @@ _MEM_SCRIPT = textwrap.dedent('''
     outer = lambda p, h: torch.nn.functional.cross_entropy(functional_call(net, p, (X,)), y)
     opt = bl.inner.SGD(lr=0.1, momentum=0.9)
     bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=2, mode=mode)   # warm up
-    # NOTE: ru_maxrss survives execve (it would report the parent's peak); /proc's VmHWM is this
-    # process's own, and writing 5 to clear_refs resets it to the current RSS.
-    def status(key):
-        with open("/proc/self/status") as fh:
-            return next(int(l.split()[1]) for l in fh if l.startswith(key))
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    base = status("VmRSS:")
-    hg, _ = bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=200, mode=mode)
-    peak = status("VmHWM:")
-    print(json.dumps({"mode": mode, "peak_mb": (peak - base) / 1024,
+    from bilevel._memory import peak_rss_growth    # VmHWM of this process, see bilevel/_memory.py
+    (hg, _), peak_mb, _ = peak_rss_growth(
+        lambda: bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=200, mode=mode))
+    print(json.dumps({"mode": mode, "peak_mb": peak_mb,
                       "norm": float(sum(v.double().pow(2).sum() for v in hg.values()) ** 0.5)}))
 ''')
 

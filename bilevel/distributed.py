@@ -1,0 +1,111 @@
+"""Data-parallel hypergradients: averages across ranks where a single process would average.
+
+With the batch split over ``W`` ranks (equal shards, mean losses), the single-process
+global-batch computation averages per-example terms. So every quantity that a
+hypergradient builds from data is averaged across ranks *where it is formed*:
+
+- implicit: the outer gradient ``∂_w L_V`` and direct term ``∂_λ L_V``, the inner gradient
+  (diagnostics), **every** Hessian-vector product inside the solver (``(avg H)⁻¹`` is not
+  the average of per-rank inverses), and the mixed product. Every rank then holds the same
+  vectors bit for bit, so power iterations, step sizes and convergence tests agree and all
+  ranks stop at the same iteration;
+- unrolled: the inner gradient of every step (a differentiable all-reduce, so the backward
+  pass all-reduces its cotangents), then the hypergradient;
+- separable penalties are the same on every rank and are added after the reduction.
+
+``group`` arguments take a ``torch.distributed`` process group; ``None`` means one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["world_size", "resolve_group", "all_reduce_mean_", "all_reduce_mean_tree", "all_reduce_mean_list",
+           "differentiable_mean"]
+
+AUTO = "auto"
+
+
+def world_size(group: Any) -> int:
+    """Number of ranks of ``group`` (1 for ``None``)."""
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def resolve_group(group: Any) -> Any:
+    """``"auto"`` → the default group when ``torch.distributed`` is initialized with > 1 rank, else ``None``."""
+    if group != AUTO:
+        return group
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def all_reduce_mean_(t: Tensor, group: Any) -> Tensor:
+    """In place: ``t ← mean over ranks of t`` (no-op without a group). Returns ``t``."""
+    n = world_size(group)
+    if n > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=group)
+        t.div_(n)
+    return t
+
+
+def all_reduce_mean_list(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
+    """Mean over ranks of several tensors: one collective per dtype (packed into one buffer)."""
+    if world_size(group) <= 1 or not tensors:
+        return list(tensors)
+    out: list[Optional[Tensor]] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+        all_reduce_mean_(flat, group)
+        o = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[o:o + n].view(tensors[i].shape)
+            o += n
+    return out  # type: ignore[return-value]
+
+
+def all_reduce_mean_tree(tree: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:
+    """Mean over ranks of every tensor of ``tree`` (one collective)."""
+    keys = list(tree)
+    return dict(zip(keys, all_reduce_mean_list([tree[k] for k in keys], group)))
+
+
+def differentiable_mean(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
+    """Mean over ranks, differentiable (its backward all-reduces the cotangents); one collective."""
+    n = world_size(group)
+    if n <= 1 or not tensors:
+        return list(tensors)
+    from torch.distributed.nn.functional import all_reduce
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = all_reduce(flat, group=group) / n
+    out, o = [], 0
+    for t in tensors:
+        out.append(flat[o:o + t.numel()].view(t.shape))
+        o += t.numel()
+    return out
+
+
+def check_group(group: Any, fn: str) -> Optional[Any]:
+    """Validate a ``group`` argument (``None``, ``"auto"`` or a process group)."""
+    group = resolve_group(group)
+    if group is not None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"{fn}: got a process group but torch.distributed is not initialized. Fix: call "
+                               f"torch.distributed.init_process_group(...) first, or pass group=None.")
+    return group

@@ -1,0 +1,67 @@
+"""Which implementation runs a kernel: Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``) or torch."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "triton")
+#: dtypes every Triton kernel here supports; the interpreter has no bfloat16.
+TRITON_DTYPES_CUDA = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+TRITON_DTYPES_INTERPRET = (torch.float32, torch.float64, torch.float16)
+
+
+def triton_available() -> bool:
+    """Whether the optional ``triton`` package can be imported here."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``, read at first kernel use)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unusable_reason(*tensors: Tensor, dtypes: Optional[tuple] = None) -> Optional[str]:
+    """Why Triton cannot run on these tensors (``None`` when it can)."""
+    if not triton_available():
+        return "the optional `triton` package is not installed (pip install 'bilevel[triton]')"
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return f"the tensors are on different devices {sorted(map(str, devices))}"
+    dev = next(iter(devices))
+    if dev.type == "cuda":
+        allowed = TRITON_DTYPES_CUDA if dtypes is None else tuple(d for d in dtypes if d in TRITON_DTYPES_CUDA)
+    elif dev.type == "cpu" and interpreting():
+        allowed = TRITON_DTYPES_INTERPRET if dtypes is None else tuple(d for d in dtypes if d in TRITON_DTYPES_INTERPRET)
+    elif dev.type == "cpu":
+        return "the tensors are on the CPU and TRITON_INTERPRET=1 is not set (Triton compiles for GPUs only)"
+    else:
+        return f"Triton does not support device type {dev.type!r}"
+    bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in allowed})
+    if bad:
+        return f"dtype {', '.join(bad)} is not supported on {dev.type} (supported: {[str(d) for d in allowed]})"
+    return None
+
+
+def resolve_backend(backend: str, *tensors: Tensor, name: str, dtypes: Optional[tuple] = None) -> str:
+    """``"torch"`` or ``"triton"`` for ``backend`` in ``("auto", "torch", "triton")``.
+
+    ``"auto"`` picks Triton for CUDA tensors when it is installed and supports them, torch
+    otherwise (the torch path is what runs on CPU). An explicit ``"triton"`` that cannot run
+    raises ``RuntimeError`` saying why; it runs on CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: expected backend in {BACKENDS}, got {backend!r}.")
+    if backend == "torch":
+        return "torch"
+    why = triton_unusable_reason(*tensors, dtypes=dtypes)
+    if backend == "triton":
+        if why is not None:
+            raise RuntimeError(f"{name}: backend='triton' cannot run: {why}. Fix: backend='auto' (falls back "
+                               f"to torch) or backend='torch'.")
+        return "triton"
+    return "triton" if why is None and tensors[0].device.type == "cuda" else "torch"

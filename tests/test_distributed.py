@@ -1,0 +1,107 @@
+"""Data-parallel hyper steps (gloo, 2 CPU processes) equal one process on the global batch.
+
+Each worker runs every method twice: data-parallel on its half of each batch, and alone
+on the whole batch (``process_group=None``); the parent compares the results across ranks
+(bit-identical) and against the single-process run (≤ 1e-8, float64).
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import bilevel as bl
+
+WORLD = 2
+METHODS = {
+    "implicit-cg": lambda: bl.Implicit(solver=bl.CG(maxiter=15, tol=0.0, damping=1.0)),
+    "implicit-neumann": lambda: bl.Implicit(solver=bl.Neumann(steps=8, alpha=None, damping=1.0)),
+    "unrolled": lambda: bl.Unrolled(steps=3),
+    "unrolled-checkpoint": lambda: bl.Unrolled(steps=4, mode="checkpoint"),
+    "first-order": lambda: bl.FirstOrder(),
+}
+
+
+def _data(seed=0, n=48, d=6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (X @ torch.randn(d, generator=g, dtype=torch.float64) > 0).to(torch.float64)
+    return X.to(dtype), y.to(dtype)
+
+
+def _run(method_name, rank, group, ddp, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).to(dtype)
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="parameter")
+    hp_scale = {"scale": torch.zeros((), dtype=dtype, requires_grad=True)}   # a direct term too
+    hparams = {**hp, **hp_scale}
+    inner = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
+    outer = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1]) + 1e-2 * h["scale"] ** 2 \
+        + 1e-3 * h["scale"] * m(b[0]).mean()
+    wrapped = model
+    if ddp:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    hopt = bl.HyperOptimizer(wrapped, hparams, inner_loss=inner, outer_loss=outer, penalty=pen,
+                             inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5),
+                             outer_optimizer=torch.optim.Adam(hparams.values(), lr=0.05),
+                             method=METHODS[method_name](), process_group=group)
+    (X, y), (Xv, yv) = _data(1, dtype=dtype), _data(2, dtype=dtype)
+    for t in range(4):
+        rows = slice(None) if group is None else slice(rank * 24, (rank + 1) * 24)   # equal halves
+        for _ in range(3):
+            hopt.inner_step((X[rows], y[rows]))
+        hopt.hyper_step((X[rows], y[rows]), (Xv[rows], yv[rows]))
+    return ({k: v.detach().clone() for k, v in hparams.items()},
+            {k: v.detach().clone() for k, v in model.named_parameters()})
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    results = {}
+    for name in METHODS:
+        for ddp in (False, True):
+            results[(name, ddp)] = _run(name, rank, dist.group.WORLD, ddp)
+        results[(name, "single")] = _run(name, rank, None, False)
+    for name in ("implicit-cg", "unrolled"):                 # float32: ranks identical, close to one process
+        results[(name, "f32")] = _run(name, rank, dist.group.WORLD, False, torch.float32)
+        results[(name, "f32-single")] = _run(name, rank, None, False, torch.float32)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_equal_one_process_on_the_global_batch():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD))
+    for name in METHODS:
+        ref_h, ref_w = r0[(name, "single")]
+        for ddp in (False, True):
+            (h0, w0), (h1, w1) = r0[(name, ddp)], r1[(name, ddp)]
+            for k in h0:                              # ranks agree bit for bit
+                assert torch.equal(h0[k], h1[k]), (name, ddp, k)
+            for k in w0:
+                assert torch.equal(w0[k], w1[k]), (name, ddp, k)
+            for k in h0:                              # and equal the global-batch run
+                err = float((h0[k] - ref_h[k]).norm() / ref_h[k].norm().clamp_min(1e-300))
+                assert err <= 1e-8, (name, ddp, k, err)
+            for k in w0:
+                err = float((w0[k] - ref_w[k]).norm() / ref_w[k].norm())
+                assert err <= 1e-8, (name, ddp, k, err)
+    for name in ("implicit-cg", "unrolled"):
+        (h0, w0), (h1, w1) = r0[(name, "f32")], r1[(name, "f32")]
+        ref_h, _ = r0[(name, "f32-single")]
+        assert all(torch.equal(h0[k], h1[k]) for k in h0) and all(torch.equal(w0[k], w1[k]) for k in w0)
+        assert all(h0[k].dtype == torch.float32 for k in h0)
+        for k in h0:
+            assert float((h0[k] - ref_h[k]).norm() / ref_h[k].norm().clamp_min(1e-30)) <= 1e-5, (name, k)
+    for name in METHODS:
+        ref_h, _ = r0[(name, "single")]
+        # the hyperparameters moved (the test is not vacuous)
+        assert any(not torch.allclose(v, torch.full_like(v, v.reshape(-1)[0])) for v in ref_h.values()) or \
+            float(ref_h["scale"].abs()) > 0
