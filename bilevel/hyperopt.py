@@ -277,23 +277,28 @@ class HyperOptimizer:
         model_ids = _ids(named.values())
         for p in inner_opt_params:
             if id(p) in hp_ids:
-                raise ValueError(f"{fn}: inner_optimizer holds the hyperparameter {key_of_hp[id(p)]!r}. Fix: build it "
+                raise ValueError(f"{fn}: expected inner_optimizer to hold only inner parameters, got the "
+                                 f"hyperparameter {key_of_hp[id(p)]!r} in it. Fix: build it "
                                  f"over bl.nas.weight_parameters(model) or the model parameters that are not hparams.")
             if id(p) not in model_ids:
-                raise ValueError(f"{fn}: inner_optimizer holds a tensor of shape {tuple(p.shape)} that is not a "
+                raise ValueError(f"{fn}: expected inner_optimizer to hold parameters of `model`, got a tensor of "
+                                 f"shape {tuple(p.shape)} that is not a "
                                  f"parameter of `model`. Fix: build it over model.parameters().")
         opt_ids = _ids(inner_opt_params)
         self._inner_names = [n for n, p in named.items() if id(p) in opt_ids]
         if not self._inner_names:
-            raise ValueError(f"{fn}: inner_optimizer holds none of the model's parameters.")
+            raise ValueError(f"{fn}: expected inner_optimizer to hold some of the model's parameters, got none of "
+                             f"them. Fix: build it over model.parameters().")
         outer_ids = _ids(p for g in outer_optimizer.param_groups for p in g["params"])
         stray = [tuple(p.shape) for g in outer_optimizer.param_groups for p in g["params"] if id(p) not in hp_ids]
         if stray:
-            raise ValueError(f"{fn}: outer_optimizer holds tensors that are not in hparams (shapes {stray[:3]}). "
+            raise ValueError(f"{fn}: expected outer_optimizer to hold only hparams, got tensors that are not in "
+                             f"hparams (shapes {stray[:3]}). "
                              f"Fix: build it over hparams.values().")
         missing = [k for k, v in hparams.items() if id(v) not in outer_ids]
         if missing:
-            raise ValueError(f"{fn}: hparams {missing[:5]} are not in outer_optimizer, so they would never be "
+            raise ValueError(f"{fn}: expected outer_optimizer to hold every hparam, got hparams {missing[:5]} "
+                             f"outside it, so they would never be "
                              f"updated. Fix: build outer_optimizer over hparams.values().")
 
         self.model = model

@@ -198,3 +198,103 @@ def test_unrolled_rejects_hparams_that_reach_nothing():
     hg, _ = bl.unrolled_hypergrad(_quad, _outer, p, {"l": h["l"], "lr": torch.tensor(0.1, dtype=DT)},
                                   optimizer=bl.inner.SGD(lr="lr"), steps=2, inner_args=(X,), outer_args=(X,))
     assert float(hg["lr"].abs()) > 0
+
+
+# -- fuzzed bad inputs to the other entry points: the same contract ------------------------------
+def _assert_clear(err):
+    msg = str(err)
+    assert "bilevel." in msg or msg.startswith("Invalid"), msg
+    assert "expected" in msg, msg
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["steps0", "truncate-big", "bad-mode", "optimizer-type", "nonscalar", "empty",
+                             "int-hparam", "unknown-hparam-name"]),
+       d=st.integers(1, 4))
+def test_fuzzed_unrolled_inputs(kind, d):
+    X = torch.randn(5, d, dtype=DT)
+    p, h = {"w": torch.ones(d, dtype=DT)}, {"l": torch.zeros(d, dtype=DT)}
+    kw = dict(optimizer=bl.inner.SGD(lr=0.1), steps=2, inner_args=(X,), outer_args=(X,))
+    inner = _quad
+    if kind == "steps0":
+        kw["steps"] = 0
+    elif kind == "truncate-big":
+        kw["truncate"] = 5
+    elif kind == "bad-mode":
+        kw["mode"] = "sideways"
+    elif kind == "optimizer-type":
+        kw["optimizer"] = torch.optim.SGD
+    elif kind == "nonscalar":
+        inner = lambda p, h, X: X @ p["w"]
+    elif kind == "empty":
+        p = {}
+    elif kind == "int-hparam":
+        h = {"l": torch.zeros(d, dtype=torch.int64)}
+    elif kind == "unknown-hparam-name":
+        kw["optimizer"] = bl.inner.SGD(lr="lr")            # names an hparam that is not given
+    before = copy.deepcopy((p, h))
+    with pytest.raises((bl.BilevelError, ValueError, TypeError, KeyError)) as info:
+        bl.unrolled_hypergrad(inner, _outer, p, h, **kw)
+    _assert_clear(info.value)
+    assert _same(before, (p, h))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["not-module", "hparam-no-grad", "hparam-not-leaf", "inner-holds-hparam",
+                             "outer-misses-hparam", "bad-on-error", "bad-hyper-every", "bad-method",
+                             "bad-penalty"]))
+def test_fuzzed_hyperoptimizer_construction(kind):
+    model = torch.nn.Linear(3, 1).double()
+    hp = {"l": torch.zeros((), dtype=DT, requires_grad=True)}
+    kw = dict(inner_loss=lambda m, h, b: m(b).sum(), outer_loss=lambda m, h, b: m(b).sum(),
+              inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+              outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1))
+    if kind == "not-module":
+        model = lambda x: x
+    elif kind == "hparam-no-grad":
+        hp = {"l": torch.zeros((), dtype=DT)}
+        kw["outer_optimizer"] = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    elif kind == "hparam-not-leaf":
+        base = torch.zeros((), dtype=DT, requires_grad=True)
+        hp = {"l": base * 2}
+    elif kind == "inner-holds-hparam":
+        kw["inner_optimizer"] = torch.optim.SGD(list(model.parameters()) + list(hp.values()), lr=0.1)
+    elif kind == "outer-misses-hparam":
+        kw["outer_optimizer"] = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    elif kind == "bad-on-error":
+        kw["on_error"] = "ignore"
+    elif kind == "bad-hyper-every":
+        kw["hyper_every"] = 0
+    elif kind == "bad-method":
+        kw["method"] = "implicit"
+    elif kind == "bad-penalty":
+        kw["penalty"] = 0.5
+    params_before = copy.deepcopy(model.state_dict()) if isinstance(model, torch.nn.Module) else None
+    with pytest.raises((bl.BilevelError, ValueError, TypeError)) as info:
+        bl.HyperOptimizer(model, hp, **kw)
+    _assert_clear(info.value)
+    if params_before is not None:
+        assert _same(params_before, model.state_dict())
+
+
+def test_same_seed_same_result_float32_and_float64():
+    """Deterministic under a fixed seed (dropout included), in both dtypes."""
+    for dtype in (torch.float32, torch.float64):
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(7)
+            model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2)).to(dtype)
+            hp, pen = bl.hparams.weight_decay(model, init=1e-2)
+            ce = lambda m, h, b: F.cross_entropy(m(b[0]), b[1])
+            hopt = bl.HyperOptimizer(model, hp, inner_loss=ce, outer_loss=ce, penalty=pen,
+                                     inner_optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                                     outer_optimizer=torch.optim.Adam(hp.values(), lr=1e-2),
+                                     method=bl.Implicit(solver=bl.CG(maxiter=5, damping=1.0)))
+            g = torch.Generator().manual_seed(0)
+            b = (torch.randn(16, 4, generator=g).to(dtype), torch.randint(0, 2, (16,), generator=g))
+            for _ in range(3):
+                hopt.inner_step(b)
+                hopt.hyper_step(b, b)
+            runs.append({k: v.detach().clone() for k, v in hp.items()})
+        assert all(r.dtype == dtype for r in runs[0].values())
+        assert _same(runs[0], runs[1])

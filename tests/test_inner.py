@@ -106,7 +106,7 @@ def test_validation_messages():
         bl.inner.Adam(betas=0.9)
     with pytest.raises(TypeError, match="finite number or the name"):
         bl.inner.SGD(lr=[0.1])
-    with pytest.raises(KeyError, match=r"reads the hyperparameters \['lr'\].*has only \['wd'\]"):
+    with pytest.raises(KeyError, match=r"reads the hyperparameters \['lr'\].*got only \['wd'\]"):
         bl.inner.SGD(lr="lr").check_hparams({"wd": torch.tensor(1.0)}, "test")
 
 

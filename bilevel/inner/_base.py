@@ -59,7 +59,8 @@ class InnerOptimizer:
         if missing:
             have = sorted(hparams) if hparams else []
             raise KeyError(
-                f"{fn}: {self!r} reads the hyperparameters {missing} by name, but `hparams` has only {have}. "
+                f"{fn}: {self!r} reads the hyperparameters {missing} by name; expected them in `hparams`, "
+                f"got only {have}. "
                 f"Fix: add them, e.g. hparams['{missing[0]}'] = torch.tensor(0.1, requires_grad=True), "
                 f"or pass a number instead of a name."
             )
