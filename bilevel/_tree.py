@@ -18,6 +18,8 @@ from torch import Tensor
 
 from ._errors import ShapeError, check_like
 
+#: A parameter tree: ``{name: Tensor}``, e.g. ``dict(model.named_parameters())``. Core functions
+#: take trees and return trees with the same keys and shapes.
 Tree = Dict[str, Tensor]
 
 __all__ = [
@@ -154,6 +156,7 @@ class Flat:
         return torch.cat(parts)
 
     def zeros(self) -> Tensor:
+        """A zero flat buffer of this layout: shape ``(size,)``, the trees' dtype and device."""
         return torch.zeros(self.size, dtype=self.dtype, device=self.device)
 
     def __repr__(self) -> str:

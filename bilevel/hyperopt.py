@@ -126,6 +126,7 @@ class HyperStepStats:
     method: str = ""
 
     def as_dict(self) -> dict[str, Any]:
+        """The statistics as a plain ``dict`` (for logging)."""
         return asdict(self)
 
 

@@ -55,6 +55,7 @@ class SolverInfo:
 
     @property
     def relative_residual(self) -> float:
+        """``residual_norm / ‖b‖`` (``residual_norm`` itself when ``b = 0``)."""
         return self.residual_norm / self.b_norm if self.b_norm > 0 else self.residual_norm
 
 
@@ -103,6 +104,7 @@ class Solver:
 
     @property
     def name(self) -> str:
+        """The solver's class name (``"CG"``, ``"Neumann"``...), as reported in diagnostics."""
         return type(self).__name__
 
     def _damped(self, matvec: FlatMatvec) -> FlatMatvec:

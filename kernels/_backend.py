@@ -9,6 +9,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+#: The values of every kernel's ``backend=``: ``"auto"`` (Triton on CUDA tensors when it is
+#: installed, torch otherwise), ``"torch"`` (the pure-torch reference) or ``"triton"`` (raises
+#: where Triton cannot run).
 BACKENDS = ("auto", "torch", "triton")
 #: dtypes every Triton kernel here supports; the interpreter has no bfloat16.
 TRITON_DTYPES_CUDA = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

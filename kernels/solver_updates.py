@@ -110,6 +110,8 @@ class FusedCG:
         self.maxiter, self.thresh, self.check_every = maxiter, thresh, check_every
 
     def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Optional[Tensor] = None) -> FusedCGResult:
+        """Solve ``A x = b`` for flat ``b`` of shape ``(P,)`` (CUDA, Triton); ``matvec(v) -> A v``,
+        shape ``(P,)``; ``x0`` a warm start (zeros by default)."""
         resolve_backend("triton", b, name="bilevel.kernels.FusedCG")
         import triton
 

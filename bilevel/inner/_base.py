@@ -33,13 +33,18 @@ class InnerOptimizer:
 
     @property
     def name(self) -> str:
+        """The optimizer's class name (``"SGD"``, ``"Adam"``...)."""
         return type(self).__name__
 
     def init(self, params: Mapping[str, Tensor]) -> Any:
+        """The initial optimizer state for the tree ``params`` (momentum buffers, moments: zeros)."""
         raise NotImplementedError
 
     def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: Any,
              hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], Any]:
+        """One differentiable update: ``(new_params, new_state)`` from the trees ``params`` and
+        ``grads`` (same keys and shapes) and ``state``; options given by name are read from
+        ``hparams``, so the result is differentiable in them."""
         raise NotImplementedError
 
     # -- hyperparameter references -------------------------------------------------------

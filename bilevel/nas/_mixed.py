@@ -21,6 +21,8 @@ from ._ops import Zero
 __all__ = ["MixedOp", "WEIGHTINGS", "arch_parameters", "weight_parameters", "mixed_ops", "set_temperature",
            "annealed_temperature", "expected_cost", "zero_one_loss"]
 
+#: The ``weighting=`` choices of :class:`MixedOp`: how the architecture weights ``α`` of one edge
+#: become the weights of its candidates.
 WEIGHTINGS = ("softmax", "gumbel", "sigmoid")
 
 #: Modules list the names of their architecture parameters in this attribute (MixedOp sets ("alpha",)).
