@@ -818,7 +818,7 @@ def hpo_implicit_lbfgs(task: HPOTask, outer_steps: int = 60, lr_outer: float = 0
         with torch.no_grad():
             raw.clamp_(task.LOG_LO, task.LOG_HI)
     res = task.score(raw.detach())
-    return {"method": "bilevel implicit_hypergrad + warm-started L-BFGS (CG-20)",
+    return {"method": f"bilevel implicit_hypergrad + warm-started L-BFGS (CG-20, {outer_steps} Adam steps, lr {lr_outer})",
             "seconds": time.perf_counter() - t0, "evaluations": outer_steps, **res}
 
 
@@ -865,6 +865,9 @@ def run_hpo(smoke: bool = False, seeds: Sequence[int] = (0,)) -> Dict[str, Any]:
             else:
                 rows.append(hpo_hyperoptimizer(task))
                 rows.append(hpo_implicit_lbfgs(task))
+                # fewer, larger outer steps: a third of the inner solves (chosen on breast cancer's
+                # validation loss, the quantity every method minimizes; test figures untouched)
+                rows.append(hpo_implicit_lbfgs(task, outer_steps=20, lr_outer=0.3))
                 rows.append(hpo_blackbox(task, "tpe", seed=seed))
                 rows.append(hpo_blackbox(task, "random", seed=seed))
             out.append({"task": name, "seed": seed, "n_hparams": task.n_hparams,
