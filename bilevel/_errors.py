@@ -15,11 +15,28 @@ __all__ = ["BilevelError", "ShapeError", "DivergenceError", "NonFiniteError"]
 
 
 class BilevelError(Exception):
-    """Base class of every error raised on purpose by ``bilevel``."""
+    """Base class of every error raised on purpose by ``bilevel``.
+
+    Example:
+        >>> try:                                  # a ShapeError is a BilevelError
+        ...     bl.hvp(lambda p: (p["w"] ** 2).sum(), {"w": torch.zeros(3)}, {"w": torch.ones(2)})
+        ... except bl.BilevelError as err:
+        ...     print(type(err).__name__)
+        ShapeError
+    """
 
 
 class ShapeError(BilevelError, ValueError):
-    """Trees whose keys, shapes, dtypes or devices do not match what is expected."""
+    """Trees whose keys, shapes, dtypes or devices do not match what is expected.
+
+    Example:
+        >>> f = lambda p: (p["w"] ** 2).sum()
+        >>> try:                                  # v["w"] has shape (2,), params["w"] (3,)
+        ...     bl.hvp(f, {"w": torch.zeros(3)}, {"w": torch.ones(2)})
+        ... except bl.ShapeError as err:
+        ...     print(err)
+        bilevel.hvp: expected `v['w']` to have shape (3,) like `params['w']`, got (2,). ...
+    """
 
 
 class DivergenceError(BilevelError, ArithmeticError):
@@ -27,11 +44,27 @@ class DivergenceError(BilevelError, ArithmeticError):
 
     Raised instead of returning a meaningless result. The message says at which
     iteration and suggests a fix (damping, a smaller step, another solver).
+
+    Example:
+        >>> try:                                  # CG on a negative definite operator
+        ...     bl.CG()(lambda v: {"x": -v["x"]}, {"x": torch.ones(2)})
+        ... except bl.DivergenceError as err:
+        ...     print(type(err).__name__)
+        DivergenceError
     """
 
 
 class NonFiniteError(BilevelError, ValueError, ArithmeticError):
-    """A NaN or Inf in an input, a loss, or a computed hypergradient."""
+    """A NaN or Inf in an input, a loss, or a computed hypergradient.
+
+    Example:
+        >>> f = lambda p, h: h["l"] * (p["w"] ** 2).sum()
+        >>> try:
+        ...     bl.implicit_hypergrad(f, f, {"w": torch.tensor([float("nan"), 0.0])}, {"l": torch.tensor(1.0)})
+        ... except bl.NonFiniteError as err:
+        ...     print(type(err).__name__)
+        NonFiniteError
+    """
 
 
 def _describe(x: Any) -> str:

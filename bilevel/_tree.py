@@ -105,11 +105,14 @@ class Flat:
     Args:
         tree: the template tree, e.g. ``dict(model.named_parameters())``.
 
+    Shapes: ``flatten`` maps a tree with leaves of shapes ``s_1, ..., s_k`` to a vector of shape
+    ``(size,)`` with ``size = Σ numel(s_i)``; ``unflatten`` maps it back.
+
     Example:
-        >>> fl = Flat({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
-        >>> vec = fl.flatten({"w": torch.ones(2, 3), "b": torch.ones(3)})   # shape (9,)
-        >>> fl.unflatten(vec)["w"].shape
-        torch.Size([2, 3])
+        >>> fl = bl.Flat({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+        >>> vec = fl.flatten({"w": torch.ones(2, 3), "b": torch.ones(3)})
+        >>> vec.shape, fl.unflatten(vec)["w"].shape
+        (torch.Size([9]), torch.Size([2, 3]))
     """
 
     __slots__ = ("keys", "shapes", "numels", "offsets", "size", "dtype", "device")

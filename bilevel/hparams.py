@@ -37,6 +37,8 @@ PER = ("parameter", "tensor", "model")
 def positive(raw: Tensor, kind: str = "exp") -> Tensor:
     """Map an unconstrained tensor to positive values: ``exp(raw)`` or ``softplus(raw)``.
 
+    Shapes: elementwise; returns ``raw``'s shape.
+
     Example:
         >>> bl.hparams.positive(torch.tensor([0.0]), "softplus")
         tensor([0.6931])
@@ -49,7 +51,15 @@ def positive(raw: Tensor, kind: str = "exp") -> Tensor:
 
 
 def inverse_positive(value: Union[float, Tensor], kind: str = "exp") -> Tensor:
-    """Inverse of :func:`positive`: the raw tensor that maps to ``value`` (> 0)."""
+    """Inverse of :func:`positive`: the raw tensor that maps to ``value`` (> 0).
+
+    Shapes: elementwise; returns ``value``'s shape (0-dim for a number).
+
+    Example:
+        >>> raw = bl.hparams.inverse_positive(torch.tensor([0.5, 2.0]), "softplus")
+        >>> torch.allclose(bl.hparams.positive(raw, "softplus"), torch.tensor([0.5, 2.0]))
+        True
+    """
     v = torch.as_tensor(value, dtype=torch.get_default_dtype()) if not isinstance(value, Tensor) else value
     if not bool((v > 0).all()):
         raise ValueError(f"bilevel.hparams.inverse_positive: expected values > 0, got min {float(v.min())}. "
@@ -62,12 +72,27 @@ def inverse_positive(value: Union[float, Tensor], kind: str = "exp") -> Tensor:
 
 
 def probability(raw: Tensor) -> Tensor:
-    """``sigmoid(raw)``: a hyperparameter in (0, 1) (dropout rate, mixing weight...)."""
+    """``sigmoid(raw)``: a hyperparameter in (0, 1) (dropout rate, mixing weight...).
+
+    Shapes: elementwise; returns ``raw``'s shape.
+
+    Example:
+        >>> bl.hparams.probability(torch.tensor([0.0, 100.0]))
+        tensor([0.5000, 1.0000])
+    """
     return torch.sigmoid(raw)
 
 
 def inverse_probability(p: Union[float, Tensor]) -> Tensor:
-    """``logit(p)``, the raw tensor mapping to ``p`` in (0, 1)."""
+    """``logit(p)``, the raw tensor mapping to ``p`` in (0, 1).
+
+    Shapes: elementwise; returns ``p``'s shape (0-dim for a number).
+
+    Example:
+        >>> raw = bl.hparams.inverse_probability(0.1)               # a dropout rate of 10%
+        >>> raw.shape, torch.allclose(bl.hparams.probability(raw), torch.tensor(0.1))
+        (torch.Size([]), True)
+    """
     v = torch.as_tensor(p, dtype=torch.get_default_dtype()) if not isinstance(p, Tensor) else p
     if not bool(((v > 0) & (v < 1)).all()):
         raise ValueError("bilevel.hparams.inverse_probability: expected values in (0, 1).")
@@ -86,6 +111,17 @@ class WeightDecay:
         keys: ``{param name: hparams key}`` for every decayed parameter.
         per: ``"parameter"`` (one decay per weight), ``"tensor"`` or ``"model"``.
         kind: ``"exp"`` or ``"softplus"`` (decay = positive(raw)).
+
+    Shapes: with ``per="parameter"`` each raw decay has its parameter's shape, with ``"tensor"``
+    or ``"model"`` it is 0-dim; the penalty is 0-dim; :meth:`hessian_diag` returns a tree shaped
+    like the params, :meth:`mixed_closed_form` one shaped like ``hparams``.
+
+    Example:
+        >>> hp, penalty = bl.hparams.weight_decay({"w": torch.ones(3)}, init=0.5, per="tensor")
+        >>> penalty({"w": torch.ones(3)}, hp)                       # ½ · 0.5 · Σ 1²
+        tensor(0.7500, grad_fn=<MulBackward0>)
+        >>> penalty.hessian_diag({"w": torch.ones(3)}, hp)["w"]
+        tensor([0.5000, 0.5000, 0.5000], grad_fn=<ExpandBackward0>)
     """
 
     keys: Mapping[str, str]
@@ -158,9 +194,18 @@ def weight_decay(
         ``(hparams, penalty)``: ``hparams`` a tree of raw tensors (same device/dtype as the
         parameters), ``penalty`` a :class:`WeightDecay` to add to the inner loss.
 
+    Shapes: ``per="parameter"``: ``hparams[f"{prefix}/{name}"]`` has the shape of parameter
+    ``name``; ``"tensor"``: 0-dim per parameter; ``"model"``: one 0-dim tensor. ``penalty(...)``
+    returns a 0-dim tensor.
+
     Example:
+        >>> model = nn.Linear(3, 2)
         >>> hp, penalty = bl.hparams.weight_decay(model, init=1e-3, per="parameter")
+        >>> {k: tuple(v.shape) for k, v in hp.items()}
+        {'weight_decay/weight': (2, 3), 'weight_decay/bias': (2,)}
         >>> inner_loss = lambda m, h, b: F.cross_entropy(m(b[0]), b[1]) + penalty(m, h)
+        >>> inner_loss(model, hp, (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))).shape
+        torch.Size([])
     """
     fn = "bilevel.hparams.weight_decay"
     if per not in PER:
@@ -200,10 +245,15 @@ def example_weights(n: int, *, key: str = "example_logits", dtype: Optional[torc
     Use with :func:`weighted_mean` in the inner loss; index the logits with the batch's
     example indices.
 
+    Shapes: ``{key: (n,)}``, zeros.
+
     Example:
-        >>> hp = bl.hparams.example_weights(len(train_set))
-        >>> inner = lambda m, h, b: bl.hparams.weighted_mean(F.cross_entropy(m(b.x), b.y, reduction="none"),
-        ...                                                  h["example_logits"][b.idx])
+        >>> hp = bl.hparams.example_weights(100)                    # 100 training examples
+        >>> model, x, y, idx = nn.Linear(3, 2), torch.randn(4, 3), torch.tensor([0, 1, 1, 0]), torch.arange(4)
+        >>> inner = lambda m, h, b: bl.hparams.weighted_mean(F.cross_entropy(m(b[0]), b[1], reduction="none"),
+        ...                                                  h["example_logits"][b[2]])
+        >>> hp["example_logits"].shape, inner(model, hp, (x, y, idx)).shape
+        (torch.Size([100]), torch.Size([]))
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"Invalid n for bilevel.hparams.example_weights: {n!r} (expected an int >= 1).")
@@ -216,6 +266,14 @@ def normalized_weights(logits: Tensor, kind: str = "softmax") -> Tensor:
 
     ``"softmax"``: ``B·softmax(logits)``; ``"sigmoid"``: ``σ(l_i)/mean(σ(l))``.
     Without normalization the outer problem is trivially solved by scaling (DESIGN.md §4).
+
+    Shapes: ``logits (B,)``; returns ``(B,)``.
+
+    Example:
+        >>> bl.hparams.normalized_weights(torch.zeros(4))           # uniform
+        tensor([1., 1., 1., 1.])
+        >>> bl.hparams.normalized_weights(torch.tensor([0.0, 100.0]), "sigmoid")
+        tensor([0.6667, 1.3333])
     """
     if logits.dim() != 1:
         raise ShapeError(f"bilevel.hparams.normalized_weights: expected a 1-D batch of logits, got shape "
@@ -229,7 +287,15 @@ def normalized_weights(logits: Tensor, kind: str = "softmax") -> Tensor:
 
 
 def weighted_mean(losses: Tensor, logits: Tensor, kind: str = "softmax") -> Tensor:
-    """``mean_i w_i ℓ_i`` with ``w = normalized_weights(logits)``; ``losses`` of shape ``(B,)``."""
+    """``mean_i w_i ℓ_i`` with ``w = normalized_weights(logits)``; ``losses`` of shape ``(B,)``.
+
+    Shapes: ``losses (B,)`` and ``logits (B,)``; returns a 0-dim tensor.
+
+    Example:
+        >>> losses = torch.tensor([1.0, 3.0])
+        >>> bl.hparams.weighted_mean(losses, torch.zeros(2))        # uniform weights: the plain mean
+        tensor(2.)
+    """
     if losses.shape != logits.shape:
         raise ShapeError(f"bilevel.hparams.weighted_mean: expected per-example losses of shape "
                          f"{tuple(logits.shape)} (like the logits), got {tuple(losses.shape)}. "

@@ -85,6 +85,18 @@ class SeparablePenalty:
         value: ``P`` at the point (0-dim, detached).
         grad: ``∇_params P`` (tree, zeros where ``P`` does not depend on a tensor).
         diag: ``∂²P/∂w²`` (tree like ``params``).
+
+    Shapes: ``grad``, ``diag`` and the argument of :meth:`mixed_vjp` are trees shaped like
+    ``params``; :meth:`mixed_vjp` returns a tree shaped like ``hparams``.
+
+    Example:
+        >>> p = {"w": torch.tensor([1., 2.], requires_grad=True)}
+        >>> h = {"l": torch.zeros(2, requires_grad=True)}
+        >>> sp = bl.SeparablePenalty(lambda p, h: 0.5 * (h["l"].exp() * p["w"] ** 2).sum(), p, h, "demo")
+        >>> sp.value, sp.diag["w"]                                    # P and e^l
+        (tensor(2.5000), tensor([1., 1.]))
+        >>> sp.mixed_vjp({"w": torch.ones(2)})["l"]                   # e^l ⊙ w ⊙ u
+        tensor([1., 2.])
     """
 
     def __init__(self, penalty: Callable[..., Tensor], params: Mapping[str, Tensor],
@@ -190,11 +202,17 @@ class HessianOperator:
         flat: the :class:`~bilevel._tree.Flat` layout of ``params``.
         matvecs: number of Hessian-vector products taken so far.
 
+    Shapes: :meth:`matvec` maps a tree shaped like ``params`` to one shaped like ``params``;
+    :meth:`matvec_flat` a vector of shape ``(flat.size,)`` to one of the same shape;
+    :meth:`mixed_vjp` a tree shaped like ``params`` to one shaped like ``hparams``.
+
     Example:
-        >>> op = HessianOperator(lambda p, h: (h["l"] * p["w"] ** 2).sum(),
-        ...                      {"w": torch.ones(3)}, {"l": torch.tensor(2.0)})
-        >>> op.matvec({"w": torch.ones(3)})["w"]        # H = 4 I
+        >>> op = bl.HessianOperator(lambda p, h: (h["l"] * p["w"] ** 2).sum(),
+        ...                         {"w": torch.ones(3)}, {"l": torch.tensor(2.0)})
+        >>> op.matvec({"w": torch.ones(3)})["w"]        # H = 2 l I = 4 I
         tensor([4., 4., 4.])
+        >>> op.mixed_vjp({"w": torch.ones(3)})["l"]     # Σ 2 w ⊙ u
+        tensor(6.)
     """
 
     def __init__(

@@ -46,6 +46,19 @@ class Implicit:
     Args:
         solver: linear solver for ``H u = ∂_w L_V`` (default ``bl.Neumann(steps=10)``).
         hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"``.
+
+    Example:
+        >>> model = nn.Linear(3, 1)
+        >>> hp = {"log_wd": torch.tensor(-3.0, requires_grad=True)}
+        >>> inner = lambda m, h, b: F.mse_loss(m(b[0]), b[1]) + h["log_wd"].exp() * (m.weight ** 2).sum()
+        >>> outer = lambda m, h, b: F.mse_loss(m(b[0]), b[1])
+        >>> hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
+        ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     outer_optimizer=torch.optim.Adam(hp.values(), lr=0.01), method=bl.Implicit(solver=bl.CG(maxiter=5)))
+        >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> stats = hopt.hyper_step(batch, batch)
+        >>> stats.method, stats.matvecs
+        ('Implicit', 5)
     """
 
     solver: Any = field(default_factory=lambda: Neumann(steps=10))
@@ -68,6 +81,18 @@ class Unrolled:
             ``"finite_difference"`` (``steps=1`` only): the mixed second-order term by a central
             difference of ``∂_λ L_T`` at ``w ± ε·v``, ``ε = fd_radius/‖v‖``, as second-order DARTS.
         fd_radius: how far the finite difference moves the weights (DARTS: 0.01).
+
+    Example:
+        >>> model = nn.Linear(3, 1)
+        >>> hp = {"log_wd": torch.tensor(-3.0, requires_grad=True)}
+        >>> inner = lambda m, h, b: F.mse_loss(m(b[0]), b[1]) + h["log_wd"].exp() * (m.weight ** 2).sum()
+        >>> outer = lambda m, h, b: F.mse_loss(m(b[0]), b[1])
+        >>> hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
+        ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     outer_optimizer=torch.optim.Adam(hp.values(), lr=0.01), method=bl.Unrolled(steps=2))
+        >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> hopt.hyper_step(batch, batch).method
+        'Unrolled'
     """
 
     steps: int = 1
@@ -97,7 +122,21 @@ class Unrolled:
 
 @dataclass(frozen=True)
 class FirstOrder:
-    """Only the direct term ``∂_λ L_V`` at the current weights (first-order DARTS). No second derivatives."""
+    """Only the direct term ``∂_λ L_V`` at the current weights (first-order DARTS). No second derivatives.
+
+    Example:
+        >>> model = nn.Linear(3, 1)
+        >>> hp = {"log_wd": torch.tensor(-3.0, requires_grad=True)}
+        >>> inner = lambda m, h, b: F.mse_loss(m(b[0]), b[1]) + h["log_wd"].exp() * (m.weight ** 2).sum()
+        >>> outer = lambda m, h, b: F.mse_loss(m(b[0]), b[1])
+        >>> hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
+        ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     outer_optimizer=torch.optim.Adam(hp.values(), lr=0.01), method=bl.FirstOrder())
+        >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> stats = hopt.hyper_step(batch, batch)       # the decay is not in L_V: direct term 0
+        >>> stats.method, stats.hypergrad_norm
+        ('FirstOrder', 0.0)
+    """
 
 
 @dataclass
@@ -112,6 +151,19 @@ class HyperStepStats:
         skipped: the step changed nothing (``on_error="skip"``); ``error`` says why.
         seconds: wall time of the hyper step.
         method: ``"Implicit"``, ``"Unrolled"`` or ``"FirstOrder"``.
+
+    Example:
+        >>> model = nn.Linear(3, 1)
+        >>> hp = {"log_wd": torch.tensor(-3.0, requires_grad=True)}
+        >>> inner = lambda m, h, b: F.mse_loss(m(b[0]), b[1]) + h["log_wd"].exp() * (m.weight ** 2).sum()
+        >>> outer = lambda m, h, b: F.mse_loss(m(b[0]), b[1])
+        >>> hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
+        ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     outer_optimizer=torch.optim.Adam(hp.values(), lr=0.01), method=bl.Implicit(solver=bl.CG(maxiter=5)))
+        >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> stats = hopt.hyper_step(batch, batch)
+        >>> stats.skipped, stats.solver_iterations, sorted(stats.as_dict())[:3]
+        (False, 5, ['error', 'hypergrad_norm', 'inner_grad_norm'])
     """
 
     hypergrad_norm: float = math.nan
@@ -205,17 +257,24 @@ class HyperOptimizer:
             would average them, so hyperparameters and weights stay bit-identical across ranks.
             ``None``: no communication.
 
+    Shapes: ``hparams`` is a tree of any leaf shapes (a per-weight decay has the shapes of the
+    weights); batches are whatever the losses take; the losses return 0-dim tensors, and so does
+    :meth:`step` (the inner loss).
+
     Example:
-        >>> hp, penalty = bl.hparams.weight_decay(model, init=1e-4)
+        >>> model = nn.Linear(3, 1)
+        >>> hp, penalty = bl.hparams.weight_decay(model, init=1e-3)       # one log-decay per weight
+        >>> loss = lambda m, h, b: F.mse_loss(m(b[0]), b[1])
+        >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
         >>> hopt = bl.HyperOptimizer(
-        ...     model, hp,
-        ...     inner_loss=lambda m, h, b: F.cross_entropy(m(b[0]), b[1]), penalty=penalty,
-        ...     outer_loss=lambda m, h, b: F.cross_entropy(m(b[0]), b[1]),
+        ...     model, hp, inner_loss=loss, outer_loss=loss, penalty=penalty,
         ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         ...     outer_optimizer=torch.optim.Adam(hp.values(), lr=1e-2),
-        ...     method=bl.Implicit(solver=bl.CG(maxiter=10)), outer_loader=val_loader, hyper_every=50)
-        >>> for batch in train_loader:
-        ...     hopt.step(batch)
+        ...     method=bl.Implicit(solver=bl.CG(maxiter=5)), outer_loader=data, hyper_every=2)
+        >>> for batch in data:                        # train_loader; outer_loader gives validation batches
+        ...     inner_loss = hopt.step(batch)
+        >>> inner_loss.shape, hopt.inner_steps, hopt.hyper_steps, hp["weight_decay/weight"].shape
+        (torch.Size([]), 4, 2, torch.Size([1, 3]))
     """
 
     def __init__(

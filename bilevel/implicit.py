@@ -40,6 +40,12 @@ class HypergradInfo:
         solver: the linear solve's :class:`~bilevel.solvers.SolverInfo` (``None`` for
             a user solver that returns a plain tree).
         hvp_mode: how the Hessian products were taken (``"reverse"``/``"forward"``).
+
+    Example:
+        >>> f = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()          # argmin_w f = c
+        >>> hg = bl.implicit_hypergrad(f, lambda p, h: (p["w"] ** 2).sum(), {"w": torch.ones(2)}, {"c": torch.ones(2)})
+        >>> hg.info.inner_grad_norm, hg.info.solver.solver, hg.info.hvp_mode
+        (0.0, 'CG', 'reverse')
     """
 
     inner_grad_norm: float
@@ -54,6 +60,14 @@ class Hypergrad(dict):
 
     ``.info`` is a :class:`HypergradInfo` for implicit hypergradients and a
     :class:`bilevel.unroll.UnrollInfo` for unrolled ones.
+
+    Shapes: the keys and shapes of ``hparams``.
+
+    Example:
+        >>> f = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()          # w*(c) = c
+        >>> hg = bl.implicit_hypergrad(f, lambda p, h: (p["w"] ** 2).sum(), {"w": torch.ones(2)}, {"c": torch.ones(2)})
+        >>> hg["c"], type(hg.info).__name__                                # d‖c‖²/dc = 2c
+        (tensor([2., 2.]), 'HypergradInfo')
     """
 
     info: Any
@@ -132,17 +146,24 @@ def implicit_hypergrad(
         :class:`Hypergrad`: a tree with the keys and shapes of ``hparams`` and
         ``.info`` (:class:`HypergradInfo`: inner gradient norm, losses, solver diagnostics).
 
+    Shapes: ``params`` and ``hparams`` are trees of any leaf shapes; the result has the keys and
+    shapes of ``hparams``. The losses must return 0-dim tensors.
+
     Raises:
         ShapeError: a loss is not scalar, or trees are malformed.
         NonFiniteError: NaN/Inf in inputs, losses, or the result.
         DivergenceError: the linear solver diverged (e.g. Neumann with too large a step).
 
     Example:
+        >>> X, y, Xv, yv = torch.randn(20, 3), torch.randn(20), torch.randn(10, 3), torch.randn(10)
         >>> inner = lambda p, h, X, y: ((X @ p["w"] - y) ** 2).mean() + (h["l2"].exp() * p["w"] ** 2).sum()
         >>> outer = lambda p, h, X, y: ((X @ p["w"] - y) ** 2).mean()
-        >>> hg = bl.implicit_hypergrad(inner, outer, {"w": w_star}, {"l2": torch.zeros(d)},
-        ...                            solver=bl.CG(maxiter=50), inner_args=(Xtr, ytr), outer_args=(Xva, yva))
-        >>> hg["l2"].shape, hg.info.inner_grad_norm
+        >>> h = {"l2": torch.zeros(3)}                                       # one decay per feature
+        >>> w = torch.linalg.solve(X.T @ X / 20 + torch.eye(3), X.T @ y / 20)  # argmin of inner at h
+        >>> hg = bl.implicit_hypergrad(inner, outer, {"w": w}, h, solver=bl.CG(maxiter=10),
+        ...                            inner_args=(X, y), outer_args=(Xv, yv))
+        >>> hg["l2"].shape, hg.info.inner_grad_norm < 1e-4
+        (torch.Size([3]), True)
     """
     fn = "bilevel.implicit_hypergrad"
     params = check_tree(params, fn, "params")
@@ -204,6 +225,19 @@ class ImplicitSolution(dict):
 
     ``.info`` is ``None`` until a backward pass runs through it; then it holds the
     :class:`HypergradInfo` of that backward pass (inner gradient norm, solver diagnostics).
+
+    Shapes: the keys and shapes of the tree the wrapped solver returns.
+
+    Example:
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()      # argmin_w = c
+        >>> solve = bl.implicit_diff(inner)(lambda h: {"w": h["c"].clone()})
+        >>> c = torch.ones(2, requires_grad=True)
+        >>> w = solve({"c": c})
+        >>> w.info is None
+        True
+        >>> (w["w"] ** 2).sum().backward()
+        >>> c.grad, w.info.solver.solver
+        (tensor([2., 2.]), 'CG')
     """
 
     info: Optional[HypergradInfo]
@@ -269,16 +303,23 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
         (a params tree; ``.info`` is filled by the backward pass). Gradients flow
         to ``hparams`` only, not through ``*args``.
 
+    Shapes: ``hparams`` and the returned params are trees of any leaf shapes; ``hparams[k].grad``
+    gets the shape of ``hparams[k]``.
+
     Example:
+        >>> X, y, Xv, yv = torch.randn(20, 3), torch.randn(20), torch.randn(10, 3), torch.randn(10)
         >>> def inner(p, h, X, y):
         ...     return ((X @ p["w"] - y) ** 2).sum() + h["l2"] * (p["w"] ** 2).sum()
-        >>> @bl.implicit_diff(inner)
-        ... def ridge(h, X, y):
+        >>> def solve(h, X, y):                                   # the exact ridge solution
         ...     A = X.T @ X + h["l2"] * torch.eye(X.shape[1], dtype=X.dtype)
         ...     return {"w": torch.linalg.solve(A, X.T @ y)}
+        >>> ridge = bl.implicit_diff(inner)(solve)                # or @bl.implicit_diff(inner) on `solve`
         >>> h = {"l2": torch.tensor(1.0, requires_grad=True)}
         >>> ((Xv @ ridge(h, X, y)["w"] - yv) ** 2).mean().backward()
-        >>> h["l2"].grad
+        >>> l2 = torch.tensor(1.0, requires_grad=True)            # reference: backprop through the solve
+        >>> ((Xv @ solve({"l2": l2}, X, y)["w"] - yv) ** 2).mean().backward()
+        >>> torch.allclose(h["l2"].grad, l2.grad, rtol=1e-3, atol=1e-6)
+        True
     """
     slv = CG() if solver is None else solver
 

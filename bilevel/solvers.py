@@ -43,6 +43,12 @@ class SolverInfo:
         b_norm: ``‖b‖`` (the relative residual is ``residual_norm / b_norm``).
         converged: whether the solver's own stopping test passed.
         extra: solver-specific figures (Neumann's ``alpha`` and ``lambda_max``, ...).
+
+    Example:
+        >>> A = torch.tensor([[2., 0.], [0., 1.]])
+        >>> info = bl.CG()(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2)}).info
+        >>> info.solver, info.converged, info.relative_residual < 1e-6
+        ('CG', True, True)
     """
 
     solver: str
@@ -60,7 +66,15 @@ class SolverInfo:
 
 
 class Solution(dict):
-    """The solution tree ``x`` of a solve (a plain ``dict[str, Tensor]``) plus ``.info``."""
+    """The solution tree ``x`` of a solve (a plain ``dict[str, Tensor]``) plus ``.info``.
+
+    Shapes: the keys and shapes of the right-hand side ``b`` of the solve.
+
+    Example:
+        >>> x = bl.Identity(scale=0.5)(lambda v: v, {"x": torch.ones(2)})
+        >>> isinstance(x, dict), x["x"], x.info.solver
+        (True, tensor([0.5000, 0.5000]), 'Identity')
+    """
 
     info: Optional[SolverInfo]
 
@@ -98,6 +112,17 @@ class Solver:
     """Base class: subclasses implement :meth:`solve_flat`.
 
     ``damping`` turns every solve into ``(H + damping·I) x = b``.
+
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
+    vectors of shape ``(P,)``.
+
+    Example:
+        >>> class Half(bl.Solver):                    # x = b / 2, i.e. assumes H = 2 I
+        ...     def solve_flat(self, matvec, b):
+        ...         return b / 2, bl.SolverInfo("Half", 0, 0, float("nan"), float(b.norm()), True)
+        >>> Half()(lambda v: v, {"x": torch.ones(2)})["x"]
+        tensor([0.5000, 0.5000])
     """
 
     damping: float = 0.0
@@ -173,11 +198,15 @@ class CG(Solver):
             arithmetic) with every reduction on the device; ``on_indefinite="stop"`` there
             returns the iterate from before the direction of non-positive curvature.
 
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
+    vectors of shape ``(P,)``.
+
     Example:
         >>> A = torch.tensor([[4., 1.], [1., 3.]])
-        >>> x = bl.CG()(lambda v: {"x": A @ v["x"]}, {"x": torch.tensor([1., 2.])})
-        >>> x["x"], x.info.iterations
-        (tensor([0.0909, 0.6364]), 2)
+        >>> x = bl.CG(tol=1e-6)(lambda v: {"x": A @ v["x"]}, {"x": torch.tensor([1., 2.])})
+        >>> x["x"], x.info.iterations, x.info.converged
+        (tensor([0.0909, 0.6364]), 2, True)
     """
 
     maxiter: int = 100
@@ -353,6 +382,10 @@ class Neumann(Solver):
     term shorter (``A x − b = −(I−αA)^{steps+1} b`` for the returned ``x``), hence an upper
     bound of the returned ``x``'s residual when the series converges (free: no extra product).
 
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
+    vectors of shape ``(P,)``.
+
     Example:
         >>> A = torch.tensor([[2., 0.], [0., 1.]])
         >>> x = bl.Neumann(steps=60)(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2)})
@@ -451,6 +484,10 @@ class Nystrom(Solver):
         seed: seed of the sampling (deterministic).
         residual: spend one more product to report the true residual.
 
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
+    vectors of shape ``(P,)``.
+
     Example:
         >>> A = torch.tensor([[2., 0.], [0., 1.]])
         >>> x = bl.Nystrom(rank=2, rho=1e-8)(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2)})
@@ -525,6 +562,10 @@ class Identity(Solver):
     Costs nothing (one product if ``residual=True``). The direction is biased but
     cheap; use it when the inner problem is far from converged or for a first try.
 
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
+    vectors of shape ``(P,)``.
+
     Example:
         >>> bl.Identity()(lambda v: v, {"x": torch.ones(2)})["x"]
         tensor([1., 1.])
@@ -557,6 +598,10 @@ class Exact(Solver):
         damping: added to the diagonal.
         dtype: dtype of the dense solve (default float64, whatever ``b``'s dtype).
         max_size: refuse problems with more than this many unknowns.
+
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
+    vectors of shape ``(P,)``.
 
     Example:
         >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)

@@ -53,6 +53,14 @@ class UnrollInfo:
         inner_grad_norm: ``‖∇_w L_T‖`` at the last step.
         state: the optimizer state after the last step (detached; to continue training).
         checkpoint_every: spacing of stored states in checkpoint mode (else ``None``).
+
+    Example:
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()
+        >>> hg, w = bl.unrolled_hypergrad(inner, lambda p, h: (p["w"] ** 2).sum(), {"w": torch.zeros(2)},
+        ...                               {"c": torch.ones(2)}, optimizer=bl.inner.SGD(lr=0.5), steps=10, truncate=4)
+        >>> info = hg.info
+        >>> info.mode, info.steps, info.differentiated, info.checkpoint_every
+        ('reverse', 10, 4, None)
     """
 
     mode: str
@@ -317,10 +325,17 @@ def unrolled_hypergrad(
         ``.info`` is an :class:`UnrollInfo` (losses, last inner gradient norm, final optimizer state),
         and the final params tree (detached).
 
+    Shapes: ``params`` and ``hparams`` are trees of any leaf shapes; the hypergradient has the keys
+    and shapes of ``hparams``, the final params those of ``params``. The losses return 0-dim tensors.
+
     Example:
-        >>> opt = bl.inner.SGD(lr="lr", momentum=0.9)
-        >>> hg, w = bl.unrolled_hypergrad(inner, outer, params, {"lr": torch.tensor(0.1), **decays},
-        ...                               optimizer=opt, steps=100, truncate=20, inner_args=lambda t: batches[t])
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()         # w_T → c
+        >>> outer = lambda p, h: (p["w"] ** 2).sum()
+        >>> opt = bl.inner.SGD(lr="lr")                                       # the step size is a hyperparameter
+        >>> hg, w = bl.unrolled_hypergrad(inner, outer, {"w": torch.zeros(2)},
+        ...                               {"c": torch.ones(2), "lr": torch.tensor(0.5)}, optimizer=opt, steps=20)
+        >>> hg["c"].shape, hg["lr"].shape, torch.allclose(hg["c"], 2 * w["w"], atol=1e-4)
+        (torch.Size([2]), torch.Size([]), True)
     """
     fn = "bilevel.unrolled_hypergrad"
     params = check_tree(params, fn, "params")

@@ -19,17 +19,36 @@ TRITON_DTYPES_INTERPRET = (torch.float32, torch.float64, torch.float16)
 
 
 def triton_available() -> bool:
-    """Whether the optional ``triton`` package can be imported here."""
+    """Whether the optional ``triton`` package can be imported here.
+
+    Example:
+        >>> isinstance(bl.kernels.triton_available(), bool)
+        True
+    """
     return importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``, read at first kernel use)."""
+    """Whether Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``, read at first kernel use).
+
+    Example:
+        >>> import os
+        >>> bl.kernels.interpreting() == (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+        True
+    """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_unusable_reason(*tensors: Tensor, dtypes: Optional[tuple] = None) -> Optional[str]:
-    """Why Triton cannot run on these tensors (``None`` when it can)."""
+    """Why Triton cannot run on these tensors (``None`` when it can).
+
+    Shapes: any; only the tensors' devices and dtypes matter.
+
+    Example:
+        >>> reason = bl.kernels.triton_unusable_reason(torch.ones(3))   # e.g. "... TRITON_INTERPRET=1 is not set ..."
+        >>> reason is None or isinstance(reason, str)
+        True
+    """
     if not triton_available():
         return "the optional `triton` package is not installed (pip install 'bilevel[triton]')"
     devices = {t.device for t in tensors}
@@ -56,6 +75,13 @@ def resolve_backend(backend: str, *tensors: Tensor, name: str, dtypes: Optional[
     ``"auto"`` picks Triton for CUDA tensors when it is installed and supports them, torch
     otherwise (the torch path is what runs on CPU). An explicit ``"triton"`` that cannot run
     raises ``RuntimeError`` saying why; it runs on CPU tensors under ``TRITON_INTERPRET=1``.
+
+    Shapes: any; only the tensors' devices and dtypes matter.
+
+    Example:
+        >>> x = torch.ones(3)                                       # a CPU tensor: "auto" means torch
+        >>> bl.kernels.resolve_backend("auto", x, name="demo"), bl.kernels.resolve_backend("torch", x, name="demo")
+        ('torch', 'torch')
     """
     if backend not in BACKENDS:
         raise ValueError(f"{name}: expected backend in {BACKENDS}, got {backend!r}.")

@@ -19,7 +19,15 @@ KINDS = ("exp", "softplus")
 
 
 def decay_mixed_reference(lam: Tensor, w: Tensor, u: Tensor, kind: str = "exp") -> Tensor:
-    """Pure-torch ``decay'(λ) ⊙ w ⊙ u``; ``lam`` broadcasts against ``w`` (shape of ``w`` returned)."""
+    """Pure-torch ``decay'(λ) ⊙ w ⊙ u``; ``lam`` broadcasts against ``w`` (shape of ``w`` returned).
+
+    Shapes: ``w (...)``, ``u`` like ``w``, ``lam`` broadcastable to ``w``; returns ``w``'s shape.
+
+    Example:
+        >>> w, u = torch.tensor([1., 2., 3.]), torch.ones(3)
+        >>> bl.kernels.decay_mixed_reference(torch.tensor(0.0), w, u, "softplus")   # shared λ: σ(0) ⊙ w ⊙ u
+        tensor([0.5000, 1.0000, 1.5000])
+    """
     d = lam.exp() if kind == "exp" else torch.sigmoid(lam)    # softplus' = σ
     return d * w * u
 
@@ -38,7 +46,7 @@ def decay_mixed(lam: Tensor, w: Tensor, u: Tensor, kind: str = "exp", *, backend
 
     Example:
         >>> lam, w, u = torch.zeros(3), torch.tensor([1., 2., 3.]), torch.ones(3)
-        >>> decay_mixed(lam, w, u)                       # e^0 ⊙ w ⊙ u
+        >>> bl.kernels.decay_mixed(lam, w, u)            # e^0 ⊙ w ⊙ u
         tensor([1., 2., 3.])
     """
     if kind not in KINDS:

@@ -40,6 +40,14 @@ def logistic_curvature(X: Tensor, w: Tensor) -> Tensor:
 
     Computed once per point, it saves one pass over ``X`` in every product of a solve
     (``logistic_hvp(..., curvature=d)``).
+
+    Shapes: ``X (n, d)``, ``w (d,)``; returns ``(n,)``.
+
+    Example:
+        >>> X = torch.randn(6, 2)
+        >>> c = bl.kernels.logistic_curvature(X, torch.zeros(2))     # σ(0)(1 − σ(0)) = 1/4
+        >>> c.shape, torch.allclose(c, torch.full((6,), 0.25))
+        (torch.Size([6]), True)
     """
     s = torch.sigmoid(X @ w)
     return s * (1 - s)
@@ -51,6 +59,13 @@ def logistic_hvp_reference(X: Tensor, w: Tensor, v: Tensor, *, l2: Optional[Unio
 
     Shapes: ``X (n, d)``, ``w (d,)``, ``v (d,)``, ``l2`` scalar or ``(d,)``, ``curvature (n,)``;
     returns ``(d,)``.
+
+    Example:
+        >>> X, w, v = torch.randn(50, 4), torch.randn(4), torch.randn(4)
+        >>> hv = bl.kernels.logistic_hvp_reference(X, w, v)
+        >>> f = lambda p: F.softplus(X @ p["w"]).mean()      # the logistic loss up to a term linear in w
+        >>> hv.shape, torch.allclose(hv, bl.hvp(f, {"w": w}, {"w": v})["w"], atol=1e-6)
+        (torch.Size([4]), True)
     """
     dd = logistic_curvature(X, w) if curvature is None else curvature
     out = X.T @ (dd * (X @ v)) / X.shape[0]
@@ -137,7 +152,7 @@ def logistic_hvp(X: Tensor, w: Tensor, v: Tensor, *, l2: Optional[Union[float, T
 
     Example:
         >>> X, w, v = torch.randn(100, 5), torch.zeros(5), torch.ones(5)
-        >>> hv = logistic_hvp(X, w, v, l2=0.1)          # at w = 0: X.T @ X v / (4n) + 0.1 v
+        >>> hv = bl.kernels.logistic_hvp(X, w, v, l2=0.1)   # at w = 0: X.T @ X v / (4n) + 0.1 v
         >>> torch.allclose(hv, X.T @ (X @ v) / 400 + 0.1 * v, atol=1e-6)
         True
     """

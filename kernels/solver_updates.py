@@ -46,7 +46,16 @@ def _acc(dtype: torch.dtype):
 
 
 def neumann_step_reference(v: Tensor, av: Tensor, acc: Tensor, alpha: Tensor) -> Tensor:
-    """In place: ``v ← v − α·av``; ``acc ← acc + v``. Returns ``‖v‖²`` (0-dim, on the device)."""
+    """In place: ``v ← v − α·av``; ``acc ← acc + v``. Returns ``‖v‖²`` (0-dim, on the device).
+
+    Shapes: ``v``, ``av``, ``acc`` of shape ``(N,)``; ``alpha`` 0-dim; returns a 0-dim tensor.
+
+    Example:
+        >>> v, acc = torch.ones(2), torch.zeros(2)
+        >>> sq = bl.kernels.neumann_step_reference(v, 2 * v, acc, torch.tensor(0.25))   # A = 2I
+        >>> v, acc, sq
+        (tensor([0.5000, 0.5000]), tensor([0.5000, 0.5000]), tensor(0.5000))
+    """
     v.addcmul_(alpha, av, value=-1.0)   # fused, no temporary
     acc.add_(v)
     return torch.dot(v, v)
@@ -61,9 +70,12 @@ def neumann_step(v: Tensor, av: Tensor, acc: Tensor, alpha: Tensor, *, backend: 
         alpha: 0-dim step (a tensor on the device, so no sync).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``.
 
+    Returns:
+        ``‖v‖²`` of the new term, a 0-dim tensor on ``v``'s device.
+
     Example:
         >>> v, acc = torch.ones(4), torch.ones(4)
-        >>> sq = neumann_step(v, 2 * v, acc, torch.tensor(0.25))   # A = 2I: v → 0.5
+        >>> sq = bl.kernels.neumann_step(v, 2 * v, acc, torch.tensor(0.25))   # A = 2I: v → 0.5
         >>> v, acc, float(sq)
         (tensor([0.5000, 0.5000, 0.5000, 0.5000]), tensor([1.5000, 1.5000, 1.5000, 1.5000]), 1.0)
     """
@@ -101,9 +113,15 @@ class FusedCG:
         check_every: read the residual and the curvature flag on the host every this many
             iterations (the only host syncs).
 
+    Shapes: :meth:`solve` takes ``b`` (and ``x0``) of shape ``(P,)`` on a CUDA device (or on the
+    CPU under ``TRITON_INTERPRET=1``) and ``matvec: (P,) -> (P,)``; the result's ``x`` is ``(P,)``.
+
     Example:
-        >>> A = torch.diag(torch.arange(1., 6.))
-        >>> res = FusedCG(maxiter=10, thresh=1e-20).solve(lambda v: A @ v, torch.ones(5))  # doctest: +SKIP
+        >>> cg = bl.kernels.FusedCG(maxiter=10, thresh=1e-20)      # building it needs no GPU
+        >>> A = torch.diag(torch.arange(1., 6., device="cuda"))    # doctest: +SKIP
+        >>> res = cg.solve(lambda v: A @ v, torch.ones(5, device="cuda"))  # doctest: +SKIP
+        >>> torch.allclose(res.x, 1 / A.diagonal()), res.converged  # doctest: +SKIP
+        (True, True)
     """
 
     def __init__(self, maxiter: int, thresh: float, check_every: int = 5) -> None:

@@ -26,7 +26,16 @@ __all__ = ["InnerOptimizer", "Num"]
 
 
 class InnerOptimizer:
-    """Base class: ``init(params) -> state`` and ``step(params, grads, state, hparams) -> (params, state)``."""
+    """Base class: ``init(params) -> state`` and ``step(params, grads, state, hparams) -> (params, state)``.
+
+    Shapes: ``params`` and ``grads`` are trees with the same keys and shapes (any); ``step``
+    returns new params of those shapes and a new state whose trees have them too.
+
+    Example:
+        >>> opt = bl.inner.SGD(lr="lr", momentum=0.9)
+        >>> isinstance(opt, bl.inner.InnerOptimizer), opt.name, opt.hparam_names()
+        (True, 'SGD', ['lr'])
+    """
 
     #: names of the options that may reference hparams
     _numeric: tuple[str, ...] = ()

@@ -28,8 +28,15 @@ class Partitioned(InnerOptimizer):
     Args:
         parts: ``((keys, optimizer), ...)``; every key of the params tree must be in one part.
 
+    Shapes: ``params`` and ``grads`` are trees with the same keys and shapes (any); ``step``
+    returns new params of those shapes and a new state whose trees have them too.
+
     Example:
-        >>> opt = Partitioned(((["w"], SGD(lr=0.1)), (["b"], SGD(lr=0.01))))
+        >>> opt = bl.inner.Partitioned(((["w"], bl.inner.SGD(lr=0.1)), (["b"], bl.inner.SGD(lr=0.01))))
+        >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+        >>> new, state = opt.step(params, {"w": torch.ones(2), "b": torch.ones(1)}, opt.init(params))
+        >>> new["w"], new["b"]
+        (tensor([0.9000, 0.9000]), tensor([0.9900]))
     """
 
     parts: tuple
@@ -104,9 +111,16 @@ def from_torch(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -
         ``(inner_optimizer, state)`` for :func:`bilevel.unrolled_hypergrad` (a
         :class:`Partitioned` optimizer when there are several param groups).
 
+    Shapes: the state's trees have the keys of ``params`` and their shapes.
+
     Example:
+        >>> model = nn.Linear(3, 1)
         >>> opt, state = bl.inner.from_torch(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         ...                                  dict(model.named_parameters()))
+        >>> opt
+        SGD(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False)
+        >>> sorted(state.momentum_buffer), state.momentum_buffer["weight"].shape
+        (['bias', 'weight'], torch.Size([1, 3]))
     """
     name_of = {id(p): k for k, p in params.items()}
     parts = []

@@ -19,10 +19,17 @@ class TorchOpt(InnerOptimizer):
     named hyperparameters); use :class:`~bilevel.inner.SGD` / :class:`~bilevel.inner.Adam`
     to tune learning rates.
 
+    Shapes: ``params`` and ``grads`` are trees with the same keys and shapes (any); ``step``
+    returns new params of those shapes and a new state whose trees have them too.
+
     Example:
         >>> import torchopt
-        >>> opt = bl.inner.TorchOpt(torchopt.adam(1e-3))
-        >>> hg, w = bl.unrolled_hypergrad(inner, outer, params, hparams, optimizer=opt, steps=20)
+        >>> opt = bl.inner.TorchOpt(torchopt.sgd(0.5))
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()
+        >>> hg, w = bl.unrolled_hypergrad(inner, lambda p, h: (p["w"] ** 2).sum(), {"w": torch.zeros(2)},
+        ...                               {"c": torch.ones(2)}, optimizer=opt, steps=20)
+        >>> hg["c"].shape, torch.allclose(w["w"], torch.ones(2), atol=1e-4)
+        (torch.Size([2]), True)
     """
 
     def __init__(self, transformation: Any) -> None:

@@ -14,7 +14,18 @@ __all__ = ["Adam", "AdamW", "AdamState"]
 
 
 class AdamState(NamedTuple):
-    """First and second moments (trees), the running max of the second (AMSGrad), steps taken."""
+    """First and second moments (trees), the running max of the second (AMSGrad), steps taken.
+
+    Shapes: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with AMSGrad, else empty) have the
+    keys and shapes of the params.
+
+    Example:
+        >>> opt = bl.inner.Adam(lr=0.1)
+        >>> params = {"w": torch.ones(2)}
+        >>> _, state = opt.step(params, {"w": torch.ones(2)}, opt.init(params))
+        >>> state.exp_avg["w"], state.max_exp_avg_sq, state.step
+        (tensor([0.1000, 0.1000]), {}, 1)
+    """
 
     exp_avg: dict
     exp_avg_sq: dict
@@ -54,10 +65,15 @@ class Adam(InnerOptimizer):
         amsgrad: AMSGrad variant.
         decoupled: AdamW-style decay (default, API.md) or L2 added to the gradient (torch.optim.Adam).
 
+    Shapes: ``params`` and ``grads`` are trees with the same keys and shapes (any); ``step``
+    returns new params of those shapes and a new state whose trees have them too.
+
     Example:
         >>> opt = bl.inner.Adam(lr="lr", weight_decay=1e-2)
-        >>> state = opt.init(params)
-        >>> params, state = opt.step(params, grads, state, {"lr": torch.tensor(1e-3)})
+        >>> params, grads = {"w": torch.ones(3)}, {"w": torch.full((3,), 5.0)}
+        >>> new, state = opt.step(params, grads, opt.init(params), {"lr": torch.tensor(1e-3)})
+        >>> torch.allclose(new["w"], torch.full((3,), 1 - 1e-3 * 1e-2 - 1e-3), atol=1e-6)   # first step: ±lr
+        True
     """
 
     lr: Num = 1e-3
@@ -116,7 +132,17 @@ class Adam(InnerOptimizer):
 
 @dataclass(frozen=True)
 class AdamW(Adam):
-    """:class:`Adam` with decoupled weight decay (``torch.optim.AdamW``), default ``weight_decay=1e-2``."""
+    """:class:`Adam` with decoupled weight decay (``torch.optim.AdamW``), default ``weight_decay=1e-2``.
+
+    Shapes: ``params`` and ``grads`` are trees with the same keys and shapes (any); ``step``
+    returns new params of those shapes and a new state whose trees have them too.
+
+    Example:
+        >>> opt = bl.inner.AdamW(lr=0.1)
+        >>> new, _ = opt.step({"w": torch.ones(2)}, {"w": torch.zeros(2)}, opt.init({"w": torch.ones(2)}))
+        >>> opt.weight_decay, new["w"]                              # zero gradient: only the decay acts
+        (0.01, tensor([0.9990, 0.9990]))
+    """
 
     weight_decay: Num = 1e-2
     decoupled: bool = True

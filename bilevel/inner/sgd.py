@@ -13,7 +13,15 @@ __all__ = ["SGD", "SGDState"]
 
 
 class SGDState(NamedTuple):
-    """``momentum_buffer``: tree (empty without momentum); ``step``: steps taken so far."""
+    """``momentum_buffer``: tree (empty without momentum); ``step``: steps taken so far.
+
+    Shapes: ``momentum_buffer`` has the keys and shapes of the params.
+
+    Example:
+        >>> state = bl.inner.SGD(lr=0.1, momentum=0.9).init({"w": torch.ones(2, 3)})
+        >>> state.momentum_buffer["w"].shape, state.step
+        (torch.Size([2, 3]), 0)
+    """
 
     momentum_buffer: dict
     step: int
@@ -38,10 +46,16 @@ class SGD(InnerOptimizer):
         weight_decay: L2 penalty coefficient added to the gradient.
         nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
 
+    Shapes: ``params`` and ``grads`` are trees with the same keys and shapes (any); ``step``
+    returns new params of those shapes and a new state whose trees have them too.
+
     Example:
         >>> opt = bl.inner.SGD(lr="lr", momentum=0.9)
-        >>> state = opt.init(params)
-        >>> params, state = opt.step(params, grads, state, {"lr": torch.tensor(0.1)})
+        >>> params, grads = {"w": torch.ones(3)}, {"w": torch.ones(3)}
+        >>> lr = torch.tensor(0.1, requires_grad=True)              # a tuned learning rate
+        >>> new, state = opt.step(params, grads, opt.init(params), {"lr": lr})
+        >>> new["w"]                                                # w − lr·g, differentiable in lr
+        tensor([0.9000, 0.9000, 0.9000], grad_fn=<SubBackward0>)
     """
 
     lr: Num = 1e-3

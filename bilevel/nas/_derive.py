@@ -35,7 +35,15 @@ def _candidates(m: MixedOp, exclude: Sequence[str], fn: str, edge: str) -> list[
 @dataclass(frozen=True)
 class Argmax:
     """DARTS's rule: on each edge the candidate of largest weight ``w_i(α)`` (excluded names aside);
-    the edge's strength is that weight."""
+    the edge's strength is that weight.
+
+    Example:
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)},
+        ...                     alpha=nn.Parameter(torch.tensor([0.0, 0.0, 1.0])))
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))                 # a toy supernet with one mixed edge
+        >>> bl.nas.Argmax()(net, bl.nas.mixed_ops(net), ("none",))   # softmax([0, 0, 1])[2]
+        {'0': ('lin', 0.576...)}
+    """
 
     def __call__(self, model: nn.Module, edges: Mapping[str, MixedOp], exclude: Sequence[str]) -> Choice:
         out: Choice = {}
@@ -62,9 +70,14 @@ class Perturbation:
             supernet, computed under ``torch.no_grad()`` in the mode you want).
 
     Example:
-        >>> def val_acc(m):
-        ...     return (m(Xv).argmax(1) == yv).float().mean().item()
-        >>> genotype = bl.nas.derive(net, rule=bl.nas.Perturbation(val_acc))
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)},
+        ...                     alpha=nn.Parameter(torch.tensor([0.0, 0.0, 1.0])))
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))                 # a toy supernet with one mixed edge
+        >>> x = torch.randn(8, 4)
+        >>> def score(m):                                             # how close the edge is to the identity
+        ...     return -(m[0](x) - x).abs().mean().item()
+        >>> bl.nas.derive(net, rule=bl.nas.Perturbation(score))       # removing "skip" hurts most
+        {'0': 'skip'}
     """
 
     score: Callable[[nn.Module], float]
@@ -114,10 +127,14 @@ def derive(model: nn.Module, *, rule: Callable[..., Choice] | None = None, edges
         ValueError: no :class:`MixedOp` in ``model``, or an edge with every candidate excluded.
 
     Example:
-        >>> genotype = bl.nas.derive(net)                                  # argmax, top-2 edges
-        >>> genotype["cells.0.edges.0_1"]
-        'sep_conv_3x3'
-        >>> child = bl.nas.Network(1, 10, dim=1, C=16, layers=2, genotype=genotype)
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)},
+        ...                     alpha=nn.Parameter(torch.tensor([0.0, 0.0, 1.0])))
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))                 # a toy supernet with one mixed edge
+        >>> bl.nas.derive(net)                                        # argmax over "skip" and "lin"
+        {'0': 'lin'}
+
+    On a DARTS :class:`bilevel.nas.Network` the keys are edge names such as
+    ``"cells.0.edges.0_1"``, and ``bl.nas.Network(..., genotype=genotype)`` builds the child.
     """
     fn = "bilevel.nas.derive"
     _check_model(model, fn)

@@ -56,7 +56,8 @@ class MixedOp(nn.Module):
         >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
         >>> op(torch.randn(2, 4)).shape
         torch.Size([2, 4])
-        >>> bl.nas.arch_parameters(nn.Sequential(op))    # {'0.alpha': Parameter of shape (3,)}
+        >>> {k: tuple(a.shape) for k, a in bl.nas.arch_parameters(nn.Sequential(op)).items()}
+        {'0.alpha': (3,)}
     """
 
     def __init__(self, candidates: Mapping[str, nn.Module], *, weighting: str = "softmax", tau: float = 1.0,
@@ -179,7 +180,11 @@ def arch_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         ValueError: ``model`` has no architecture parameters.
 
     Example:
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))                # a toy supernet with one mixed edge
         >>> alphas = bl.nas.arch_parameters(net)
+        >>> {k: tuple(a.shape) for k, a in alphas.items()}
+        {'0.alpha': (3,)}
         >>> outer_opt = torch.optim.Adam(alphas.values(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
     """
     fn = "bilevel.nas.arch_parameters"
@@ -199,7 +204,14 @@ def weight_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     Returns:
         ``dict[str, nn.Parameter]`` (names of ``model.named_parameters()``).
 
+    Returns:
+        ``dict[str, nn.Parameter]`` (name → parameter, of any shapes).
+
     Example:
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))                # a toy supernet with one mixed edge
+        >>> sorted(bl.nas.weight_parameters(net))
+        ['0.ops.lin.bias', '0.ops.lin.weight', '1.bias', '1.weight']
         >>> inner_opt = torch.optim.SGD(bl.nas.weight_parameters(net).values(), lr=0.025, momentum=0.9)
     """
     _check_model(model, "bilevel.nas.weight_parameters")
@@ -208,7 +220,14 @@ def weight_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def mixed_ops(model: nn.Module) -> dict[str, MixedOp]:
-    """``{module name: MixedOp}`` of every mixed operation in ``model`` (in module order)."""
+    """``{module name: MixedOp}`` of every mixed operation in ``model`` (in module order).
+
+    Example:
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))                # a toy supernet with one mixed edge
+        >>> list(bl.nas.mixed_ops(net)), bl.nas.mixed_ops(net)["0"] is op
+        (['0'], True)
+    """
     _check_model(model, "bilevel.nas.mixed_ops")
     return {n: m for n, m in model.named_modules() if isinstance(m, MixedOp)}
 
@@ -217,8 +236,12 @@ def set_temperature(model: nn.Module, tau: float) -> int:
     """Set the Gumbel temperature of every ``weighting="gumbel"`` :class:`MixedOp`; returns how many.
 
     Example:
+        >>> net = nn.Sequential(bl.nas.MixedOp({"skip": nn.Identity(), "lin": nn.Linear(4, 4)}, weighting="gumbel"))
+        >>> E = 3
         >>> for epoch in range(E):
-        ...     bl.nas.set_temperature(net, bl.nas.annealed_temperature(epoch, E, start=10.0, end=0.1))
+        ...     n = bl.nas.set_temperature(net, bl.nas.annealed_temperature(epoch, E, start=10.0, end=0.1))
+        >>> n, round(net[0].tau, 3)                                  # 10 · (0.1/10)^(2/3)
+        (1, 0.464)
     """
     if not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
         raise ValueError(f"bilevel.nas.set_temperature: expected a finite temperature tau > 0, got {tau!r}.")
@@ -274,7 +297,12 @@ def expected_cost(model: nn.Module, costs: CostTable) -> Tensor:
         A scalar tensor (dtype of ``α``).
 
     Example:
-        >>> latency = {"none": 0.0, "skip_connect": 0.0, "max_pool_3x3": 0.1, "sep_conv_3x3": 1.0, ...}
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)},
+        ...                     alpha=nn.Parameter(torch.zeros(3)))          # uniform weights 1/3
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))
+        >>> latency = {"none": 0.0, "skip": 0.0, "lin": 1.0}
+        >>> bl.nas.expected_cost(net, latency)
+        tensor(0.3333, grad_fn=<SumBackward0>)
         >>> outer_loss = lambda m, h, b: F.cross_entropy(m(b[0]), b[1]) + 1e-2 * bl.nas.expected_cost(m, latency)
     """
     fn = "bilevel.nas.expected_cost"
@@ -297,7 +325,15 @@ def zero_one_loss(model: nn.Module) -> Tensor:
     Pushes every ``sigmoid(α_i)`` toward 0 or 1 so that thresholding at ½ loses little. Add
     ``w₀₁ · zero_one_loss(model)`` to the outer loss.
 
+    Returns:
+        A scalar tensor.
+
     Example:
+        >>> op = bl.nas.MixedOp({"skip": nn.Identity(), "lin": nn.Linear(4, 4)}, weighting="sigmoid",
+        ...                     alpha=nn.Parameter(torch.tensor([2.0, -2.0])))
+        >>> net = nn.Sequential(nn.Linear(4, 4), op)
+        >>> bl.nas.zero_one_loss(net)                                # −mean((σ(±2) − ½)²)
+        tensor(-0.1450, grad_fn=<NegBackward0>)
         >>> outer = lambda m, h, b: F.cross_entropy(m(b[0]), b[1]) + 10.0 * bl.nas.zero_one_loss(m)
     """
     ws = [m.expected_weights() for m in mixed_ops(model).values() if m.weighting == "sigmoid"]

@@ -39,7 +39,15 @@ def _bn(dim: int) -> type:
 
 
 class Zero(nn.Module):
-    """The ``none`` operation: zeros of the output shape (``stride`` subsamples)."""
+    """The ``none`` operation: zeros of the output shape (``stride`` subsamples).
+
+    Shapes: ``(N, C, *S)`` → ``(N, C, *ceil(S/stride))``.
+
+    Example:
+        >>> out = bl.nas.Zero(stride=2)(torch.randn(2, 3, 8, 8))
+        >>> out.shape, bool((out == 0).all())
+        (torch.Size([2, 3, 4, 4]), True)
+    """
 
     def __init__(self, stride: int = 1) -> None:
         super().__init__()
@@ -53,14 +61,30 @@ class Zero(nn.Module):
 
 
 class Identity(nn.Module):
-    """``skip_connect`` with stride 1."""
+    """``skip_connect`` with stride 1.
+
+    Shapes: any; returns its input.
+
+    Example:
+        >>> x = torch.randn(2, 3, 5)
+        >>> bl.nas.Identity()(x) is x
+        True
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         return x
 
 
 class ReLUConvBN(nn.Module):
-    """ReLU → conv(k, stride, padding) → BN."""
+    """ReLU → conv(k, stride, padding) → BN.
+
+    Shapes: ``(N, C_in, *S)`` → ``(N, C_out, *S')`` with ``S'`` the conv's output size
+    (``S`` for ``kernel = 2·padding + 1`` and stride 1); ``dim`` spatial dimensions (1 or 2).
+
+    Example:
+        >>> bl.nas.ReLUConvBN(3, 8, kernel=1, stride=1, padding=0)(torch.randn(2, 3, 6, 6)).shape
+        torch.Size([2, 8, 6, 6])
+    """
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, *, dim: int = 2,
                  affine: bool = True) -> None:
@@ -74,7 +98,16 @@ class ReLUConvBN(nn.Module):
 
 
 class DilConv(nn.Module):
-    """ReLU → depthwise dilated conv → pointwise conv → BN."""
+    """ReLU → depthwise dilated conv → pointwise conv → BN.
+
+    Shapes: ``(N, C_in, *S)`` → ``(N, C_out, *S')``; ``S' = S/stride`` when
+    ``padding = dilation·(kernel − 1)/2`` (as in :data:`OPS`).
+
+    Example:
+        >>> op = bl.nas.DilConv(4, 4, kernel=3, stride=2, padding=2, dilation=2, dim=1)
+        >>> op(torch.randn(2, 4, 10)).shape
+        torch.Size([2, 4, 5])
+    """
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int, *,
                  dim: int = 2, affine: bool = True) -> None:
@@ -91,7 +124,14 @@ class DilConv(nn.Module):
 
 
 class SepConv(nn.Module):
-    """Two stacked separable convolutions (the DARTS ``sep_conv``; only the first one strides)."""
+    """Two stacked separable convolutions (the DARTS ``sep_conv``; only the first one strides).
+
+    Shapes: ``(N, C_in, *S)`` → ``(N, C_out, *S/stride)`` when ``padding = (kernel − 1)/2``.
+
+    Example:
+        >>> bl.nas.SepConv(4, 6, kernel=3, stride=1, padding=1)(torch.randn(2, 4, 5, 5)).shape
+        torch.Size([2, 6, 5, 5])
+    """
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, *, dim: int = 2,
                  affine: bool = True) -> None:
@@ -104,7 +144,14 @@ class SepConv(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-    """``skip_connect`` with stride 2: two offset 1×1 convs of stride 2, concatenated, then BN."""
+    """``skip_connect`` with stride 2: two offset 1×1 convs of stride 2, concatenated, then BN.
+
+    Shapes: ``(N, C_in, *S)`` → ``(N, C_out, *ceil(S/2))``; ``C_out`` must be even.
+
+    Example:
+        >>> bl.nas.FactorizedReduce(3, 8)(torch.randn(2, 3, 6, 6)).shape
+        torch.Size([2, 8, 3, 3])
+    """
 
     def __init__(self, C_in: int, C_out: int, *, dim: int = 2, affine: bool = True) -> None:
         super().__init__()
@@ -125,7 +172,14 @@ class FactorizedReduce(nn.Module):
 
 
 class PoolBN(nn.Module):
-    """3×3 max or average pooling (average excludes padding), followed by BN as in the DARTS search."""
+    """3×3 max or average pooling (average excludes padding), followed by BN as in the DARTS search.
+
+    Shapes: ``(N, C, *S)`` → ``(N, C, *ceil(S/stride))``.
+
+    Example:
+        >>> bl.nas.PoolBN("avg", 4, stride=2, dim=1)(torch.randn(2, 4, 9)).shape
+        torch.Size([2, 4, 5])
+    """
 
     def __init__(self, kind: str, C: int, stride: int, *, dim: int = 2, affine: bool = False) -> None:
         super().__init__()
