@@ -499,6 +499,26 @@ def test_reduction_cells_2d_shapes():
         bl.nas.Network(3, 5, primitives=("conv_7x7",))
 
 
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_stem_kernel_keeps_the_spatial_size_and_is_validated(dim):
+    shape = (2, 3, 11) if dim == 1 else (2, 3, 9, 7)
+    x = torch.randn(*shape)
+    for k in (1, 3, 5):
+        net = bl.nas.Network(3, 5, dim=dim, C=4, layers=1, nodes=2, stem_multiplier=2, stem_kernel=k)
+        conv = net.stem[0]
+        assert conv.kernel_size == (k,) * dim
+        assert net.stem(x).shape == (2, 8, *shape[2:])          # padding k // 2 keeps the length / size
+        assert net(x).shape == (2, 5)
+        child = bl.nas.Network(3, 5, dim=dim, C=4, layers=1, nodes=2, stem_multiplier=2, stem_kernel=k,
+                               genotype=bl.nas.derive(net))
+        assert child(x).shape == (2, 5)
+    assert bl.nas.Network(3, 5, dim=dim, C=4, layers=1).stem[0].kernel_size == (3,) * dim    # default: DARTS
+    for bad in (0, 2, 4, -1, 1.0, True, "3"):
+        with pytest.raises(ValueError, match="stem_kernel"):
+            bl.nas.Network(3, 5, dim=dim, C=4, layers=1, stem_kernel=bad)
+
+
 # -- examples (smoke) -----------------------------------------------------------------------------------
 def _load(name):
     path = EXAMPLES / f"{name}.py"

@@ -21,7 +21,12 @@ __all__ = ["Cell", "Network", "edge_name"]
 
 
 def edge_name(node: int, source: int) -> str:
-    """Local name of the edge from state ``source`` (0, 1: the cell inputs; 2+: nodes) into ``node``."""
+    """Local name of the edge from state ``source`` (0, 1: the cell inputs; 2+: nodes) into ``node``.
+
+    Example:
+        >>> bl.nas.edge_name(0, 1)                 # from the second cell input into node 0
+        '0_1'
+    """
     return f"{node}_{source}"
 
 
@@ -42,6 +47,15 @@ class Cell(nn.Module):
 
     Shapes:
         ``s0``: ``(N, C_pp, *S0)``, ``s1``: ``(N, C_p, *S)`` → ``(N, nodes·C, *S/stride)``.
+
+    Example:
+        >>> cell = bl.nas.Cell(4, 4, 4, reduction=True, reduction_prev=False, dim=1, nodes=2,
+        ...                    primitives=("none", "skip_connect", "avg_pool_3x3"))
+        >>> s0 = s1 = torch.randn(2, 4, 10)
+        >>> cell(s0, s1).shape                      # nodes·C = 8 channels, length halved
+        torch.Size([2, 8, 5])
+        >>> len(bl.nas.arch_parameters(cell))       # 2 + 3 mixed edges into the two nodes
+        5
     """
 
     def __init__(self, C_pp: int, C_p: int, C: int, *, reduction: bool, reduction_prev: bool, dim: int = 2,
@@ -109,7 +123,13 @@ class Network(nn.Module):
         C: channels of the first cells' nodes (doubled at each reduction cell).
         layers: number of cells.
         nodes: intermediate nodes per cell.
-        stem_multiplier: the stem has ``stem_multiplier·C`` channels (a 3-wide conv + BN).
+        stem_multiplier: the stem has ``stem_multiplier·C`` channels (a convolution + BN).
+        stem_kernel: the stem convolution's kernel size, an odd int ≥ 1 (default 3, DARTS's stem);
+            the padding ``stem_kernel // 2`` keeps the spatial size. ``stem_kernel=1`` is a pointwise
+            stem that only mixes input channels, leaving all spatial processing to the cells: with a
+            wider stem, the stem followed by global average pooling and the classifier is already a
+            bag-of-local-features model, so even a cell of skip connections scores well and a
+            comparison of cells partly measures the stem. With a pointwise stem it measures the cells.
         reductions: indices of the reduction cells (default DARTS's ``layers//3, 2·layers//3`` for
             ``layers ≥ 3``, none otherwise).
         primitives: operation set of the search (default :data:`bilevel.nas.PRIMITIVES`).
@@ -122,16 +142,20 @@ class Network(nn.Module):
         input ``(N, in_channels, *S)``, output ``(N, num_classes)`` logits.
 
     Example:
-        >>> net = bl.nas.Network(1, 10, dim=1, C=8, layers=2)               # search
-        >>> net(torch.randn(4, 1, 40)).shape
+        >>> ops = ("none", "skip_connect", "avg_pool_3x3")                 # a tiny search space
+        >>> net = bl.nas.Network(1, 10, dim=1, C=4, layers=2, nodes=2, primitives=ops)   # search
+        >>> net(torch.randn(4, 1, 16)).shape                               # (N, C_in, L) -> (N, classes)
         torch.Size([4, 10])
-        >>> child = bl.nas.Network(1, 10, dim=1, C=8, layers=2, genotype=bl.nas.derive(net))
+        >>> child = bl.nas.Network(1, 10, dim=1, C=4, layers=2, nodes=2, genotype=bl.nas.derive(net))
+        >>> child(torch.randn(4, 1, 16)).shape
+        torch.Size([4, 10])
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, dim: int = 2, C: int = 16, layers: int = 5,
-                 nodes: int = 4, stem_multiplier: int = 3, reductions: Optional[Sequence[int]] = None,
-                 primitives: Sequence[str] = PRIMITIVES, genotype: Optional[Mapping[str, str]] = None,
-                 weighting: str = "softmax", tau: float = 1.0, hard: bool = False) -> None:
+                 nodes: int = 4, stem_multiplier: int = 3, stem_kernel: int = 3,
+                 reductions: Optional[Sequence[int]] = None, primitives: Sequence[str] = PRIMITIVES,
+                 genotype: Optional[Mapping[str, str]] = None, weighting: str = "softmax", tau: float = 1.0,
+                 hard: bool = False) -> None:
         super().__init__()
         fn = "bilevel.nas.Network"
         _check_dim(dim, fn)
@@ -139,6 +163,10 @@ class Network(nn.Module):
                      ("nodes", nodes), ("stem_multiplier", stem_multiplier)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Invalid {k} for {fn}: {v!r} (expected an int >= 1).")
+        if (isinstance(stem_kernel, bool) or not isinstance(stem_kernel, int) or stem_kernel < 1
+                or stem_kernel % 2 == 0):
+            raise ValueError(f"Invalid stem_kernel for {fn}: {stem_kernel!r} (expected an odd int >= 1, so that the "
+                             f"padding stem_kernel // 2 keeps the spatial size; 1 is a pointwise stem, 3 DARTS's).")
         unknown = [p for p in primitives if p not in OPS]
         if unknown:
             raise KeyError(f"{fn}: unknown primitives {unknown}; expected names from {sorted(OPS)}.")
@@ -146,7 +174,8 @@ class Network(nn.Module):
             reductions = (layers // 3, 2 * layers // 3) if layers >= 3 else ()
         self.dim = dim
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(_conv(dim)(in_channels, C_curr, 3, padding=1, bias=False), _bn(dim)(C_curr))
+        self.stem = nn.Sequential(_conv(dim)(in_channels, C_curr, stem_kernel, padding=stem_kernel // 2,
+                                              bias=False), _bn(dim)(C_curr))
         C_pp, C_p, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
         reduction_prev = False
