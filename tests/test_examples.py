@@ -89,3 +89,11 @@ def test_ddp_weight_decay_smoke():
     m = re.search(r"hyperparameters ([0-9.e+-]+), weights ([0-9.e+-]+)", out.stdout)
     assert m and float(m.group(1)) < 1e-10 and float(m.group(2)) < 1e-10, out.stdout
     assert "4 hyper steps (0 skipped)" in out.stdout
+
+
+def test_closed_form_products_smoke():
+    out = _load("closed_form_products").main(smoke=True, verbose=False)
+    assert [r["mode"] for r in out["rows"]] == ["closed", "linear_ce_hvp", "penalty="]
+    for r in out["rows"]:          # the declared-structure paths give autograd's hypergradient / product
+        assert r["rel_diff"] < 1e-5, r
+        assert r["speedup"] > 0
