@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import bilevel as bl
+from bilevel._timing import paired_times
 from bilevel.hparams import WeightDecay
 from bilevel.solvers import power_iteration
 
@@ -369,15 +370,7 @@ def paired_ratio(fn: Callable[[], Any], unit: Callable[[], Any], pairs: int) -> 
     The machine's speed drifts by 15-30% over the seconds between two benchmarks of
     one run; a ratio of two times taken a few milliseconds apart does not see that drift.
     """
-    ratios = []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        unit()
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
-    ratios.sort()
+    ratios, _ = paired_times(fn, unit, pairs)
     return ratios[len(ratios) // 2]
 
 

@@ -40,6 +40,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import bilevel as bl  # noqa: E402
+from bilevel._timing import paired_times  # noqa: E402
 
 
 def _bench_conftest() -> Any:
@@ -82,18 +83,8 @@ def paired(fn: Callable[[], Any], unit: Callable[[], Any], pairs: int = 9, warmu
         fn()
     load = ForeignLoad()
     load.start()
-    ratios, units = [], []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        unit()
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
-        units.append(t1 - t0)
+    ratios, units = paired_times(fn, unit, pairs)
     other = load.stop()
-    ratios.sort()
-    units.sort()
     return {"ratio": ratios[len(ratios) // 2], "ratio_lo": ratios[len(ratios) // 4],
             "ratio_hi": ratios[(3 * len(ratios)) // 4], "unit_s": units[len(units) // 2],
             "other_load": other if other is not None else float("nan")}

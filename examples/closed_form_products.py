@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -29,18 +28,13 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import bilevel as bl
+from bilevel._timing import paired_times
 
 
 def paired_ratio(fast: Callable[[], Any], slow: Callable[[], Any], pairs: int) -> float:
     """Median of ``time(slow) / time(fast)`` over back-to-back pairs (robust to machine drift)."""
     fast(), slow()
-    ratios = []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        fast()
-        t1 = time.perf_counter()
-        slow()
-        ratios.append((time.perf_counter() - t1) / (t1 - t0))
+    ratios, _ = paired_times(slow, fast, pairs)
     return statistics.median(ratios)
 
 
