@@ -29,3 +29,22 @@ def tree_rel_err(a: dict, b: dict) -> float:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def nested_equal(a, b) -> bool:
+    """Exact equality of nested dicts / lists / tuples of tensors and plain values.
+
+    Tensors must match in dtype and value bit for bit (``torch.equal``); meta tensors, which hold
+    no data, in shape and dtype.
+    """
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.dtype != b.dtype:
+            return False
+        if a.device.type == "meta":
+            return b.device.type == "meta" and a.shape == b.shape
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(nested_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(nested_equal(x, y) for x, y in zip(a, b))
+    return a == b

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 import bilevel as bl
 
+from conftest import nested_equal
+
 DT = torch.float64
 
 
@@ -30,18 +32,6 @@ def _snapshot(hopt):
         "outer": hopt.outer_optimizer.state_dict(),
         "counters": (hopt.inner_steps, hopt.hyper_steps, hopt.skipped),
     })
-
-
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        if a.device.type == "meta":                        # no data to compare
-            return b.device.type == "meta" and a.shape == b.shape and a.dtype == b.dtype
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _hopt(method, fail_inner_at=None, fail_outer=False):
@@ -108,7 +98,7 @@ def test_exception_anywhere_in_a_hyper_step_changes_nothing(method, where):
     before = _snapshot(hopt)
     with pytest.raises(Boom):
         hopt.hyper_step(batch, batch)
-    assert _same(before, _snapshot(hopt))
+    assert nested_equal(before, _snapshot(hopt))
 
 
 def test_exception_in_inner_step_changes_nothing():
@@ -117,7 +107,7 @@ def test_exception_in_inner_step_changes_nothing():
     before = _snapshot(hopt)
     with pytest.raises(Boom):
         hopt.inner_step(batch)
-    assert _same(before, _snapshot(hopt))
+    assert nested_equal(before, _snapshot(hopt))
 
 
 # -- fuzzed bad inputs -------------------------------------------------------------------------------
@@ -185,7 +175,7 @@ def test_fuzzed_bad_inputs_give_clear_errors_and_change_nothing(kind, d, seed, s
     assert "expected" in msg and ("got" in msg or "received" in msg), msg
     assert "Fix" in msg or "fix" in msg, msg
     if isinstance(p, dict):
-        assert _same(originals, (p, h, v)) if not kind == "nan-params" else True   # NaN != NaN
+        assert nested_equal(originals, (p, h, v)) if not kind == "nan-params" else True   # NaN != NaN
 
 
 def test_unrolled_rejects_hparams_that_reach_nothing():
@@ -236,7 +226,7 @@ def test_fuzzed_unrolled_inputs(kind, d):
     with pytest.raises((bl.BilevelError, ValueError, TypeError, KeyError)) as info:
         bl.unrolled_hypergrad(inner, _outer, p, h, **kw)
     _assert_clear(info.value)
-    assert _same(before, (p, h))
+    assert nested_equal(before, (p, h))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -274,7 +264,7 @@ def test_fuzzed_hyperoptimizer_construction(kind):
         bl.HyperOptimizer(model, hp, **kw)
     _assert_clear(info.value)
     if params_before is not None:
-        assert _same(params_before, model.state_dict())
+        assert nested_equal(params_before, model.state_dict())
 
 
 def test_same_seed_same_result_float32_and_float64():
@@ -297,4 +287,4 @@ def test_same_seed_same_result_float32_and_float64():
                 hopt.hyper_step(b, b)
             runs.append({k: v.detach().clone() for k, v in hp.items()})
         assert all(r.dtype == dtype for r in runs[0].values())
-        assert _same(runs[0], runs[1])
+        assert nested_equal(runs[0], runs[1])

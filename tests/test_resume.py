@@ -10,6 +10,8 @@ import textwrap
 import pytest
 import torch
 
+from conftest import nested_equal
+
 SCRIPT = textwrap.dedent('''
     import sys, torch, torch.nn.functional as F
     import bilevel as bl
@@ -54,16 +56,6 @@ def _run(tmp, name, total, every, resume, kill_after=None):
     assert proc.returncode == -signal.SIGKILL
 
 
-def _equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and set(a) == set(b) and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     total, every = 20, 3
@@ -74,7 +66,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     _run(tmp_path, "resumed", total, every, resume=True)
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
-    assert _equal(a, b)
+    assert nested_equal(a, b)
     assert a["counters"]["hyper_steps"] == total // 2
 
 
