@@ -225,6 +225,35 @@ def _ids(tensors: Iterable[Tensor]) -> set[int]:
     return {id(t) for t in tensors}
 
 
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """True iff every tensor is free of NaN/Inf, with one host sync (a sum is finite iff its
+    terms are, unless it overflows; the exact test decides then)."""
+    if not tensors:
+        return True
+    if bool(torch.isfinite(torch.stack([t.sum().float() for t in tensors])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _clone_state(x: Any) -> Any:
+    """A copy of an optimizer ``state_dict()`` that ``step()`` cannot change: tensors cloned,
+    containers rebuilt, other values shared (they are immutable). Several times faster than
+    ``copy.deepcopy``, which a hyper step and an L-BFGS inner step take every time."""
+    if isinstance(x, Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone_state(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clone_state(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_clone_state(v) for v in x)
+    return copy.copy(x) if isinstance(x, (set, bytearray)) else x
+
+
+#: inner optimizers that evaluate the loss several times per step and so need a closure
+_CLOSURE_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
+
+
 class HyperOptimizer:
     """Tune continuous hyperparameters of a model during its training, by hypergradient.
 
@@ -236,6 +265,9 @@ class HyperOptimizer:
         outer_loss: ``outer_loss(model, hparams, batch) -> scalar`` (validation loss).
         inner_optimizer: a ``torch.optim`` optimizer over (some of) the model's parameters; the
             parameters it holds are the inner variables, the others are constants.
+            ``torch.optim.LBFGS`` works too (with ``bl.Implicit`` or ``bl.FirstOrder``): each
+            :meth:`inner_step` is then a line-search solve, the natural inner solver of a convex or
+            small problem, and a hyper step right after it sees weights near the minimum.
         outer_optimizer: a ``torch.optim`` optimizer over ``hparams.values()``.
         method: ``bl.Implicit(solver=...)`` (default ``bl.Implicit(bl.Neumann(steps=10))``),
             ``bl.Unrolled(steps=..., truncate=...)`` or ``bl.FirstOrder()``.
@@ -361,8 +393,16 @@ class HyperOptimizer:
                              f"outside it, so they would never be "
                              f"updated. Fix: build outer_optimizer over hparams.values().")
 
+        closure_opt = isinstance(inner_optimizer, _CLOSURE_OPTIMIZERS)
+        if closure_opt and isinstance(method, Unrolled):
+            raise ValueError(f"{fn}: method bl.Unrolled differentiates copies of the inner optimizer's steps, and "
+                             f"{type(inner_optimizer).__name__} (a line search) has no differentiable copy. "
+                             f"Fix: method=bl.Implicit(...) (it only needs the weights near a minimum, which "
+                             f"{type(inner_optimizer).__name__} gives), or an SGD/Adam/AdamW inner optimizer.")
+
         self.model = model
         self.ddp = ddp
+        self._closure_optimizer = closure_opt
         #: the process group of data-parallel hyper steps (None: one process); see bilevel.distributed
         self.group = check_group(process_group, fn)
         if world_size(self.group) > 1:
@@ -420,34 +460,93 @@ class HyperOptimizer:
     def inner_step(self, batch: Any) -> Tensor:
         """One ordinary training step of ``inner_optimizer`` on ``inner_loss``; returns the loss (detached).
 
-        A NaN/Inf loss or gradient leaves the weights untouched (``on_error`` decides: raise or skip).
+        Optimizers that re-evaluate the loss (``torch.optim.LBFGS``: a whole line-search solve per
+        step) get a closure. A NaN/Inf loss or gradient leaves the weights untouched, and so does
+        an exception in the loss (``on_error`` decides: raise or skip); with a closure optimizer,
+        whose later evaluations happen after it moved the weights, weights and optimizer state
+        are restored from a copy taken before the step.
         """
-        params = self._params()
-        leaves = list(params.values())
+        if self._closure_optimizer:
+            return self._closure_inner_step(batch)
+        leaves = self._leaves()
         self.inner_optimizer.zero_grad(set_to_none=True)
-        loss = check_scalar(self.inner_loss(self.model, self.hparams, batch), "bilevel.HyperOptimizer.inner_step",
-                            "inner_loss")
-        if self.penalty is not None:
-            loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams),
-                                       "bilevel.HyperOptimizer.inner_step", "penalty")
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        if world_size(self.group) > 1:
-            # the global batch's gradient (and loss); NaN on any rank reaches all, so all skip together
-            full = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
-            red = all_reduce_mean_list([*full, loss.detach().reshape(1).to(full[0].dtype)], self.group)
-            grads, loss = tuple(red[:-1]), red[-1].reshape(()).to(loss.dtype)
-        ok = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all() \
-            if any(g is not None for g in grads) else torch.isfinite(loss)
-        if not bool(ok):
-            self._fail(NonFiniteError(f"bilevel.HyperOptimizer.inner_step: the inner loss or its gradient is NaN/Inf "
-                                      f"(loss={float(loss):.4g}). Fix: lower the learning rate, check the batch."),
-                       "inner_step")
+        loss, grads = self._loss_and_grads(batch, leaves)
+        if not _all_finite([loss, *grads]):
+            self._fail(self._nonfinite_inner(loss), "inner_step")
             return loss.detach()
         for p, g in zip(leaves, grads):
             p.grad = g
         self.inner_optimizer.step()
         self.inner_steps += 1
         return loss.detach()
+
+    def _leaves(self) -> list[Tensor]:
+        named = dict(self.model.named_parameters())
+        return [named[n] for n in self._inner_names]
+
+    def _loss_and_grads(self, batch: Any, leaves: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The inner loss (+ penalty) and its gradient (zeros for unused leaves), averaged over ranks."""
+        fn = "bilevel.HyperOptimizer.inner_step"
+        with torch.enable_grad():
+            loss = check_scalar(self.inner_loss(self.model, self.hparams, batch), fn, "inner_loss")
+            if self.penalty is not None:
+                loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams), fn,
+                                           "penalty")
+            gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, gs)]
+        loss = loss.detach()
+        if world_size(self.group) > 1:
+            # the global batch's gradient (and loss); NaN on any rank reaches all, so all skip together
+            red = all_reduce_mean_list([*grads, loss.reshape(1).to(grads[0].dtype)], self.group)
+            grads, loss = list(red[:-1]), red[-1].reshape(()).to(loss.dtype)
+        return loss, grads
+
+    @staticmethod
+    def _nonfinite_inner(loss: Tensor) -> NonFiniteError:
+        return NonFiniteError(f"bilevel.HyperOptimizer.inner_step: the inner loss or its gradient is NaN/Inf "
+                              f"(loss={float(loss):.4g}); the weights were left as they were. "
+                              f"Fix: lower the learning rate, check the batch.")
+
+    def _closure_inner_step(self, batch: Any) -> Tensor:
+        leaves = self._leaves()
+        opt = self.inner_optimizer
+        saved = [p.detach().clone() for p in leaves]
+        saved_state = _clone_state(opt.state_dict())
+        first: list[Tensor] = []
+
+        def closure() -> Tensor:
+            loss, grads = self._loss_and_grads(batch, leaves)
+            if not _all_finite([loss, *grads]):
+                raise self._nonfinite_inner(loss)
+            for p, g in zip(leaves, grads):
+                p.grad = g
+            first.append(loss)
+            return loss
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, v in zip(leaves, saved):
+                    p.copy_(v)
+                    p.grad = None
+            opt.load_state_dict(saved_state)
+
+        try:
+            opt.zero_grad(set_to_none=True)
+            opt.step(closure)
+        except NonFiniteError as err:
+            restore()
+            self._fail(err, "inner_step")
+            return first[0] if first else torch.tensor(float("nan"))
+        except BaseException:
+            restore()
+            raise
+        if not _all_finite([p.detach() for p in leaves]):
+            restore()
+            self._fail(NonFiniteError("bilevel.HyperOptimizer.inner_step: inner_optimizer.step() produced NaN/Inf "
+                                      "weights; they were restored. Fix: lower the learning rate."), "inner_step")
+            return first[0]
+        self.inner_steps += 1
+        return first[0]
 
     def hypergradient(self, inner_batch: Any, outer_batch: Any) -> tuple[Tree, HyperStepStats]:
         """The hypergradient of the current method at the current weights (nothing is updated)."""
@@ -525,7 +624,7 @@ class HyperOptimizer:
         before = {k: v.detach().clone() for k, v in self.hparams.items()}
         grads_before = {k: v.grad for k, v in self.hparams.items()}
         # deep copy: state_dict() returns the live state tensors, which step() updates in place
-        opt_state = copy.deepcopy(self.outer_optimizer.state_dict())
+        opt_state = _clone_state(self.outer_optimizer.state_dict())
 
         def restore() -> None:
             with torch.no_grad():

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 import bilevel as bl
 
-from conftest import tree_rel_err
+from conftest import nested_equal, tree_rel_err
 
 DT = torch.float64
 
@@ -359,3 +359,95 @@ def test_penalty_argument_equals_penalty_in_inner_loss(method):
     (w0, h0), (w1, h1) = runs
     assert tree_rel_err(w1, w0) < 1e-10 and tree_rel_err(h1, h0) < 1e-10
     assert not torch.equal(h1["weight_decay/2.weight"], torch.full_like(h1["weight_decay/2.weight"], math.log(1e-2)))
+
+
+# -- closure inner optimizers (L-BFGS) ---------------------------------------------------------------
+def _lbfgs(params, max_iter=200):
+    return torch.optim.LBFGS(params, lr=1, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=0,
+                             history_size=20, line_search_fn="strong_wolfe")
+
+
+def test_lbfgs_inner_step_solves_and_hyper_step_equals_dense_oracle():
+    """One L-BFGS inner_step reaches the minimizer; the next hyper step's hypergradient equals the dense
+    float64 IFT oracle; hyper_every=1 alternates solve and update (the classic IFT loop)."""
+    X, y = _data()
+    Xv, yv = _data(seed=1)
+    model = _logreg()
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="parameter", exclude=("bias",))
+    inner, outer = _losses(lambda m, h: 0.0)
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer, penalty=pen,
+                             inner_optimizer=_lbfgs(model.parameters()),
+                             outer_optimizer=torch.optim.SGD(hp.values(), lr=0.5),
+                             method=bl.Implicit(solver=bl.CG(tol=1e-13)), outer_loader=[(Xv, yv)])
+    loss0 = hopt.inner_step((X, y))
+    assert loss0.shape == () and hopt.inner_steps == 1
+    fi = lambda p, h, X, y: F.binary_cross_entropy_with_logits(functional_call(model, p, (X,)).squeeze(-1), y) \
+        + pen(p, h)
+    fo = lambda p, h, X, y: F.binary_cross_entropy_with_logits(functional_call(model, p, (X,)).squeeze(-1), y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.func.grad(fi)(params, {k: v.detach() for k, v in hp.items()}, X, y)
+    assert max(float(v.abs().max()) for v in g.values()) < 1e-9            # at the minimum
+    ref = bl.implicit_hypergrad(fi, fo, params, {k: v.detach() for k, v in hp.items()}, solver=bl.Exact(),
+                                inner_args=(X, y), outer_args=(Xv, yv))
+    hg, stats = hopt.hypergradient((X, y), (Xv, yv))
+    assert tree_rel_err(hg, ref) < 1e-8 and stats.inner_grad_norm < 1e-9
+    vals = []
+    for _ in range(5):
+        hopt.step((X, y))
+        vals.append(hopt.step_stats.outer_loss)
+    assert hopt.hyper_steps == 5 and vals[-1] < vals[0]                     # the validation loss falls
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("fault", ["nan_later", "exception_later"])
+def test_lbfgs_failure_mid_line_search_restores_weights_and_state(fault, on_error):
+    """L-BFGS moves the weights before its later evaluations: a NaN or an exception there must still
+    leave weights, gradients and the optimizer's history exactly as before the step."""
+    X, y = _data()
+    model = _logreg()
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="parameter", exclude=("bias",))
+    calls = {"n": 0, "armed": False}
+
+    def inner(m, h, b):
+        calls["n"] += 1
+        loss = F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
+        if calls["armed"] and calls["n"] >= 3:            # the third evaluation of the armed step
+            if fault == "exception_later":
+                raise KeyError("injected")
+            return loss * float("nan")
+        return loss
+
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=inner, penalty=pen,
+                             inner_optimizer=_lbfgs(model.parameters(), max_iter=5),
+                             outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1),
+                             method=bl.Implicit(solver=bl.CG(maxiter=3)), on_error=on_error)
+    hopt.inner_step((X, y))                               # L-BFGS now has history to corrupt
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = copy.deepcopy(hopt.inner_optimizer.state_dict())
+    calls.update(n=0, armed=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if fault == "exception_later":
+            with pytest.raises(KeyError, match="injected"):
+                hopt.inner_step((X, y))
+        elif on_error == "raise":
+            with pytest.raises(bl.NonFiniteError, match="left as they were"):
+                hopt.inner_step((X, y))
+        else:
+            hopt.inner_step((X, y))
+            assert any("skipped" in str(w.message) for w in caught) and hopt.skipped == 1
+    assert calls["n"] >= 3                                # the fault did happen after the first evaluation
+    for k, v in model.named_parameters():
+        assert torch.equal(v.detach(), before[k]) and v.grad is None, k
+    assert nested_equal(hopt.inner_optimizer.state_dict(), state)
+    assert hopt.inner_steps == 1
+
+
+def test_lbfgs_with_unrolled_is_refused_at_construction():
+    model = _logreg()
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2)
+    loss = lambda m, h, b: m(b[0]).sum()
+    with pytest.raises(ValueError, match="LBFGS.*Fix: method=bl.Implicit"):
+        bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, penalty=pen,
+                          inner_optimizer=_lbfgs(model.parameters()),
+                          outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1), method=bl.Unrolled(steps=2))
