@@ -48,3 +48,12 @@ def nested_equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(nested_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (the benchmark experiments' setting), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
