@@ -1002,6 +1002,26 @@ def _mem_cost(config: str, size: Any) -> Callable[[], Any]:
 MEM_RUNNERS["cost"] = _mem_cost
 
 
+def flop_ratio(fn: Callable[[], Any], unit: Callable[[], Any]) -> Dict[str, Any]:
+    """Floating-point operations of ``fn`` and ``unit`` counted by ``torch.utils.flop_counter``
+    (matmuls and convolutions: the work no implementation can skip), and their ratio.
+
+    The ratio is the floor of the time ratio on any hardware that runs matmuls at one speed: for
+    an exact Hessian-vector product of an MLP, Pearlmutter's R-pass needs ``2u₁ + 6u₂ + ...``
+    matmul units against the gradient's ``2u₁ + 3u₂ + ...`` (``u_l = 2·batch·|W_l|``; the input
+    layer needs no input cotangent), so wide hidden layers make a product cost up to 2 gradients.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for f_ in (fn, unit):
+        mode = FlopCounterMode(display=False)
+        with mode:
+            f_()
+        counts.append(mode.get_total_flops())
+    return {"flops": counts[0], "flops_unit": counts[1], "flop_ratio": counts[0] / counts[1]}
+
+
 def run_cost(smoke: bool = False, memory: bool = True) -> Dict[str, Any]:
     """One IFT hypergradient (CG-10, penalty=) in gradients: vs model size, and vs hyperparameter count."""
     sizes = {"tiny": (20, 16, 3)} if smoke else MODEL_SIZES
@@ -1009,7 +1029,8 @@ def run_cost(smoke: bool = False, memory: bool = True) -> Dict[str, Any]:
     by_size = []
     for name, layers in sizes.items():
         P, n_h, hg, grad = _cost_problem(layers, None, batch=32 if smoke else 256, train_steps=5 if smoke else 50)
-        r = {"model": name, "layers": list(layers), "n_params": P, "n_hparams": n_h, **paired(hg, grad, pairs)}
+        r = {"model": name, "layers": list(layers), "n_params": P, "n_hparams": n_h, **paired(hg, grad, pairs),
+             **flop_ratio(hg, grad)}
         if memory and not smoke:
             r["peak_mb_hypergrad"] = peak_memory_mb("cost", "hypergrad", [list(layers), None])
             r["peak_mb_gradient"] = peak_memory_mb("cost", "gradient", [list(layers), None])
@@ -1018,7 +1039,7 @@ def run_cost(smoke: bool = False, memory: bool = True) -> Dict[str, Any]:
     layers = (20, 16, 3) if smoke else MODEL_SIZES["1M"]
     for G in ((4, None) if smoke else GROUPS):
         P, n_h, hg, grad = _cost_problem(layers, G, batch=32 if smoke else 256, train_steps=5 if smoke else 50)
-        r = {"groups": G, "n_params": P, "n_hparams": n_h, **paired(hg, grad, pairs)}
+        r = {"groups": G, "n_params": P, "n_hparams": n_h, **paired(hg, grad, pairs), **flop_ratio(hg, grad)}
         if memory and not smoke:
             r["peak_mb_hypergrad"] = peak_memory_mb("cost", "hypergrad", [list(layers), G])
         by_groups.append(r)
