@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["world_size", "resolve_group", "all_reduce_mean_", "all_reduce_mean_tree", "all_reduce_mean_list",
-           "differentiable_mean"]
+           "differentiable_mean", "broadcast_from_first_"]
 
 AUTO = "auto"
 
@@ -75,6 +75,25 @@ def all_reduce_mean_list(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
             out[i] = flat[o:o + n].view(tensors[i].shape)
             o += n
     return out  # type: ignore[return-value]
+
+
+def broadcast_from_first_(tensors: Sequence[Tensor], group: Any) -> None:
+    """In place: every tensor takes the value it has on the group's first rank (one collective per
+    dtype, packed). What ``DistributedDataParallel`` does to buffers before each forward."""
+    if world_size(group) <= 1 or not tensors:
+        return
+    import torch.distributed as dist
+
+    src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
+    with torch.no_grad():
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            same = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.detach().reshape(-1) for t in same])
+            dist.broadcast(flat, src=src, group=group)
+            o = 0
+            for t in same:
+                t.copy_(flat[o:o + t.numel()].view(t.shape))
+                o += t.numel()
 
 
 def all_reduce_mean_tree(tree: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:

@@ -29,7 +29,7 @@ from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
 from ._io import atomic_save
 from ._tree import Tree, tree_detach, tree_norm
-from .distributed import all_reduce_mean_list, check_group, world_size
+from .distributed import all_reduce_mean_list, broadcast_from_first_, check_group, world_size
 from .implicit import implicit_hypergrad
 from .inner import from_torch
 from .solvers import Neumann
@@ -287,7 +287,9 @@ class HyperOptimizer:
             passes its shard of every batch; inner gradients, outer gradients, every
             Hessian-vector product and the mixed product are averaged where the global batch
             would average them, so hyperparameters and weights stay bit-identical across ranks.
-            ``None``: no communication.
+            Buffers (BatchNorm statistics) are broadcast from the first rank before every inner
+            and hyper step, as DDP does before every forward (unless the DDP wrapper was built
+            with ``broadcast_buffers=False``). ``None``: no communication.
 
     Shapes: ``hparams`` is a tree of any leaf shapes (a per-weight decay has the shapes of the
     weights); batches are whatever the losses take; the losses return 0-dim tensors, and so does
@@ -405,14 +407,11 @@ class HyperOptimizer:
         self._closure_optimizer = closure_opt
         #: the process group of data-parallel hyper steps (None: one process); see bilevel.distributed
         self.group = check_group(process_group, fn)
-        if world_size(self.group) > 1:
-            # like DDP does for the weights: every rank starts from rank 0's hyperparameters
-            import torch.distributed as dist
-
-            with torch.no_grad():
-                src = dist.get_global_rank(self.group, 0) if self.group is not dist.group.WORLD else 0
-                for v in hparams.values():
-                    dist.broadcast(v.data, src=src, group=self.group)
+        # like DDP does for the weights: every rank starts from rank 0's hyperparameters
+        broadcast_from_first_(list(hparams.values()), self.group)
+        #: broadcast the model's buffers (BatchNorm statistics) from the first rank before every
+        #: inner and hyper step, as DDP does before every forward (its ``broadcast_buffers``)
+        self._sync_buffers = world_size(self.group) > 1 and (ddp is None or bool(ddp.broadcast_buffers))
         self.hparams = hparams
         self.inner_loss = inner_loss
         self.outer_loss = outer_loss
@@ -466,6 +465,8 @@ class HyperOptimizer:
         whose later evaluations happen after it moved the weights, weights and optimizer state
         are restored from a copy taken before the step.
         """
+        if self._sync_buffers:
+            broadcast_from_first_(list(self.model.buffers()), self.group)
         if self._closure_optimizer:
             return self._closure_inner_step(batch)
         leaves = self._leaves()
@@ -551,6 +552,8 @@ class HyperOptimizer:
     def hypergradient(self, inner_batch: Any, outer_batch: Any) -> tuple[Tree, HyperStepStats]:
         """The hypergradient of the current method at the current weights (nothing is updated)."""
         stats = HyperStepStats(method=type(self.method).__name__)
+        if self._sync_buffers:
+            broadcast_from_first_(list(self.model.buffers()), self.group)
         live = self._params()
         params = {n: p.detach() for n, p in live.items()}
         # Copies of the buffers: the passes of a hyper step must not move BatchNorm statistics.

@@ -59,6 +59,32 @@ def _run(method_name, rank, group, ddp, dtype=torch.float64):
             {k: v.detach().clone() for k, v in model.named_parameters()})
 
 
+def _run_batchnorm(rank, group, vanilla, broadcast_buffers=True):
+    """Inner steps of a BatchNorm model under DDP: HyperOptimizer.inner_step, or DDP's own loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 1)).to(torch.float64)
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="parameter")
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    loss = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
+    X, y = _data(3)
+    shards = [slice(rank * 12 + 24 * t, rank * 12 + 24 * t + 12) for t in range(2)]   # different rows per rank
+    if vanilla:
+        for t in range(4):
+            rows = shards[t % 2]
+            opt.zero_grad()
+            (loss(wrapped, hp, (X[rows], y[rows])) + pen(dict(model.named_parameters()), hp)).backward()
+            opt.step()
+    else:
+        hopt = bl.HyperOptimizer(wrapped, hp, inner_loss=loss, outer_loss=loss, penalty=pen, inner_optimizer=opt,
+                                 outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1),
+                                 method=bl.Implicit(solver=bl.CG(maxiter=3)))
+        for t in range(4):
+            hopt.inner_step((X[shards[t % 2]], y[shards[t % 2]]))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -70,6 +96,9 @@ def _worker(rank, init_file, out_dir):
     for name in ("implicit-cg", "unrolled"):                 # float32: ranks identical, close to one process
         results[(name, "f32")] = _run(name, rank, dist.group.WORLD, False, torch.float32)
         results[(name, "f32-single")] = _run(name, rank, None, False, torch.float32)
+    for vanilla in (True, False):
+        for bb in (True, False):
+            results[("bn", vanilla, bb)] = _run_batchnorm(rank, dist.group.WORLD, vanilla, bb)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -105,3 +134,17 @@ def test_two_ranks_equal_one_process_on_the_global_batch():
         # the hyperparameters moved (the test is not vacuous)
         assert any(not torch.allclose(v, torch.full_like(v, v.reshape(-1)[0])) for v in ref_h.values()) or \
             float(ref_h["scale"].abs()) > 0
+
+    # BatchNorm under DDP: every rank's weights and running statistics are what DDP's own training
+    # loop gives (buffers broadcast from rank 0 before each forward, or not with broadcast_buffers=False)
+    for bb in (True, False):
+        for r in (r0, r1):
+            ref, ours = r[("bn", True, bb)], r[("bn", False, bb)]
+            for k in ref:
+                if ref[k].is_floating_point():
+                    err = float((ours[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-300))
+                    assert err <= 1e-12, (bb, k, err)
+                else:
+                    assert torch.equal(ours[k], ref[k]), (bb, k)
+    # the shards differ, so without the broadcast rank 1's statistics would be its own (not vacuous)
+    assert not torch.allclose(r1[("bn", True, True)]["1.running_mean"], r1[("bn", True, False)]["1.running_mean"])
