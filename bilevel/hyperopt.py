@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._errors import BilevelError, NonFiniteError, check_finite_tree, check_scalar, check_tree
+from ._errors import BilevelError, NonFiniteError, all_finite, check_finite_tree, check_scalar, check_tree
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
 from ._io import atomic_save
@@ -223,16 +223,6 @@ class _InnerPenalty:
 
 def _ids(tensors: Iterable[Tensor]) -> set[int]:
     return {id(t) for t in tensors}
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """True iff every tensor is free of NaN/Inf, with one host sync (a sum is finite iff its
-    terms are, unless it overflows; the exact test decides then)."""
-    if not tensors:
-        return True
-    if bool(torch.isfinite(torch.stack([t.sum().float() for t in tensors])).all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _clone_state(x: Any) -> Any:
@@ -472,7 +462,8 @@ class HyperOptimizer:
         leaves = self._leaves()
         self.inner_optimizer.zero_grad(set_to_none=True)
         loss, grads = self._loss_and_grads(batch, leaves)
-        if not _all_finite([loss, *grads]):
+        if not all_finite(loss, *grads):
+            self._check_weights()
             self._fail(self._nonfinite_inner(loss), "inner_step")
             return loss.detach()
         for p, g in zip(leaves, grads):
@@ -502,6 +493,20 @@ class HyperOptimizer:
             grads, loss = list(red[:-1]), red[-1].reshape(()).to(loss.dtype)
         return loss, grads
 
+    def _check_weights(self) -> None:
+        """Raise if the weights themselves hold NaN/Inf: then no step can be skipped safely.
+
+        Finite gradients can still give non-finite weights when the optimizer's own update
+        overflows. No copy of the weights is kept for one-evaluation optimizers (it would double
+        their memory), so this is found where it shows, at the next NaN loss, and stops training
+        whatever ``on_error`` says; :meth:`save` refuses to write such a state.
+        """
+        if not all_finite(*[p.detach() for p in self.model.parameters()]):
+            raise NonFiniteError("bilevel.HyperOptimizer.inner_step: the model's weights hold NaN/Inf, so an earlier "
+                                 "inner_optimizer.step() overflowed (finite gradients are checked before every "
+                                 "step). Fix: lower its learning rate, then resume from the last checkpoint "
+                                 "(HyperOptimizer.load).")
+
     @staticmethod
     def _nonfinite_inner(loss: Tensor) -> NonFiniteError:
         return NonFiniteError(f"bilevel.HyperOptimizer.inner_step: the inner loss or its gradient is NaN/Inf "
@@ -517,7 +522,7 @@ class HyperOptimizer:
 
         def closure() -> Tensor:
             loss, grads = self._loss_and_grads(batch, leaves)
-            if not _all_finite([loss, *grads]):
+            if not all_finite(loss, *grads):
                 raise self._nonfinite_inner(loss)
             for p, g in zip(leaves, grads):
                 p.grad = g
@@ -541,7 +546,7 @@ class HyperOptimizer:
         except BaseException:
             restore()
             raise
-        if not _all_finite([p.detach() for p in leaves]):
+        if not all_finite(*[p.detach() for p in leaves]):
             restore()
             self._fail(NonFiniteError("bilevel.HyperOptimizer.inner_step: inner_optimizer.step() produced NaN/Inf "
                                       "weights; they were restored. Fix: lower the learning rate."), "inner_step")
@@ -645,7 +650,7 @@ class HyperOptimizer:
         except BaseException:
             restore()            # an exception inside the outer optimizer (or an interrupt): as before
             raise
-        if not all(bool(torch.isfinite(v).all()) for v in self.hparams.values()):
+        if not all_finite(*[v.detach() for v in self.hparams.values()]):
             restore()
             err = NonFiniteError("bilevel.HyperOptimizer.hyper_step: outer_optimizer.step() produced NaN/Inf "
                                  "hyperparameters; they were restored. Fix: lower the outer learning rate.")
@@ -706,12 +711,19 @@ class HyperOptimizer:
 
         The file is written next to ``path`` and renamed over it (after ``fsync``), so a process
         killed at any moment leaves either the previous checkpoint or the new one, never a torn
-        file. Load with :meth:`load` (``torch.load(weights_only=True)`` underneath).
+        file; a state holding NaN/Inf weights is refused (``NonFiniteError``), so a good checkpoint
+        is never replaced by a corrupted one. Load with :meth:`load` (``torch.load(weights_only=True)``
+        underneath).
 
         Example:
             >>> hopt.save("run/ckpt.pt", extra={"step": step})
             >>> extra = hopt.load("run/ckpt.pt")          # later, in a fresh process
         """
+        tensors = [p.detach() for p in self.model.parameters()] + [v.detach() for v in self.hparams.values()]
+        if not all_finite(*tensors):
+            raise NonFiniteError("bilevel.HyperOptimizer.save: expected finite weights and hyperparameters, got "
+                                 "NaN/Inf; the checkpoint at the path was left as it was, so training can resume "
+                                 "from it. Fix: lower the inner learning rate and resume (HyperOptimizer.load).")
         state = self.state_dict()
         if extra is not None:
             state["extra"] = dict(extra)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._errors import (NonFiniteError, check_finite_scalar, check_finite_tree, check_scalar, check_tree)
+from ._errors import (NonFiniteError, all_finite, check_finite_scalar, check_finite_tree, check_scalar, check_tree)
 from ._tree import Tree, tree_detach
 from .distributed import all_reduce_mean_list, check_group, world_size
 from .hvp import HessianOperator
@@ -269,7 +269,7 @@ class _ImplicitFunction(torch.autograd.Function):
         u, sinfo = solve_adjoint(op, b, cfg["solver"])
         mixed = op.mixed_vjp(u)
         out = [-mixed[k] for k in hkeys]
-        if not all(bool(torch.isfinite(o).all()) for o in out):
+        if not all_finite(*out):
             raise NonFiniteError(f"{fn}: the implicit gradient holds NaN/Inf (inner gradient norm "
                                  f"{float(op.grad_norm):.3e}). Fix: check inner_loss at the solution, add damping.")
         result: Optional[ImplicitSolution] = cfg["result"]()

@@ -451,3 +451,46 @@ def test_lbfgs_with_unrolled_is_refused_at_construction():
         bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, penalty=pen,
                           inner_optimizer=_lbfgs(model.parameters()),
                           outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1), method=bl.Unrolled(steps=2))
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_inner_optimizer_overflow_is_reported_not_silent(on_error, tmp_path):
+    """Finite gradients, but the optimizer's update overflows: the step cannot be undone (no copy of
+    the weights is kept), so the next step raises whatever on_error says, and no checkpoint is
+    written over the last good one."""
+    X, y = _data()
+    model = _logreg()
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2)
+    loss = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, penalty=pen, inner_optimizer=opt,
+                             outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1), on_error=on_error)
+    hopt.inner_step((X, y))
+    ckpt = tmp_path / "ckpt.pt"
+    hopt.save(ckpt)
+    good = ckpt.read_bytes()
+    opt.param_groups[0]["lr"] = float("inf")
+    hopt.inner_step((X, y))                                   # finite gradients: the update overflows
+    with pytest.raises(bl.NonFiniteError, match="refused|left as it was"):
+        hopt.save(ckpt)
+    assert ckpt.read_bytes() == good
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # raised, not a skip warning
+        with pytest.raises(bl.NonFiniteError, match=r"earlier inner_optimizer.step\(\) overflowed"):
+            hopt.inner_step((X, y))
+    hopt.load(ckpt)                                           # the way back the message gives
+    assert torch.isfinite(hopt.inner_step((X, y)))
+
+
+def test_all_finite_one_pass_check_matches_the_elementwise_test():
+    from bilevel._errors import all_finite
+
+    big = torch.finfo(torch.float32).max
+    cases = [(torch.ones(3), True), (torch.tensor([1.0, float("nan")]), False),
+             (torch.tensor([float("inf"), -float("inf")]), False),      # the sum is NaN: caught
+             (torch.tensor([big, big]), True),                          # the sum overflows: exact fallback
+             (torch.tensor([1 + 1j, complex(0, float("inf"))]), False), (torch.tensor([1, 2]), True),
+             (torch.empty(0), True)]
+    for t, expected in cases:
+        assert all_finite(t) is expected, t
+        assert all_finite(torch.zeros(2, dtype=torch.float64), t) is expected
