@@ -658,6 +658,11 @@ class HyperOptimizer:
             stats.skipped, stats.error = True, str(err)
         else:
             self.hyper_steps += 1
+            if self._closure_optimizer:
+                # The inner objective changed with the hyperparameters: L-BFGS's curvature pairs (and
+                # the pair it would form from the last gradient of the old objective and the first of
+                # the new) describe another function, and can stall its next line search.
+                self.inner_optimizer.state.clear()
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return stats

@@ -494,3 +494,29 @@ def test_all_finite_one_pass_check_matches_the_elementwise_test():
     for t, expected in cases:
         assert all_finite(t) is expected, t
         assert all_finite(torch.zeros(2, dtype=torch.float64), t) is expected
+
+
+def test_lbfgs_history_is_reset_when_the_hyperparameters_change():
+    """After a hyper step the inner objective is another function: L-BFGS's curvature pairs from the
+    old one (and the pair straddling the change) stalled its line search, leaving the inner gradient
+    at 1e-2 instead of 1e-5 (measured before the reset was added)."""
+    torch.manual_seed(0)
+    X, Xv = torch.randn(200, 10, dtype=DT), torch.randn(200, 10, dtype=DT)
+    w_true = torch.randn(10, dtype=DT) * (torch.arange(10) < 3)
+    y, yv = ((X @ w_true + 0.5 * torch.randn(200, dtype=DT)) > 0).to(DT), (Xv @ w_true > 0).to(DT)
+    model = torch.nn.Linear(10, 1).to(DT)
+    hp, penalty = bl.hparams.weight_decay(model, init=1e-2, per="parameter", exclude=("bias",))
+    bce = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(1), b[1])
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=bce, outer_loss=bce, penalty=penalty,
+                             inner_optimizer=torch.optim.LBFGS(model.parameters(), max_iter=100,
+                                                               line_search_fn="strong_wolfe"),
+                             outer_optimizer=torch.optim.Adam(hp.values(), lr=0.3),
+                             method=bl.Implicit(solver=bl.CG(maxiter=20)), outer_loader=[(Xv, yv)], hyper_every=1)
+    norms, vals = [], []
+    for _ in range(15):
+        hopt.step((X, y))
+        norms.append(hopt.step_stats.inner_grad_norm)
+        vals.append(hopt.step_stats.outer_loss)
+    assert max(norms) < 1e-3, norms
+    assert all(b < a for a, b in zip(vals, vals[1:])), vals
+    assert len(hopt.inner_optimizer.state) == 0             # cleared by the last hyper step
