@@ -44,13 +44,7 @@ def _ce(model, hparams, batch):
 def _epoch_runner(method: Any) -> Callable[[], None]:
     torch.manual_seed(0)
     net = bl.nas.Network(1, 10, dim=1, C=8, layers=1, nodes=4, stem_multiplier=2)
-    alphas = bl.nas.arch_parameters(net)
-    hopt = bl.HyperOptimizer(
-        net, alphas, inner_loss=_ce, outer_loss=_ce,
-        inner_optimizer=torch.optim.SGD(bl.nas.weight_parameters(net).values(), lr=0.05, momentum=0.9,
-                                        weight_decay=3e-4),
-        outer_optimizer=torch.optim.Adam(alphas.values(), lr=6e-3, betas=(0.5, 0.999), weight_decay=1e-3),
-        method=method, on_error="skip")
+    hopt = bl.nas.darts(net, method=method, lr=0.05, arch_lr=6e-3, on_error="skip")
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(2 * STEPS, BATCH, 1, 40, generator=g)
     ys = torch.randint(0, 10, (2 * STEPS, BATCH), generator=g)

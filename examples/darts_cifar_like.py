@@ -64,13 +64,7 @@ def main(smoke: bool = False, seed: int = 0, method: str = "first", verbose: boo
     train, val = (x[:half], y[:half]), (x[half:], y[half:])
 
     net = bl.nas.Network(3, 4, dim=2, C=C, layers=layers, nodes=nodes)
-    alphas = bl.nas.arch_parameters(net)
-    hopt = bl.HyperOptimizer(
-        net, alphas, inner_loss=_ce, outer_loss=_ce,
-        inner_optimizer=torch.optim.SGD(bl.nas.weight_parameters(net).values(), lr=0.05, momentum=0.9,
-                                        weight_decay=3e-4),
-        outer_optimizer=torch.optim.Adam(alphas.values(), lr=6e-3, betas=(0.5, 0.999), weight_decay=1e-3),
-        method=METHODS[method]())
+    hopt = bl.nas.darts(net, method=METHODS[method](), lr=0.05, arch_lr=6e-3)   # DARTS's optimizers
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for epoch in range(epochs):

@@ -125,18 +125,15 @@ def search(train, val, *, method: Any, C: int, layers: int, nodes: int, warmup: 
     g = torch.Generator().manual_seed(seed)
     net = bl.nas.Network(1, 10, dim=1, C=C, layers=layers, nodes=nodes, stem_multiplier=2, stem_kernel=stem_kernel,
                          primitives=SEARCH_OPS, weighting=weighting)
-    alphas = bl.nas.arch_parameters(net)
-    weights = bl.nas.weight_parameters(net)
-    inner_opt = torch.optim.SGD(weights.values(), lr=lr, momentum=0.9, weight_decay=3e-4)
-    steps_per_epoch = len(train[1]) // batch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(inner_opt, (warmup + epochs) * steps_per_epoch, eta_min=1e-3)
-    outer_opt = torch.optim.Adam(alphas.values(), lr=6e-3, betas=(0.5, 0.999), weight_decay=1e-3)
     def outer_loss(model, hparams, batch):
         loss = _ce(model, hparams, batch)
         return loss + zero_one * bl.nas.zero_one_loss(model) if weighting == "sigmoid" else loss
 
-    hopt = bl.HyperOptimizer(net, alphas, inner_loss=_ce, outer_loss=outer_loss, inner_optimizer=inner_opt,
-                             outer_optimizer=outer_opt, method=method)
+    # DARTS's optimizers (SGD on the weights, Adam(betas 0.5, 0.999; decay 1e-3) on α), our step sizes
+    hopt = bl.nas.darts(net, method=method, inner_loss=_ce, outer_loss=outer_loss, lr=lr, arch_lr=6e-3)
+    steps_per_epoch = len(train[1]) // batch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(hopt.inner_optimizer, (warmup + epochs) * steps_per_epoch,
+                                                       eta_min=1e-3)
     t0 = time.perf_counter()
     net.train()
     for epoch in range(warmup + epochs):

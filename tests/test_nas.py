@@ -109,11 +109,8 @@ def _mse(m, h, b):
 
 
 def _hopt(net, method, lr=0.1, momentum=0.0, loss=_ce):
-    alphas = bl.nas.arch_parameters(net)
-    return bl.HyperOptimizer(net, alphas, inner_loss=loss, outer_loss=loss,
-                             inner_optimizer=torch.optim.SGD(bl.nas.weight_parameters(net).values(), lr=lr,
-                                                             momentum=momentum),
-                             outer_optimizer=torch.optim.Adam(alphas.values(), lr=3e-3), method=method)
+    return bl.nas.darts(net, method=method, inner_loss=loss, lr=lr, momentum=momentum, weight_decay=0.0,
+                        arch_lr=3e-3, arch_betas=(0.9, 0.999), arch_weight_decay=0.0)
 
 
 def _one_step_oracle(net, batch, val, xi, loss=F.cross_entropy):
@@ -240,9 +237,8 @@ def test_planted_operation_is_recovered(method):
     train, val = _planted_data(256, 1), _planted_data(256, 2)
     alphas = bl.nas.arch_parameters(model)
     assert list(alphas) == ["mix.alpha"]
-    hopt = bl.HyperOptimizer(model, alphas, inner_loss=_mse, outer_loss=_mse,
-                             inner_optimizer=torch.optim.SGD(bl.nas.weight_parameters(model).values(), lr=0.1),
-                             outer_optimizer=torch.optim.Adam(alphas.values(), lr=0.05), method=method)
+    hopt = bl.nas.darts(model, method=method, inner_loss=_mse, lr=0.1, momentum=0.0, weight_decay=0.0,
+                        arch_lr=0.05, arch_betas=(0.9, 0.999), arch_weight_decay=0.0)
     for _ in range(120):
         for _ in range(5):
             hopt.inner_step(train)
@@ -485,6 +481,30 @@ def test_search_step_on_darts_cells(dim, method):
     g = bl.nas.derive(net)
     child = bl.nas.Network(1, 3, dim=dim, C=4, layers=1, nodes=2, stem_multiplier=1, genotype=g).to(DT)
     assert child(val[0]).shape == (val[0].shape[0], 3)
+
+
+def test_darts_helper_builds_the_paper_search():
+    """bl.nas.darts: α are the hyperparameters, every other parameter the inner variables, with the
+    optimizers and numbers of Liu et al. (2019); losses, method and HyperOptimizer options pass through."""
+    net, batch, val = _tiny_search(dim=1)
+    hopt = bl.nas.darts(net, outer_loader=[val], hyper_every=2)
+    alphas, weights = bl.nas.arch_parameters(net), bl.nas.weight_parameters(net)
+    held = {id(p) for g in hopt.inner_optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in weights.values()} and not held & {id(a) for a in alphas.values()}
+    assert list(hopt.hparams) == list(alphas) and isinstance(hopt.method, bl.FirstOrder)
+    i, o = hopt.inner_optimizer.defaults, hopt.outer_optimizer.defaults
+    assert (type(hopt.inner_optimizer), i["lr"], i["momentum"], i["weight_decay"]) == (torch.optim.SGD, 0.025, 0.9, 3e-4)
+    assert (type(hopt.outer_optimizer), o["lr"], o["betas"], o["weight_decay"]) == (torch.optim.Adam, 3e-4, (0.5, 0.999), 1e-3)
+    before = {k: v.detach().clone() for k, v in alphas.items()}
+    hopt.step(batch)
+    hopt.step(batch)
+    assert hopt.hyper_steps == 1 and any(not torch.equal(before[k], v) for k, v in alphas.items())
+    # the default loss is cross-entropy of model(x): the first-order hypergradient is its α-gradient
+    hg, _ = hopt.hypergradient(batch, val)
+    ref = torch.autograd.grad(F.cross_entropy(net(val[0]), val[1]), list(alphas.values()))
+    assert all(torch.allclose(hg[k], r, rtol=1e-10, atol=1e-12) for k, r in zip(alphas, ref))
+    with pytest.raises(ValueError, match="architecture weights"):
+        bl.nas.darts(nn.Linear(2, 2))
 
 
 def test_reduction_cells_2d_shapes():

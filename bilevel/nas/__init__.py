@@ -4,6 +4,7 @@ A search space is a supernet whose edges are :class:`MixedOp` (``Σ softmax(α)_
 architecture weights ``α`` live in the model and are the hyperparameters of a bilevel problem
 (Liu et al. 2019)::
 
+    hopt = bl.nas.darts(net, method=bl.FirstOrder())          # DARTS's optimizers and numbers; or, spelled out:
     alphas = bl.nas.arch_parameters(net)                      # hparams: every α
     hopt = bl.HyperOptimizer(
         net, alphas, inner_loss=ce, outer_loss=ce,
@@ -25,6 +26,7 @@ from ._cell import Cell, Network, edge_name
 from ._derive import Argmax, Perturbation, derive, parameter_free_edges
 from ._mixed import (MixedOp, WEIGHTINGS, annealed_temperature, arch_parameters, expected_cost, mixed_ops,
                      set_temperature, weight_parameters, zero_one_loss)
+from ._search import cross_entropy_loss, darts
 from ._ops import (OPS, PARAMETER_FREE, PRIMITIVES, DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN,
                    SepConv, Zero, make_op)
 
@@ -32,7 +34,7 @@ __all__ = [
     "MixedOp", "WEIGHTINGS", "arch_parameters", "weight_parameters", "mixed_ops", "set_temperature",
     "annealed_temperature", "expected_cost", "zero_one_loss",
     "Cell", "Network", "edge_name",
-    "derive", "Argmax", "Perturbation", "parameter_free_edges",
+    "derive", "Argmax", "Perturbation", "parameter_free_edges", "darts", "cross_entropy_loss",
     "PRIMITIVES", "PARAMETER_FREE", "OPS", "make_op", "Zero", "Identity", "ReLUConvBN", "DilConv", "SepConv",
     "FactorizedReduce", "PoolBN",
 ]

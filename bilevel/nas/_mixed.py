@@ -202,10 +202,7 @@ def weight_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter of ``model`` that is not an architecture weight: the inner variables.
 
     Returns:
-        ``dict[str, nn.Parameter]`` (names of ``model.named_parameters()``).
-
-    Returns:
-        ``dict[str, nn.Parameter]`` (name → parameter, of any shapes).
+        ``dict[str, nn.Parameter]`` (names of ``model.named_parameters()``; any shapes).
 
     Example:
         >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
