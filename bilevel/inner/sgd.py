@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
 from ._base import InnerOptimizer, Num, zeros_tree
@@ -92,13 +93,24 @@ class SGD(InnerOptimizer):
         first = state.step == 0
         new_p: dict[str, Tensor] = {}
         new_buf: dict[str, Tensor] = {}
+        # One fused op (torch.add with alpha) per update wherever the number is a float: fewer
+        # autograd nodes and saved tensors per unrolled step; tensor hyperparameters (a tuned lr,
+        # momentum, decay) take the spelled-out form, differentiable in them.
+        def axpy(y: Tensor, a: Any, x: Tensor) -> Tensor:      # y + a·x
+            return torch.add(y, x, alpha=a) if isinstance(a, (int, float)) else y + a * x
+
         for k, p in params.items():
             g = grads[k]
             if not self._is_zero(self.weight_decay):
-                g = g + wd * p
+                g = axpy(g, wd, p)
             if self._uses_momentum:
-                buf = g if first else mom * state.momentum_buffer[k] + (1 - damp) * g
+                if first:
+                    buf = g
+                elif isinstance(damp, (int, float)):                 # torch.optim's buf·μ + (1−d)·g
+                    buf = axpy(state.momentum_buffer[k] * mom, 1 - damp, g)
+                else:
+                    buf = mom * state.momentum_buffer[k] + (1 - damp) * g
                 new_buf[k] = buf
-                g = g + mom * buf if self.nesterov else buf
-            new_p[k] = p - lr * g
+                g = axpy(g, mom, buf) if self.nesterov else buf
+            new_p[k] = axpy(p, -lr, g) if isinstance(lr, (int, float)) else p - lr * g
         return new_p, SGDState(new_buf, state.step + 1)
