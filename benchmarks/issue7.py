@@ -276,8 +276,8 @@ def accuracy_curves(prob: Quadratic, ks: Sequence[int] = ACCURACY_KS, truncate_T
     add("Identity", 0, 0, hg)
     for k in ks:
         for name, solver in (("CG", bl.CG(maxiter=k, tol=0.0)), ("Neumann (auto α)", bl.Neumann(steps=k)),
-                             ("Nyström", bl.Nystrom(rank=k))):
-            if name == "Nyström" and k > w_star[next(iter(w_star))].numel():
+                             ("Nyström", bl.Nystrom(rank=k)), ("Nyström (ρ = 1e-3)", bl.Nystrom(rank=k, rho=1e-3))):
+            if name.startswith("Nyström") and k > w_star[next(iter(w_star))].numel():
                 continue
             try:
                 hg = bl.implicit_hypergrad(prob.inner, prob.outer, w_star, prob.hparams, solver=solver, **kw)

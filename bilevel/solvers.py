@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -473,11 +473,17 @@ class Nystrom(Solver):
     coordinate columns, or a Gaussian sketch), and returns ``(Â + ρI)⁻¹ b``
     from an eigendecomposition of the rank-``k`` factor. No step size, no
     divergence; cost ``rank`` products (+1 for the residual), memory ``O(P·rank)``.
-    With ``rank ≥ P`` it is exact up to ``rho``.
+    With ``rank ≥ P`` it is exact (up to ``rho`` when a number is given).
 
     Args:
         rank: number of sampled columns / sketch vectors ``k``.
-        rho: regularization ``ρ > 0`` of the low-rank approximation.
+        rho: ``"auto"`` (default): ``x = U Λ⁻¹ Uᵀ b + (b − U Uᵀ b) / λ_k`` with ``Â = U Λ Uᵀ``
+            and ``λ_k`` its smallest eigenvalue: the captured subspace is inverted exactly and
+            the unseen rest of the spectrum is taken to be ``λ_k``; scale-free, exact when
+            ``rank ≥ P``. A number ``ρ > 0``: ``(Â + ρI)⁻¹ b`` (Hataya & Yamada's
+            regularization), which must be on the scale of ``H``'s small eigenvalues: the former
+            default 1e-3 gave hypergradients orders of magnitude off on the problems of
+            benchmarks/RESULTS.md §1 (both are tabulated there).
         damping: added to the diagonal of ``H``.
         sketch: ``"columns"`` (uniformly sampled coordinates, as in the paper) or
             ``"gaussian"`` (randomized Nyström, better spectral approximation).
@@ -496,7 +502,7 @@ class Nystrom(Solver):
     """
 
     rank: int = 10
-    rho: float = 1e-3
+    rho: Union[float, str] = "auto"
     damping: float = 0.0
     sketch: str = "columns"
     seed: int = 0
@@ -504,7 +510,11 @@ class Nystrom(Solver):
 
     def __post_init__(self) -> None:
         _check_number("bilevel.Nystrom", "rank", self.rank, low=1, integer=True)
-        _check_number("bilevel.Nystrom", "rho", self.rho, strict=True)
+        if isinstance(self.rho, str):
+            if self.rho != "auto":
+                raise ValueError(f"bilevel.Nystrom: expected rho 'auto' or a number > 0, got {self.rho!r}.")
+        else:
+            _check_number("bilevel.Nystrom", "rho", self.rho, strict=True)
         _check_number("bilevel.Nystrom", "damping", self.damping)
         if self.sketch not in ("columns", "gaussian"):
             raise ValueError(f"bilevel.Nystrom: expected sketch 'columns' or 'gaussian', got {self.sketch!r}.")
@@ -545,7 +555,13 @@ class Nystrom(Solver):
         # projection leaves O(eps·‖b‖) rounding that the 1/ρ factor would amplify.
         perp = b - U @ Utb
         perp = perp - U @ (U.mT @ perp)
-        x = U @ (Utb / (lam + self.rho)) + perp / self.rho
+        if self.rho == "auto":
+            # Â's own smallest eigenvalue stands in for the unseen rest of the spectrum, on the
+            # complement of Â's range only: scale-free, and exact once rank ≥ P
+            rho_c = lam.min().clamp_min(torch.finfo(b.dtype).tiny) if lam.numel() else bnorm.new_tensor(1.0)
+            x = U @ (Utb / lam) + perp / rho_c
+        else:
+            x = U @ (Utb / (lam + self.rho)) + perp / self.rho
         res = math.nan
         if self.residual:
             res = self._residual(A, x, b)

@@ -87,6 +87,24 @@ def test_nystrom_error_shrinks_with_rank():
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-8, errs
 
 
+@pytest.mark.parametrize("sketch", ["columns", "gaussian"])
+def test_nystrom_auto_rho_is_exact_at_full_rank_scale_free_and_bounded(sketch):
+    """rho="auto" (the default): the captured subspace is inverted exactly and the rest of the
+    spectrum is taken to be Â's smallest eigenvalue. Exact at full rank, equivariant under scaling
+    of H (x(cH) = x(H)/c, which no fixed ρ is), and far from the 1/ρ blow-up of a fixed ρ = 1e-3 on a
+    Hessian whose small eigenvalues are ≫ 1e-3."""
+    A, b = spd(30, 50.0, 4), torch.randn(30, generator=torch.Generator().manual_seed(9), dtype=DT)
+    ref = torch.linalg.solve(A, b)
+    assert bl.Nystrom().rho == "auto"
+    assert rel_err(solve(bl.Nystrom(rank=30, sketch=sketch), A, b)["x"], ref) < 1e-10
+    for k in (3, 10):
+        x = solve(bl.Nystrom(rank=k, sketch=sketch), A, b)["x"]
+        x_scaled = solve(bl.Nystrom(rank=k, sketch=sketch), 1e3 * A, b)["x"]
+        assert rel_err(1e3 * x_scaled, x) < 1e-10
+        # a rank-k answer is biased (error O(1) here), but not blown up by 1/ρ outside the sketch
+        assert rel_err(x, ref) < 1.5 < rel_err(solve(bl.Nystrom(rank=k, rho=1e-3, sketch=sketch), A, b)["x"], ref)
+
+
 def test_identity_is_scaled_rhs_and_reports_residual():
     A, b = spd(5, 4.0, 2), torch.randn(5, dtype=DT)
     x = solve(bl.Identity(scale=0.5, damping=1.0), A, b)
@@ -199,6 +217,8 @@ def test_config_validation_messages():
         bl.Nystrom(rho=0.0)
     with pytest.raises(ValueError, match="sketch"):
         bl.Nystrom(sketch="svd")
+    with pytest.raises(ValueError, match="rho 'auto' or a number"):
+        bl.Nystrom(rho="median")
     with pytest.raises(ValueError, match="on_indefinite"):
         bl.CG(on_indefinite="ignore")
 
