@@ -296,7 +296,7 @@ def headline(res: Dict[str, Any], brief: bool = False) -> List[List[str]]:
                 n, wins, fast = len(runs), cmp["wins"], cmp["min_speedup"] >= 10
                 status = ("met" if wins == n and fast else
                           f"lower loss {wins}/{n}: {'met' if wins == n else 'missed'}; "
-                          f"time ≥ 1/10 on every split: {'met' if fast else 'missed'}")
+                          f"time ≤ 1/10 of TPE's on every split: {'met' if fast else 'missed'}")
                 rows.append([f"HPO {name} ({runs[0]['n_hparams']} decays, {n} splits): {label} vs "
                              f"TPE-{cmp['tpe_evaluations']}",
                              f"val CE lower on {wins}/{n} splits (mean {f(cmp['mean_val'], 3)} vs "
