@@ -227,8 +227,9 @@ def _ids(tensors: Iterable[Tensor]) -> set[int]:
 
 def _clone_state(x: Any) -> Any:
     """A copy of an optimizer ``state_dict()`` that ``step()`` cannot change: tensors cloned,
-    containers rebuilt, other values shared (they are immutable). Several times faster than
-    ``copy.deepcopy``, which a hyper step and an L-BFGS inner step take every time."""
+    containers rebuilt, immutable values shared, anything else deep-copied. Several times faster
+    than ``copy.deepcopy`` of the whole state, which a hyper step and an L-BFGS inner step take
+    every time."""
     if isinstance(x, Tensor):
         return x.detach().clone()
     if isinstance(x, dict):
@@ -237,7 +238,9 @@ def _clone_state(x: Any) -> Any:
         return [_clone_state(v) for v in x]
     if isinstance(x, tuple):
         return tuple(_clone_state(v) for v in x)
-    return copy.copy(x) if isinstance(x, (set, bytearray)) else x
+    if x is None or isinstance(x, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+        return x
+    return copy.deepcopy(x)          # anything else a custom optimizer keeps (numpy arrays, sets...)
 
 
 #: inner optimizers that evaluate the loss several times per step and so need a closure
