@@ -283,6 +283,11 @@ class HyperOptimizer:
             Buffers (BatchNorm statistics) are broadcast from the first rank before every inner
             and hyper step, as DDP does before every forward (unless the DDP wrapper was built
             with ``broadcast_buffers=False``). ``None``: no communication.
+        clip_grad_norm: clip the inner gradient to this total 2-norm before each
+            ``inner_optimizer.step()`` (``torch.nn.utils.clip_grad_norm_``'s rule; DARTS clips its
+            weights at 5). Under data parallelism the norm is that of the averaged gradient, so
+            every rank clips alike. Not with ``torch.optim.LBFGS`` (a line search on a clipped
+            gradient is not a line search).
 
     Shapes: ``hparams`` is a tree of any leaf shapes (a per-weight decay has the shapes of the
     weights); batches are whatever the losses take; the losses return 0-dim tensors, and so does
@@ -319,6 +324,7 @@ class HyperOptimizer:
         on_error: str = "raise",
         penalty: Optional[Callable[..., Tensor]] = None,
         process_group: Any = "auto",
+        clip_grad_norm: Optional[float] = None,
     ) -> None:
         fn = "bilevel.HyperOptimizer"
         ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
@@ -388,7 +394,14 @@ class HyperOptimizer:
                              f"outside it, so they would never be "
                              f"updated. Fix: build outer_optimizer over hparams.values().")
 
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+                                           or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
+            raise ValueError(f"{fn}: expected clip_grad_norm None or a finite number > 0, got {clip_grad_norm!r}.")
         closure_opt = isinstance(inner_optimizer, _CLOSURE_OPTIMIZERS)
+        if closure_opt and clip_grad_norm is not None:
+            raise ValueError(f"{fn}: clip_grad_norm does not go with {type(inner_optimizer).__name__}: its line "
+                             f"search needs the true gradient. Fix: clip_grad_norm=None, or an SGD/Adam inner "
+                             f"optimizer.")
         if closure_opt and isinstance(method, Unrolled):
             raise ValueError(f"{fn}: method bl.Unrolled differentiates copies of the inner optimizer's steps, and "
                              f"{type(inner_optimizer).__name__} (a line search) has no differentiable copy. "
@@ -398,6 +411,7 @@ class HyperOptimizer:
         self.model = model
         self.ddp = ddp
         self._closure_optimizer = closure_opt
+        self.clip_grad_norm = clip_grad_norm
         #: the process group of data-parallel hyper steps (None: one process); see bilevel.distributed
         self.group = check_group(process_group, fn)
         # like DDP does for the weights: every rank starts from rank 0's hyperparameters
@@ -471,6 +485,8 @@ class HyperOptimizer:
             return loss.detach()
         for p, g in zip(leaves, grads):
             p.grad = g
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(leaves, self.clip_grad_norm)
         self.inner_optimizer.step()
         self.inner_steps += 1
         return loss.detach()

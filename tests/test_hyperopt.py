@@ -520,3 +520,38 @@ def test_lbfgs_history_is_reset_when_the_hyperparameters_change():
     assert max(norms) < 1e-3, norms
     assert all(b < a for a, b in zip(vals, vals[1:])), vals
     assert len(hopt.inner_optimizer.state) == 0             # cleared by the last hyper step
+
+
+def test_clip_grad_norm_equals_the_plain_torch_loop():
+    """clip_grad_norm= clips like torch.nn.utils.clip_grad_norm_ in an ordinary loop (the oracle),
+    and is refused with L-BFGS or a non-positive norm."""
+    X, y = _data()
+    runs = []
+    for use_hopt in (True, False):
+        model = _logreg()
+        hp, pen = bl.hparams.weight_decay(model, init=1e-2)
+        loss = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        norms = []
+        if use_hopt:
+            hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, penalty=pen, inner_optimizer=opt,
+                                     outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1), clip_grad_norm=0.05)
+        for _ in range(5):
+            if use_hopt:
+                hopt.inner_step((X, y))
+            else:
+                opt.zero_grad()
+                (loss(model, hp, (X, y)) + pen(dict(model.named_parameters()), hp)).backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
+                opt.step()
+        runs.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    assert min(norms) > 0.05                                 # clipping was active at every step
+    for k in runs[0]:
+        assert torch.allclose(runs[0][k], runs[1][k], rtol=1e-13, atol=1e-15), k
+    model = _logreg()
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2)
+    kw = dict(inner_loss=loss, outer_loss=loss, penalty=pen, outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1))
+    with pytest.raises(ValueError, match="line search needs the true gradient"):
+        bl.HyperOptimizer(model, hp, inner_optimizer=_lbfgs(model.parameters()), clip_grad_norm=1.0, **kw)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        bl.HyperOptimizer(model, hp, inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1), clip_grad_norm=0.0, **kw)

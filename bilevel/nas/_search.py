@@ -60,7 +60,7 @@ def darts(
         lr, momentum, weight_decay: the weights' SGD.
         arch_lr, arch_betas, arch_weight_decay: α's Adam.
         **kwargs: passed to :class:`bilevel.HyperOptimizer` (``outer_loader``, ``hyper_every``,
-            ``on_error``, ``process_group``...).
+            ``on_error``, ``process_group``, ``clip_grad_norm=5.0`` as DARTS clips its weights...).
 
     Returns:
         The configured :class:`bilevel.HyperOptimizer`: ``hopt.step(train_batch)`` with an
