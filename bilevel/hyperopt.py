@@ -30,7 +30,7 @@ from ._rng import set_state as set_rng
 from ._io import atomic_save
 from ._tree import Tree, tree_detach, tree_norm
 from .distributed import all_reduce_mean_list, broadcast_from_first_, check_group, world_size
-from .implicit import implicit_hypergrad
+from .implicit import implicit_hypergrad, warm_startable
 from .inner import from_torch
 from .solvers import Neumann
 from .unroll import UNROLL_MODES, _one_step_finite_difference, unrolled_hypergrad
@@ -46,6 +46,10 @@ class Implicit:
     Args:
         solver: linear solver for ``H u = ∂_w L_V`` (default ``bl.Neumann(steps=10)``).
         hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"``.
+        warm_start: start each solve from the previous hyper step's adjoint ``u`` (kept by the
+            HyperOptimizer and in its checkpoints). Weights and hyperparameters move little
+            between hyper steps, so the solver continues where it stopped and a fixed budget
+            (``CG(maxiter=k)``) buys more accuracy over the run. Needs ``bl.CG`` or ``bl.Neumann``.
 
     Example:
         >>> model = nn.Linear(3, 1)
@@ -63,6 +67,14 @@ class Implicit:
 
     solver: Any = field(default_factory=lambda: Neumann(steps=10))
     hvp_mode: str = "auto"
+    warm_start: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"bilevel.Implicit: expected warm_start True or False, got {self.warm_start!r}.")
+        if self.warm_start and not warm_startable(self.solver):
+            raise ValueError(f"bilevel.Implicit: warm_start=True needs a solver that takes a starting point "
+                             f"(bl.CG, bl.Neumann), got {type(self.solver).__name__}. Fix: solver=bl.CG(...).")
 
 
 @dataclass(frozen=True)
@@ -431,6 +443,9 @@ class HyperOptimizer:
         self.penalty = penalty
         self._call = _LossCall(model)
         self._outer_iter: Optional[Iterator[Any]] = None
+        #: the last accepted hyper step's adjoint u (Implicit(warm_start=True)), else None
+        self._adjoint: Optional[dict[str, Tensor]] = None
+        self._pending_adjoint: Optional[dict[str, Tensor]] = None
         self.inner_steps = 0
         self.hyper_steps = 0
         self.outer_batches = 0
@@ -576,6 +591,7 @@ class HyperOptimizer:
     def hypergradient(self, inner_batch: Any, outer_batch: Any) -> tuple[Tree, HyperStepStats]:
         """The hypergradient of the current method at the current weights (nothing is updated)."""
         stats = HyperStepStats(method=type(self.method).__name__)
+        self._pending_adjoint = None
         if self._sync_buffers:
             broadcast_from_first_(list(self.model.buffers()), self.group)
         live = self._params()
@@ -592,8 +608,9 @@ class HyperOptimizer:
         if isinstance(m, Implicit):
             hg = implicit_hypergrad(f_in, f_out, params, self.hparams, solver=m.solver, hvp_mode=m.hvp_mode,
                                     inner_args=(inner_batch,), outer_args=(outer_batch,), penalty=pen,
-                                    group=self.group)
+                                    group=self.group, u0=self._adjoint if m.warm_start else None)
             info = hg.info
+            self._pending_adjoint = info.adjoint if m.warm_start else None
             stats.outer_loss, stats.inner_grad_norm = info.outer_loss, info.inner_grad_norm
             if info.solver is not None:
                 stats.solver_iterations = info.solver.iterations
@@ -677,6 +694,8 @@ class HyperOptimizer:
             stats.skipped, stats.error = True, str(err)
         else:
             self.hyper_steps += 1
+            if self._pending_adjoint is not None:        # warm start of the next solve (Implicit)
+                self._adjoint = self._pending_adjoint
             if self._closure_optimizer:
                 # The inner objective changed with the hyperparameters: L-BFGS's curvature pairs (and
                 # the pair it would form from the last gradient of the old objective and the first of
@@ -727,6 +746,7 @@ class HyperOptimizer:
                          "outer_batches": self.outer_batches, "skipped": self.skipped,
                          "calls": self._calls},
             "rng": {"cpu": cpu, "cuda": list(cuda) if cuda is not None else []},
+            "adjoint": None if self._adjoint is None else {k: v.clone() for k, v in self._adjoint.items()},
             "version": 1,
         }
 
@@ -778,5 +798,7 @@ class HyperOptimizer:
         self.inner_steps, self.hyper_steps = int(c["inner_steps"]), int(c["hyper_steps"])
         self.outer_batches, self.skipped, self._calls = int(c["outer_batches"]), int(c["skipped"]), int(c["calls"])
         self._outer_iter = None
+        adj = state.get("adjoint")                # absent in checkpoints written before warm starts
+        self._adjoint = None if adj is None else {k: v.clone() for k, v in adj.items()}
         cuda = state["rng"]["cuda"]
         set_rng((state["rng"]["cpu"], cuda if cuda else None))

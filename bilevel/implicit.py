@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._errors import (NonFiniteError, all_finite, check_finite_scalar, check_finite_tree, check_scalar, check_tree)
+from ._errors import (NonFiniteError, all_finite, check_finite_scalar, check_finite_tree, check_like, check_scalar,
+                      check_tree)
 from ._tree import Tree, tree_detach
 from .distributed import all_reduce_mean_list, check_group, world_size
 from .hvp import HessianOperator
@@ -53,6 +54,9 @@ class HypergradInfo:
     outer_loss: float
     solver: Optional[SolverInfo]
     hvp_mode: str
+    #: the adjoint ``u = (H + damping I)⁻¹ ∂_w L_V`` (keys of params, detached): pass it as the next
+    #: call's ``u0`` to warm-start the solve when params and hparams moved little
+    adjoint: Optional[Tree] = None
 
 
 class Hypergrad(dict):
@@ -77,14 +81,25 @@ class Hypergrad(dict):
         self.info = info
 
 
-def solve_adjoint(op: HessianOperator, b: Mapping[str, Tensor], solver: Any) -> tuple[Tree, Optional[SolverInfo]]:
-    """Solve ``(H + damping I) u = b`` with ``solver`` on the operator ``op``.
+def warm_startable(solver: Any) -> bool:
+    """Whether ``solver`` takes a starting point (``solve_flat(matvec, b, x0)``): bl.CG, bl.Neumann."""
+    import inspect
+
+    return isinstance(solver, Solver) and "x0" in inspect.signature(solver.solve_flat).parameters
+
+
+def solve_adjoint(op: HessianOperator, b: Mapping[str, Tensor], solver: Any,
+                  u0: Optional[Mapping[str, Tensor]] = None) -> tuple[Tree, Optional[SolverInfo]]:
+    """Solve ``(H + damping I) u = b`` with ``solver`` on the operator ``op`` (from ``u0`` if given).
 
     Built-in solvers run on flat buffers; any other callable ``solver(matvec, b) -> tree``
     gets tree-valued ``matvec`` (the seam of API.md).
     """
     if isinstance(solver, Solver):
-        x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b))
+        if u0 is not None:
+            x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b), x0=op.flat.flatten(u0))
+        else:
+            x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b))
         return op.flat.unflatten(x), info
     if not callable(solver):
         raise TypeError(f"bilevel: expected `solver` to be a bl.Solver or a callable solver(matvec, b) -> tree, "
@@ -115,6 +130,7 @@ def implicit_hypergrad(
     check_finite: bool = True,
     penalty: Optional[Callable[..., Tensor]] = None,
     group: Any = None,
+    u0: Optional[Mapping[str, Tensor]] = None,
 ) -> Hypergrad:
     """Hypergradient ``dL_V/dhparams`` at an (approximately) stationary point of the inner loss.
 
@@ -141,10 +157,16 @@ def implicit_hypergrad(
             mixed product are averaged over the ranks, so every rank returns the global-batch
             hypergradient, bit-identical across ranks (:mod:`bilevel.distributed`). ``"auto"``:
             the default group when ``torch.distributed`` is initialized with more than one rank.
+        u0: a starting point for the adjoint solve (keys and shapes of ``params``), typically the
+            previous call's ``hg.info.adjoint``: across hyper steps that move params and hparams
+            a little, a warm-started solver continues where the last one stopped, so a fixed
+            iteration budget buys more accuracy. Needs a solver that takes one (``bl.CG``,
+            ``bl.Neumann``).
 
     Returns:
         :class:`Hypergrad`: a tree with the keys and shapes of ``hparams`` and
-        ``.info`` (:class:`HypergradInfo`: inner gradient norm, losses, solver diagnostics).
+        ``.info`` (:class:`HypergradInfo`: inner gradient norm, losses, solver diagnostics, the
+        adjoint ``u``).
 
     Shapes: ``params`` and ``hparams`` are trees of any leaf shapes; the result has the keys and
     shapes of ``hparams``. The losses must return 0-dim tensors.
@@ -172,9 +194,17 @@ def implicit_hypergrad(
     outer_args = _resolve_args(outer_args, fn, "outer_args")
     solver = CG() if solver is None else solver
     group = check_group(group, fn)
+    if u0 is not None:
+        u0 = check_tree(u0, fn, "u0")
+        check_like(params, u0, fn, "params", "u0")
+        if not warm_startable(solver):
+            raise TypeError(f"{fn}: expected a solver that takes a starting point (bl.CG, bl.Neumann) with u0=, got "
+                            f"{type(solver).__name__}. Fix: solver=bl.CG(...), or u0=None.")
     if check_finite:
         check_finite_tree(params, fn, "params")
         check_finite_tree(hparams, fn, "hparams")
+        if u0 is not None:
+            check_finite_tree(u0, fn, "u0")
 
     # (1) b = ∂_w L_V and the direct term ∂_λ L_V.
     w = tree_detach(params, requires_grad=True)
@@ -209,14 +239,15 @@ def implicit_hypergrad(
             f"{fn}: expected every hyperparameter to reach inner_loss (or penalty) or outer_loss, got {unused} "
             f"reaching neither (their hypergradient would be zero forever). Fix: remove them from hparams, or "
             f"read them as hparams[key] inside a loss (a tensor captured from elsewhere is not the one passed).")
-    u, sinfo = solve_adjoint(op, b, solver)
+    u, sinfo = solve_adjoint(op, b, solver, u0)
 
     # (3) hypergrad = ∂_λ L_V − ∇_λ <∂_w L_T, u>.
     mixed = op.mixed_vjp(u)
     hg = {k: direct[k] - mixed[k] for k in hparams}
     if check_finite:
         check_finite_tree(hg, fn, "the hypergradient")
-    info = HypergradInfo(float(op.grad_norm), float(op.loss), float(lv.detach()), sinfo, op.mode)
+    info = HypergradInfo(float(op.grad_norm), float(op.loss), float(lv.detach()), sinfo, op.mode,
+                         {k: v.detach() for k, v in u.items()})
     return Hypergrad(hg, info)
 
 

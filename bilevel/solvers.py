@@ -412,7 +412,10 @@ class Neumann(Solver):
         _check_number("bilevel.Neumann", "max_growth", self.max_growth, low=1.0)
         _check_number("bilevel.Neumann", "check_every", self.check_every, low=1, integer=True)
 
-    def solve_flat(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, SolverInfo]:
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
+        """As :meth:`Solver.solve_flat`; ``x0`` (shape ``(P,)``) warm-starts the series: it then sums
+        ``x0 + α Σ_j (I − αA)^j r₀`` with ``r₀ = b − A x0`` (Richardson iteration from ``x0``, one
+        more product)."""
         A = self._damped(matvec)
         bnorm = self._check_b(b)
         matvecs = 0
@@ -434,10 +437,14 @@ class Neumann(Solver):
         from .kernels import neumann_step
 
         backend = "triton" if _use_triton(self.backend, b, "bilevel.Neumann") else "torch"
-        p = b.clone()
-        acc = b.clone()
+        r0 = b
+        if x0 is not None:
+            r0 = b - A(x0)
+            matvecs += 1
+        p = r0.clone()
+        acc = r0.clone()
         alpha_t = torch.tensor(alpha, dtype=b.dtype, device=b.device)
-        limit = self.max_growth * bnorm
+        limit = self.max_growth * (bnorm if x0 is None else torch.linalg.vector_norm(r0))
         for j in range(1, self.steps + 1):
             sq = neumann_step(p, A(p), acc, alpha_t, backend=backend)   # in place: p ← p − αAp; acc += p
             matvecs += 1
@@ -451,7 +458,7 @@ class Neumann(Solver):
                         f"negative curvature. Fix: use alpha=None (chosen by power iteration), a smaller alpha, "
                         f"damping > 0, or the CG solver."
                     )
-        x = alpha * acc
+        x = alpha * acc if x0 is None else x0 + alpha * acc
         res = float(torch.linalg.vector_norm(p))
         info = SolverInfo("Neumann", self.steps, matvecs, res, float(bnorm), True,
                           {"alpha": alpha, "lambda_max": lam_max, "residual_is_bound": True})

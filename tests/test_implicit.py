@@ -7,7 +7,7 @@ import torch
 
 import bilevel as bl
 
-from conftest import rel_err
+from conftest import rel_err, tree_rel_err
 
 DT = torch.float64
 
@@ -304,3 +304,55 @@ def test_implicit_diff_penalty_argument():
     h = {"lam": P["lam"].clone().requires_grad_(True)}
     ridge_outer(ridge(h, P["X"], P["y"]), None, P["Xv"], P["yv"]).backward()
     assert rel_err(h["lam"].grad, P["ref"]) < 1e-8
+
+
+# -- warm starts ----------------------------------------------------------------------------------
+def _ridge_sequence(d=30, n=80, seed=0):
+    """Per-feature ridge: inner(w, h) = ½‖Xw − y‖²/n + ½ Σ e^{h_j} w_j², its exact argmin, an outer loss."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    Xv, yv = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    inner = lambda p, h: 0.5 * ((X @ p["w"] - y) ** 2).mean() + 0.5 * (h["l"].exp() * p["w"] ** 2).sum()
+    outer = lambda p, h: 0.5 * ((Xv @ p["w"] - yv) ** 2).mean()
+
+    def argmin(h):
+        return {"w": torch.linalg.solve(X.T @ X / n + torch.diag(h["l"].exp()), X.T @ y / n)}
+    return inner, outer, argmin, d
+
+
+def test_u0_at_the_solution_needs_no_iterations_and_changes_nothing():
+    inner, outer, argmin, d = _ridge_sequence()
+    h = {"l": torch.full((d,), -3.0, dtype=torch.float64)}
+    w = argmin(h)
+    exact = bl.implicit_hypergrad(inner, outer, w, h, solver=bl.Exact())
+    cold = bl.implicit_hypergrad(inner, outer, w, h, solver=bl.CG(maxiter=200, tol=1e-12))
+    warm = bl.implicit_hypergrad(inner, outer, w, h, solver=bl.CG(maxiter=200, tol=1e-8), u0=exact.info.adjoint)
+    assert warm.info.solver.iterations == 0 and cold.info.solver.iterations > 10
+    assert tree_rel_err(warm, exact) < 1e-10 and tree_rel_err(cold, exact) < 1e-8
+    neu = bl.implicit_hypergrad(inner, outer, w, h, solver=bl.Neumann(steps=3), u0=exact.info.adjoint)
+    assert tree_rel_err(neu, exact) < 1e-10                  # Richardson from the solution stays there
+    with pytest.raises(TypeError, match="starting point"):
+        bl.implicit_hypergrad(inner, outer, w, h, solver=bl.Nystrom(rank=3), u0=exact.info.adjoint)
+    with pytest.raises(bl.ShapeError):
+        bl.implicit_hypergrad(inner, outer, w, h, u0={"w": torch.zeros(d + 1, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("solver", [bl.CG(maxiter=2, tol=0.0), bl.Neumann(steps=4)], ids=["cg", "neumann"])
+def test_warm_start_accumulates_accuracy_over_a_slowly_moving_sequence(solver):
+    """Hyperparameters drift a little per step (as in a hyper step); with the previous adjoint as u0 a
+    2-iteration CG (or 4-term Neumann) keeps refining, while cold starts stay at their first error
+    (measured after 25 steps: CG 0.003 vs 0.32, Neumann 0.015 vs 0.53)."""
+    inner, outer, argmin, d = _ridge_sequence()
+    u0, cold_err, warm_err = None, [], []
+    for t in range(25):
+        h = {"l": torch.full((d,), -1.0, dtype=torch.float64) + 0.01 * t}
+        w = argmin(h)
+        exact = bl.implicit_hypergrad(inner, outer, w, h, solver=bl.Exact())
+        cold = bl.implicit_hypergrad(inner, outer, w, h, solver=solver)
+        warm = bl.implicit_hypergrad(inner, outer, w, h, solver=solver, u0=u0)
+        u0 = warm.info.adjoint
+        cold_err.append(tree_rel_err(cold, exact))
+        warm_err.append(tree_rel_err(warm, exact))
+    assert warm_err[0] == pytest.approx(cold_err[0])          # no u0 at the first step
+    assert max(warm_err[-5:]) < 0.1 * min(cold_err[-5:]), (warm_err[-5:], cold_err[-5:])
