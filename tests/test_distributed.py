@@ -20,6 +20,7 @@ WORLD = 2
 METHODS = {
     "implicit-cg": lambda: bl.Implicit(solver=bl.CG(maxiter=15, tol=0.0, damping=1.0)),
     "implicit-neumann": lambda: bl.Implicit(solver=bl.Neumann(steps=8, alpha=None, damping=1.0)),
+    "implicit-cg-warm": lambda: bl.Implicit(solver=bl.CG(maxiter=3, tol=0.0, damping=1.0), warm_start=True),
     "unrolled": lambda: bl.Unrolled(steps=3),
     "unrolled-checkpoint": lambda: bl.Unrolled(steps=4, mode="checkpoint"),
     "first-order": lambda: bl.FirstOrder(),
