@@ -93,6 +93,13 @@ def plots(res: Dict[str, Any], outdir: Path) -> List[str]:
 
     outdir.mkdir(parents=True, exist_ok=True)
     made = []
+
+    def save(fig: Any, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(outdir / name, dpi=110)
+        plt.close(fig)
+        return name
+
     if "accuracy" in res:
         probs = res["accuracy"]["problems"]
         fig, axes = plt.subplots(1, len(probs), figsize=(5 * len(probs), 4), squeeze=False)
@@ -112,10 +119,7 @@ def plots(res: Dict[str, Any], outdir: Path) -> List[str]:
             ax.set_ylabel("relative error of the hypergradient")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(outdir / "accuracy_vs_hvps.png", dpi=110)
-        plt.close(fig)
-        made.append("accuracy_vs_hvps.png")
+        made.append(save(fig, "accuracy_vs_hvps.png"))
     if "unroll_anchor" in res:
         rows = res["unroll_anchor"]["rows"]
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -133,10 +137,7 @@ def plots(res: Dict[str, Any], outdir: Path) -> List[str]:
         ax.set_ylabel("peak memory of one hypergradient (MB)")
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(outdir / "unroll_memory.png", dpi=110)
-        plt.close(fig)
-        made.append("unroll_memory.png")
+        made.append(save(fig, "unroll_memory.png"))
     if "cost" in res:
         c = res["cost"]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -155,10 +156,7 @@ def plots(res: Dict[str, Any], outdir: Path) -> List[str]:
         axes[1].set_ylim(bottom=0)
         for ax in axes:
             ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(outdir / "cost_scaling.png", dpi=110)
-        plt.close(fig)
-        made.append("cost_scaling.png")
+        made.append(save(fig, "cost_scaling.png"))
     if "hpo" in res:
         by_task = _hpo_by_task(res["hpo"])
         fig, axes = plt.subplots(1, len(by_task), figsize=(5.5 * len(by_task), 4), squeeze=False)
@@ -181,10 +179,7 @@ def plots(res: Dict[str, Any], outdir: Path) -> List[str]:
             ax.set_title(f"{name} ({runs[0]['n_hparams']} decays, {len(runs)} splits)")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(outdir / "hpo_quality.png", dpi=110)
-        plt.close(fig)
-        made.append("hpo_quality.png")
+        made.append(save(fig, "hpo_quality.png"))
     if "lorraine" in res:
         import lorraine
 
