@@ -153,14 +153,15 @@ def all_finite(*tensors: Tensor) -> bool:
     max); the exact elementwise test decides then. ``torch.isfinite(t).all()`` takes three
     passes (``==``, ``abs``, ``!=``) and allocates two masks.
     """
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        if t.numel() and (t.is_floating_point() or t.is_complex()):
-            s = t.sum()
-            by_device.setdefault(t.device, []).append((s.abs() if s.is_complex() else s).float())
-    if all(bool(torch.isfinite(torch.stack(ss)).all()) for ss in by_device.values()):   # a sync per device
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    with torch.no_grad():            # parameters may require grad: no graph for a check
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in tensors:
+            if t.numel() and (t.is_floating_point() or t.is_complex()):
+                s = t.sum()
+                by_device.setdefault(t.device, []).append((s.abs() if s.is_complex() else s).float())
+        if all(bool(torch.isfinite(torch.stack(ss)).all()) for ss in by_device.values()):   # a sync per device
+            return True
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def check_finite_tree(tree: Mapping[str, Tensor], fn: str, name: str) -> None:

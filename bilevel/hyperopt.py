@@ -507,8 +507,7 @@ class HyperOptimizer:
         return loss.detach()
 
     def _leaves(self) -> list[Tensor]:
-        named = dict(self.model.named_parameters())
-        return [named[n] for n in self._inner_names]
+        return list(self._params().values())
 
     def _loss_and_grads(self, batch: Any, leaves: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The inner loss (+ penalty) and its gradient (zeros for unused leaves), averaged over ranks."""
@@ -535,7 +534,7 @@ class HyperOptimizer:
         their memory), so this is found where it shows, at the next NaN loss, and stops training
         whatever ``on_error`` says; :meth:`save` refuses to write such a state.
         """
-        if not all_finite(*[p.detach() for p in self.model.parameters()]):
+        if not all_finite(*self.model.parameters()):
             raise NonFiniteError("bilevel.HyperOptimizer.inner_step: the model's weights hold NaN/Inf, so an earlier "
                                  "inner_optimizer.step() overflowed (finite gradients are checked before every "
                                  "step). Fix: lower its learning rate, then resume from the last checkpoint "
@@ -580,7 +579,7 @@ class HyperOptimizer:
         except BaseException:
             restore()
             raise
-        if not all_finite(*[p.detach() for p in leaves]):
+        if not all_finite(*leaves):
             restore()
             self._fail(NonFiniteError("bilevel.HyperOptimizer.inner_step: inner_optimizer.step() produced NaN/Inf "
                                       "weights; they were restored. Fix: lower the learning rate."), "inner_step")
@@ -686,7 +685,7 @@ class HyperOptimizer:
         except BaseException:
             restore()            # an exception inside the outer optimizer (or an interrupt): as before
             raise
-        if not all_finite(*[v.detach() for v in self.hparams.values()]):
+        if not all_finite(*self.hparams.values()):
             restore()
             err = NonFiniteError("bilevel.HyperOptimizer.hyper_step: outer_optimizer.step() produced NaN/Inf "
                                  "hyperparameters; they were restored. Fix: lower the outer learning rate.")
@@ -763,8 +762,7 @@ class HyperOptimizer:
             >>> hopt.save("run/ckpt.pt", extra={"step": step})
             >>> extra = hopt.load("run/ckpt.pt")          # later, in a fresh process
         """
-        tensors = [p.detach() for p in self.model.parameters()] + [v.detach() for v in self.hparams.values()]
-        if not all_finite(*tensors):
+        if not all_finite(*self.model.parameters(), *self.hparams.values()):
             raise NonFiniteError("bilevel.HyperOptimizer.save: expected finite weights and hyperparameters, got "
                                  "NaN/Inf; the checkpoint at the path was left as it was, so training can resume "
                                  "from it. Fix: lower the inner learning rate and resume (HyperOptimizer.load).")
