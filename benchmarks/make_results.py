@@ -223,7 +223,8 @@ def _hpo_by_task(h: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
 
 
 def _hpo_vs_tpe(runs: List[Dict[str, Any]], key: str) -> Optional[Dict[str, Any]]:
-    """Method ``key`` against TPE over the splits of one task: wins on validation CE, time ratios."""
+    """Method ``key`` against TPE over the splits of one task: wins on validation CE, wall-time ratios,
+    and ``cpu_speedup`` (TPE's process CPU time over ours, min–max, "" where not recorded)."""
     pairs = []
     for t in runs:
         by = {_hpo_key(r): r for r in t["rows"]}
@@ -232,23 +233,14 @@ def _hpo_vs_tpe(runs: List[Dict[str, Any]], key: str) -> Optional[Dict[str, Any]
     if not pairs:
         return None
     sp = [tp["seconds"] / ours["seconds"] for ours, tp in pairs]
+    cpu = [tp["cpu_seconds"] / ours["cpu_seconds"] for ours, tp in pairs
+           if "cpu_seconds" in ours and "cpu_seconds" in tp]
     return {"wins": sum(ours["val_ce"] < tp["val_ce"] for ours, tp in pairs), "n": len(pairs),
             "min_speedup": min(sp), "max_speedup": max(sp),
+            "cpu_speedup": f"{f(min(cpu), 1)}–{f(max(cpu), 1)}×" if cpu else "",
             "mean_val": sum(o["val_ce"] for o, _ in pairs) / len(pairs),
             "mean_val_tpe": sum(tp["val_ce"] for _, tp in pairs) / len(pairs),
             "tpe_evaluations": pairs[0][1]["evaluations"]}
-
-
-def _cpu_speedup(runs: List[Dict[str, Any]], key: str) -> str:
-    """TPE's process CPU time over method ``key``'s, min–max over the splits ("" if not recorded)."""
-    if key in ("tpe", "baseline"):
-        return ""
-    sp = []
-    for t in runs:
-        by = {_hpo_key(r): r for r in t["rows"]}
-        if key in by and "tpe" in by and "cpu_seconds" in by[key] and "cpu_seconds" in by["tpe"]:
-            sp.append(by["tpe"]["cpu_seconds"] / by[key]["cpu_seconds"])
-    return f"{f(min(sp), 1)}–{f(max(sp), 1)}×" if sp else ""
 
 
 def headline(res: Dict[str, Any], brief: bool = False) -> List[List[str]]:
@@ -310,8 +302,8 @@ def headline(res: Dict[str, Any], brief: bool = False) -> List[List[str]]:
                              f"TPE-{cmp['tpe_evaluations']}",
                              f"val CE lower on {wins}/{n} splits (mean {f(cmp['mean_val'], 3)} vs "
                              f"{f(cmp['mean_val_tpe'], 3)}); {f(cmp['min_speedup'], 1)}–{f(cmp['max_speedup'], 1)}× "
-                             f"less wall time" + (f" ({_cpu_speedup(runs, key)} less CPU time)"
-                                                  if _cpu_speedup(runs, key) else ""),
+                             f"less wall time" + (f" ({cmp['cpu_speedup']} less CPU time)"
+                                                  if cmp["cpu_speedup"] else ""),
                              "lower, ≤ 1/10 time", status])
     if "repro" in res:
         r = res["repro"]
@@ -513,7 +505,7 @@ def render_results(res: Dict[str, Any], meta: Dict[str, Any]) -> str:
                              f(sum(r["test_ce"] for r in rs) / len(rs), 4),
                              f(100 * sum(r["test_acc"] for r in rs) / len(rs), 1), f(secs[len(secs) // 2], 2),
                              f(cpu[len(cpu) // 2], 2) if cpu and key != "baseline" else "",
-                             _cpu_speedup(runs, key),
+                             cmp["cpu_speedup"] if cmp else "",
                              f"{f(cmp['min_speedup'], 1)}–{f(cmp['max_speedup'], 1)}×" if cmp else "",
                              f"{cmp['wins']}/{cmp['n']}" if cmp else ""])
             t0 = runs[0]
