@@ -3,18 +3,22 @@
 ``import bilevel as bl``. The core is pure functions over parameter trees
 (``dict[str, Tensor]``): :func:`hvp`, :func:`mixed_vjp`, the linear solvers
 (:class:`CG`, :class:`Neumann`, :class:`Nystrom`, :class:`Identity`,
-:class:`Exact`), and implicit differentiation (:func:`implicit_hypergrad`,
-:func:`implicit_diff`).
+:class:`Exact`), implicit differentiation (:func:`implicit_hypergrad`,
+:func:`implicit_diff`) and unrolled differentiation (:func:`unrolled_hypergrad`).
+The stateful edge is :class:`HyperOptimizer`, driven by a method object
+(:class:`Implicit`, :class:`Unrolled`, :class:`FiniteDifference`, :class:`FirstOrder`).
 """
 
 from ._errors import BilevelError, DivergenceError, NonFiniteError, ShapeError
-from ._tree import Flat, Tree
-from .hvp import HessianOperator, SeparablePenalty, hvp, mixed_vjp
-from .hyperopt import FirstOrder, HyperOptimizer, HyperStepStats, Implicit, Unrolled
-from .implicit import Hypergrad, HypergradInfo, ImplicitSolution, implicit_diff, implicit_hypergrad
-from . import hparams, inner, kernels, losses, nas
+from ._result import Hypergrad, HypergradInfo
+from ._tree import Tree
+from .operators import HessianOperator, hvp, mixed_vjp
+from .solvers import CG, Exact, Identity, Neumann, Nystrom, Solver, SolverInfo
+from .implicit import ImplicitSolution, implicit_diff, implicit_hypergrad
 from .unroll import UnrollInfo, unrolled_hypergrad
-from .solvers import CG, Exact, Identity, Neumann, Nystrom, Solution, Solver, SolverInfo
+from .methods import FiniteDifference, FirstOrder, Implicit, Method, MethodResult, Problem, Unrolled
+from .hyperopt import HyperOptimizer, HyperStepStats
+from . import hparams, inner, kernels, losses, nas
 
 __version__ = "0.1.0"
 
@@ -23,35 +27,36 @@ __all__ = [
     "DivergenceError",
     "NonFiniteError",
     "ShapeError",
-    "Flat",
     "Tree",
     "HessianOperator",
-    "SeparablePenalty",
-    "HyperOptimizer",
-    "HyperStepStats",
-    "Implicit",
-    "Unrolled",
-    "FirstOrder",
     "hvp",
     "mixed_vjp",
-    "Hypergrad",
-    "HypergradInfo",
-    "ImplicitSolution",
-    "implicit_diff",
-    "implicit_hypergrad",
     "CG",
     "Exact",
     "Identity",
     "Neumann",
     "Nystrom",
-    "Solution",
     "Solver",
     "SolverInfo",
+    "Hypergrad",
+    "HypergradInfo",
+    "ImplicitSolution",
+    "implicit_diff",
+    "implicit_hypergrad",
+    "UnrollInfo",
+    "unrolled_hypergrad",
+    "HyperOptimizer",
+    "HyperStepStats",
+    "Implicit",
+    "Unrolled",
+    "FiniteDifference",
+    "FirstOrder",
+    "Method",
+    "MethodResult",
+    "Problem",
     "hparams",
     "inner",
     "kernels",
     "losses",
     "nas",
-    "UnrollInfo",
-    "unrolled_hypergrad",
 ]

@@ -144,13 +144,18 @@ class WeightDecay:
     def hessian_diag(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``∂²penalty/∂w²``: the decay of each weight, ``{param name: Tensor like params[name]}``.
 
-        Lets :class:`bilevel.HessianOperator` apply the penalty's Hessian as ``decay ⊙ v``
+        Lets the curvature operators apply the penalty's Hessian as ``decay ⊙ v``
         (``penalty=`` of :func:`bilevel.implicit_hypergrad`).
         """
         return {name: positive(hparams[key], self.kind).expand_as(params[name]) for name, key in self.keys.items()}
 
-    def mixed_closed_form(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
-                          u: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def hvp(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
+            v: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``∇²_w penalty · v = decay ⊙ v`` (the :class:`bilevel.losses.Structured` product)."""
+        return {name: d * v[name] for name, d in self.hessian_diag(params, hparams).items()}
+
+    def mixed_vjp(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
+                  u: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``∇_hparams <∇_w penalty, u>`` in closed form: ``decay'(raw) ⊙ w ⊙ u`` (summed per hparam).
 
         For ``kind="exp"`` this is ``e^raw ⊙ w ⊙ u`` (DESIGN.md §3), one pass, no autograd.
@@ -166,6 +171,9 @@ class WeightDecay:
                 g = g.reshape(raw.shape)
             out[key] = out[key] + g if key in out else g
         return out
+
+    #: the former name of :meth:`mixed_vjp`
+    mixed_closed_form = mixed_vjp
 
 
 def weight_decay(

@@ -12,83 +12,23 @@ built once) serves every product of step (2) and the mixed product of (3).
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ._errors import (NonFiniteError, all_finite, check_finite_scalar, check_finite_tree, check_like, check_scalar,
-                      check_tree)
+from ._errors import NonFiniteError, all_finite, check_finite_scalar, check_finite_tree, check_like, check_scalar, check_tree
+from ._result import Hypergrad, HypergradInfo
 from ._tree import Tree, tree_detach
-from .distributed import all_reduce_mean_list, check_group, world_size
-from .hvp import HessianOperator
+from .distributed import all_reduce_mean_list, check_group
+from .operators import CurvatureOperator, make_operator
 from .solvers import CG, Solver, SolverInfo
 
-__all__ = ["implicit_hypergrad", "implicit_diff", "Hypergrad", "HypergradInfo", "solve_adjoint"]
+__all__ = ["implicit_hypergrad", "implicit_diff", "ImplicitSolution", "solve_adjoint"]
 
 
-@dataclass
-class HypergradInfo:
-    """Diagnostics of one implicit hypergradient.
-
-    Attributes:
-        inner_grad_norm: ``‖∇_w L_T‖`` at params: how stationary the point was.
-            The hypergradient's error grows roughly linearly with it.
-        inner_loss: ``L_T`` at params.
-        outer_loss: ``L_V`` at params (``nan`` for :func:`implicit_diff`).
-        solver: the linear solve's :class:`~bilevel.solvers.SolverInfo` (``None`` for
-            a user solver that returns a plain tree).
-        hvp_mode: how the Hessian products were taken (``"reverse"``/``"forward"``).
-
-    Example:
-        >>> f = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()          # argmin_w f = c
-        >>> hg = bl.implicit_hypergrad(f, lambda p, h: (p["w"] ** 2).sum(), {"w": torch.ones(2)}, {"c": torch.ones(2)})
-        >>> hg.info.inner_grad_norm, hg.info.solver.solver, hg.info.hvp_mode
-        (0.0, 'CG', 'reverse')
-    """
-
-    inner_grad_norm: float
-    inner_loss: float
-    outer_loss: float
-    solver: Optional[SolverInfo]
-    hvp_mode: str
-    #: the adjoint ``u = (H + damping I)⁻¹ ∂_w L_V`` (keys of params, detached): pass it as the next
-    #: call's ``u0`` to warm-start the solve when params and hparams moved little
-    adjoint: Optional[Tree] = None
-
-
-class Hypergrad(dict):
-    """The hypergradient tree (keys of ``hparams``) plus diagnostics in ``.info``.
-
-    ``.info`` is a :class:`HypergradInfo` for implicit hypergradients and a
-    :class:`bilevel.unroll.UnrollInfo` for unrolled ones.
-
-    Shapes: the keys and shapes of ``hparams``.
-
-    Example:
-        >>> f = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()          # w*(c) = c
-        >>> hg = bl.implicit_hypergrad(f, lambda p, h: (p["w"] ** 2).sum(), {"w": torch.ones(2)}, {"c": torch.ones(2)})
-        >>> hg["c"], type(hg.info).__name__                                # d‖c‖²/dc = 2c
-        (tensor([2., 2.]), 'HypergradInfo')
-    """
-
-    info: Any
-
-    def __init__(self, tree: Mapping[str, Tensor], info: Any) -> None:
-        super().__init__(tree)
-        self.info = info
-
-
-def warm_startable(solver: Any) -> bool:
-    """Whether ``solver`` takes a starting point (``solve_flat(matvec, b, x0)``): bl.CG, bl.Neumann."""
-    import inspect
-
-    return isinstance(solver, Solver) and "x0" in inspect.signature(solver.solve_flat).parameters
-
-
-def solve_adjoint(op: HessianOperator, b: Mapping[str, Tensor], solver: Any,
+def solve_adjoint(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
                   u0: Optional[Mapping[str, Tensor]] = None) -> tuple[Tree, Optional[SolverInfo]]:
     """Solve ``(H + damping I) u = b`` with ``solver`` on the operator ``op`` (from ``u0`` if given).
 
@@ -96,16 +36,44 @@ def solve_adjoint(op: HessianOperator, b: Mapping[str, Tensor], solver: Any,
     gets tree-valued ``matvec`` (the seam of API.md).
     """
     if isinstance(solver, Solver):
-        if u0 is not None:
-            x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b), x0=op.flat.flatten(u0))
-        else:
-            x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b))
+        x0 = None if u0 is None else op.flat.flatten(u0)
+        x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b), **({} if x0 is None else {"x0": x0}))
         return op.flat.unflatten(x), info
     if not callable(solver):
         raise TypeError(f"bilevel: expected `solver` to be a bl.Solver or a callable solver(matvec, b) -> tree, "
                         f"got {type(solver).__name__}. Fix: pass e.g. bl.CG(maxiter=20).")
     out = solver(op.matvec, dict(b))
     return dict(out), getattr(out, "info", None)
+
+
+def _root_vjp(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
+              u0: Optional[Mapping[str, Tensor]] = None) -> tuple[Tree, Tree, Optional[SolverInfo]]:
+    """The vector-Jacobian product through the inner solution (JAXopt's ``root_vjp``).
+
+    ``u = (H + damping I)⁻¹ b``, then ``∇_λ <∂_w L_T, u>``: the cotangent ``b`` of ``w*`` pulled
+    back to the hyperparameters is minus this mixed product. Returns ``(mixed, u, solver info)``.
+    """
+    u, info = solve_adjoint(op, b, solver, u0)
+    return op.mixed_vjp(u), u, info
+
+
+def _outer_gradients(outer_loss: Callable[..., Tensor], params: Tree, hparams: Tree, args: tuple, group: Any,
+                     check_finite: bool, fn: str) -> tuple[Tensor, Tree, Tree, list[str]]:
+    """``(L_V, ∂_w L_V, ∂_λ L_V, hparams keys L_V does not use)``, averaged over the ranks of ``group``."""
+    w = tree_detach(params, requires_grad=True)
+    h = tree_detach(hparams, requires_grad=True)
+    with torch.enable_grad():
+        lv = check_scalar(outer_loss(w, h, *args), fn, "outer_loss")
+        leaves = [*w.values(), *h.values()]
+        grads = torch.autograd.grad(lv, leaves, allow_unused=True) if lv.requires_grad else [None] * len(leaves)
+    unused = [k for k, g in zip(h, grads[len(w):]) if g is None]
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    # the global batch's loss and gradients; NOTE: checked after the reduction, so that every rank
+    # raises (or none does): a rank raising alone would leave the others waiting in a collective.
+    lv, *grads = all_reduce_mean_list([lv.detach(), *grads], group)
+    if check_finite:
+        check_finite_scalar(lv, fn, "outer_loss(params, hparams, *outer_args)")
+    return lv, dict(zip(w, grads[:len(w)])), dict(zip(h, grads[len(w):])), unused
 
 
 def _resolve_args(args: Any, fn: str, name: str) -> tuple:
@@ -129,6 +97,7 @@ def implicit_hypergrad(
     hvp_mode: str = "auto",
     check_finite: bool = True,
     penalty: Optional[Callable[..., Tensor]] = None,
+    penalty_fixed: Optional[Mapping[str, Tensor]] = None,
     group: Any = None,
     u0: Optional[Mapping[str, Tensor]] = None,
 ) -> Hypergrad:
@@ -152,6 +121,8 @@ def implicit_hypergrad(
             and mixed term applied elementwise, not through double backward: with one decay
             per weight that saves about 0.5 gradient per Hessian product
             (benchmarks/RESULTS.md). A coupled penalty raises ``ValueError``.
+        penalty_fixed: further tensors the penalty reads besides ``params``, held constant (e.g. a
+            model's frozen parameters, when ``penalty`` covers the whole model).
         group: a ``torch.distributed`` process group for data parallelism (each rank passes
             its shard of the batches): the outer gradient, every Hessian-vector product and the
             mixed product are averaged over the ranks, so every rank returns the global-batch
@@ -197,56 +168,32 @@ def implicit_hypergrad(
     if u0 is not None:
         u0 = check_tree(u0, fn, "u0")
         check_like(params, u0, fn, "params", "u0")
-        if not warm_startable(solver):
+        if not getattr(solver, "warm_startable", False):
             raise TypeError(f"{fn}: expected a solver that takes a starting point (bl.CG, bl.Neumann) with u0=, got "
                             f"{type(solver).__name__}. Fix: solver=bl.CG(...), or u0=None.")
     if check_finite:
-        check_finite_tree(params, fn, "params")
-        check_finite_tree(hparams, fn, "hparams")
-        if u0 is not None:
-            check_finite_tree(u0, fn, "u0")
+        for name, tree in (("params", params), ("hparams", hparams), ("u0", u0 or {})):
+            check_finite_tree(tree, fn, name)
 
     # (1) b = ∂_w L_V and the direct term ∂_λ L_V.
-    w = tree_detach(params, requires_grad=True)
-    h = tree_detach(hparams, requires_grad=True)
-    with torch.enable_grad():
-        lv = check_scalar(outer_loss(w, h, *outer_args), fn, "outer_loss")
-        if check_finite and group is None:
-            check_finite_scalar(lv, fn, "outer_loss(params, hparams, *outer_args)")
-        leaves = list(w.values()) + list(h.values())
-        grads = torch.autograd.grad(lv, leaves, allow_unused=True) if lv.requires_grad else [None] * len(leaves)
-    nw = len(w)
-    b = {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(w.items(), grads[:nw])}
-    direct = {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(h.items(), grads[nw:])}
-    if world_size(group) > 1:            # the global batch's outer gradient, direct term and loss
-        red = all_reduce_mean_list([*b.values(), *direct.values(), lv.detach()], group)
-        b, direct = dict(zip(b, red[:nw])), dict(zip(direct, red[nw:-1]))
-        lv = red[-1]
-        # NOTE: checked after the reduction, so that every rank raises (or none does): a rank
-        # raising alone would leave the others waiting in the next collective.
-        if check_finite:
-            check_finite_scalar(lv, fn, "outer_loss(params, hparams, *outer_args) (mean over ranks)")
-
-    # (2) u = (H + damping I)⁻¹ b on one reused inner-gradient graph.
-    op = HessianOperator(inner_loss, params, hparams, inner_args, mode=hvp_mode, penalty=penalty, group=group,
-                         name=fn)
+    lv, b, direct, outer_unused = _outer_gradients(outer_loss, params, hparams, outer_args, group, check_finite, fn)
+    # (2) u = (H + damping I)⁻¹ b on one reused inner-gradient graph, (3) the mixed product ∇_λ <∂_w L_T, u>.
+    op = make_operator(inner_loss, params, hparams, inner_args, mode=hvp_mode, penalty=penalty, fixed=penalty_fixed,
+                       group=group, name=fn)
     if check_finite:
         check_finite_scalar(op.loss, fn, "inner_loss(params, hparams, *inner_args)")
-    inner_used = op.hparams_in_loss()
-    unused = [k for k, g in zip(h, grads[nw:]) if g is None and k not in inner_used]
+    unused = [k for k in outer_unused if k not in op.hparams_in_loss()]
     if unused:
         raise ValueError(
             f"{fn}: expected every hyperparameter to reach inner_loss (or penalty) or outer_loss, got {unused} "
             f"reaching neither (their hypergradient would be zero forever). Fix: remove them from hparams, or "
             f"read them as hparams[key] inside a loss (a tensor captured from elsewhere is not the one passed).")
-    u, sinfo = solve_adjoint(op, b, solver, u0)
-
-    # (3) hypergrad = ∂_λ L_V − ∇_λ <∂_w L_T, u>.
-    mixed = op.mixed_vjp(u)
+    mixed, u, sinfo = _root_vjp(op, b, solver, u0)
+    # dL_V/dλ = ∂_λ L_V − ∇_λ <∂_w L_T, u>
     hg = {k: direct[k] - mixed[k] for k in hparams}
     if check_finite:
         check_finite_tree(hg, fn, "the hypergradient")
-    info = HypergradInfo(float(op.grad_norm), float(op.loss), float(lv.detach()), sinfo, op.mode,
+    info = HypergradInfo(float(op.grad_norm), float(op.loss), float(lv), sinfo, op.mode,
                          {k: v.detach() for k, v in u.items()})
     return Hypergrad(hg, info)
 
@@ -271,44 +218,56 @@ class ImplicitSolution(dict):
         (tensor([2., 2.]), 'CG')
     """
 
-    info: Optional[HypergradInfo]
-
-    def __init__(self, tree: Mapping[str, Tensor]) -> None:
+    def __init__(self, tree: Mapping[str, Tensor], backward: Optional[_ImplicitBackward] = None) -> None:
         super().__init__(tree)
-        self.info = None
+        self._backward = backward
+
+    @property
+    def info(self) -> Optional[HypergradInfo]:
+        """The diagnostics of the last backward pass through this solution (``None`` before one)."""
+        return None if self._backward is None else self._backward.info
+
+
+@dataclass
+class _ImplicitBackward:
+    """What the backward pass of one :func:`implicit_diff` call needs, and the diagnostics it returns."""
+
+    params: Tree
+    inner_loss: Callable[..., Tensor]
+    args: tuple
+    solver: Any
+    hvp_mode: str
+    penalty: Optional[Callable[..., Tensor]]
+    info: Optional[HypergradInfo] = None
+
+    def __call__(self, hparams: Tree, cotangent: Tree) -> Tree:
+        """``dL/dλ = −∇_λ <∂_w L_T, u>`` with ``(H + damping I) u = dL/dw*`` (the cotangent)."""
+        fn = "bilevel.implicit_diff (backward)"
+        # NOTE: grad mode is off inside backward; the operators turn it on for their products.
+        op = make_operator(self.inner_loss, self.params, hparams, self.args, mode=self.hvp_mode,
+                           penalty=self.penalty, name=fn)
+        mixed, _, sinfo = _root_vjp(op, cotangent, self.solver)
+        if not all_finite(*mixed.values()):
+            raise NonFiniteError(f"{fn}: the implicit gradient holds NaN/Inf (inner gradient norm "
+                                 f"{float(op.grad_norm):.3e}). Fix: check inner_loss at the solution, add damping.")
+        self.info = HypergradInfo(float(op.grad_norm), float(op.loss), float("nan"), sinfo, op.mode)
+        return {k: -m for k, m in mixed.items()}
 
 
 class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, cfg: dict, *hvals: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.cfg = cfg
+    def forward(ctx: Any, backward: _ImplicitBackward, hkeys: list, *hvals: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.backward_fn, ctx.hkeys = backward, hkeys
         ctx.save_for_backward(*hvals)
-        return tuple(p.detach().clone() for p in cfg["params"].values())
+        return tuple(p.detach().clone() for p in backward.params.values())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grad_out: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        cfg = ctx.cfg
-        fn = "bilevel.implicit_diff (backward)"
-        params = cfg["params"]
-        hkeys = cfg["hkeys"]
-        hparams = dict(zip(hkeys, ctx.saved_tensors))
-        b = {k: (torch.zeros_like(p) if g is None else g) for (k, p), g in zip(params.items(), grad_out)}
-        # NOTE: grad mode is off inside backward; the HessianOperator turns it on for its products.
-        op = HessianOperator(cfg["inner_loss"], params, hparams, cfg["args"], mode=cfg["hvp_mode"],
-                             penalty=cfg["penalty"], name=fn)
-        u, sinfo = solve_adjoint(op, b, cfg["solver"])
-        mixed = op.mixed_vjp(u)
-        out = [-mixed[k] for k in hkeys]
-        if not all_finite(*out):
-            raise NonFiniteError(f"{fn}: the implicit gradient holds NaN/Inf (inner gradient norm "
-                                 f"{float(op.grad_norm):.3e}). Fix: check inner_loss at the solution, add damping.")
-        result: Optional[ImplicitSolution] = cfg["result"]()
-        if result is not None:
-            result.info = HypergradInfo(float(op.grad_norm), float(op.loss), float("nan"), sinfo, op.mode)
-        grads: list[Optional[Tensor]] = [None]
-        grads += [o if need else None for o, need in zip(out, ctx.needs_input_grad[1:])]
-        return tuple(grads)
+        params = ctx.backward_fn.params
+        cotangent = {k: (torch.zeros_like(p) if g is None else g) for (k, p), g in zip(params.items(), grad_out)}
+        grads = ctx.backward_fn(dict(zip(ctx.hkeys, ctx.saved_tensors)), cotangent)
+        return (None, None, *(grads[k] if need else None for k, need in zip(ctx.hkeys, ctx.needs_input_grad[2:])))
 
 
 def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_mode: str = "auto",
@@ -366,23 +325,17 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
                 raw = solve(tree_detach(hp), *args)
             params = check_tree(raw, fn, f"the value returned by {name}")
             params = tree_detach(params)
-            result = ImplicitSolution(params)
             if not torch.is_grad_enabled():
-                return result
+                return ImplicitSolution(params)
             if not need:
                 raise ValueError(
                     f"{fn}: expected at least one hparams tensor with requires_grad=True (the IFT gradient "
                     f"flows to them), got none among {list(hp)}. Fix: `hparams[k].requires_grad_()`, or call "
                     f"the solver under `torch.no_grad()` if you only need its value."
                 )
-            cfg = {"params": params, "hkeys": list(hp), "inner_loss": inner_loss, "args": args,
-                   "solver": slv, "hvp_mode": hvp_mode, "penalty": penalty,
-                   # weak: the result holds the outputs, whose graph holds cfg (no cycle)
-                   "result": weakref.ref(result)}
-            outs = _ImplicitFunction.apply(cfg, *hp.values())
-            for k, o in zip(params, outs):
-                dict.__setitem__(result, k, o)
-            return result
+            backward = _ImplicitBackward(params, inner_loss, args, slv, hvp_mode, penalty)
+            outs = _ImplicitFunction.apply(backward, list(hp), *hp.values())
+            return ImplicitSolution(dict(zip(params, outs)), backward)
 
         return wrapped
 

@@ -1,10 +1,13 @@
-"""Structured inner losses: losses that declare their Hessian-vector product in closed form.
+"""Structured losses and penalties: objects that declare their second-order products in closed form.
 
-A structured loss is a callable ``loss(params, hparams, *args) -> scalar`` with a method
+One protocol (:class:`Structured`) with one set of method names serves losses and penalties
+alike: a callable ``loss(params, hparams, *args) -> scalar`` with a method
 ``hvp(params, hparams, v, *args) -> tree`` (``∇²_params loss · v``), optionally
 ``hessian(params, hparams, *args) -> (v -> tree)`` (the same product with the work that
-depends only on the point done once), and optionally
-``mixed_vjp(params, hparams, u, *args) -> tree`` (``∇_hparams <∇_params loss, u>``).
+depends only on the point done once), optionally
+``mixed_vjp(params, hparams, u, *args) -> tree`` (``∇_hparams <∇_params loss, u>``), and, for a
+penalty whose Hessian is diagonal, ``hessian_diag(params, hparams) -> tree``
+(:class:`bilevel.hparams.WeightDecay`).
 :class:`bilevel.HessianOperator` (hence :func:`bilevel.implicit_hypergrad` and the
 ``HyperOptimizer``'s implicit method) uses the declared product under ``hvp_mode="auto"``
 instead of double backward; ``hvp_mode="reverse"`` or ``"forward"`` still use autograd.
@@ -21,7 +24,7 @@ Structured losses always take ``hparams`` (possibly unused), also through :func:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +33,45 @@ from torch import Tensor
 from ._errors import ShapeError
 from .kernels import linear_ce_hvp, logistic_curvature, logistic_hvp
 
-__all__ = ["Logistic", "LinearCrossEntropy"]
+__all__ = ["Structured", "declares", "Logistic", "LinearCrossEntropy"]
+
+
+@runtime_checkable
+class Structured(Protocol):
+    """A loss or penalty that declares its Hessian-vector product in closed form.
+
+    Required: ``__call__(params, hparams, *args) -> scalar`` and ``hvp(params, hparams, v, *args)
+    -> tree``. Optional, used when present (:func:`declares`): ``hessian(params, hparams, *args)
+    -> (v -> tree)`` (the product with the point's work done once), ``mixed_vjp(params, hparams,
+    u, *args) -> tree`` (``∇_hparams <∇_params f, u>``; autograd otherwise) and
+    ``hessian_diag(params, hparams) -> tree`` (a diagonal Hessian: a separable penalty, applied
+    as ``diag ⊙ v``).
+
+    Shapes: ``hvp`` and ``hessian_diag`` return trees shaped like ``params``, ``mixed_vjp`` one
+    shaped like ``hparams``.
+
+    Example:
+        >>> isinstance(bl.losses.Logistic(), bl.losses.Structured)
+        True
+        >>> _, penalty = bl.hparams.weight_decay({"w": torch.ones(2)})
+        >>> isinstance(penalty, bl.losses.Structured), bl.losses.declares(penalty, "hessian_diag")
+        (True, True)
+    """
+
+    def __call__(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *args: Any) -> Tensor: ...
+
+    def hvp(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], v: Mapping[str, Tensor],
+            *args: Any) -> dict[str, Tensor]: ...
+
+
+def declares(obj: Any, method: str) -> bool:
+    """Whether ``obj`` declares the closed-form ``method`` of :class:`Structured` (a callable attribute).
+
+    Example:
+        >>> bl.losses.declares(bl.losses.Logistic(), "hessian"), bl.losses.declares(len, "hvp")
+        (True, False)
+    """
+    return callable(getattr(obj, method, None))
 
 
 def _param(params: Mapping[str, Tensor], key: str, fn: str) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -126,6 +126,8 @@ class Solver:
     """
 
     damping: float = 0.0
+    #: whether :meth:`solve_flat` takes a starting point ``x0`` (warm starts across hyper steps)
+    warm_startable: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -209,6 +211,7 @@ class CG(Solver):
         (tensor([0.0909, 0.6364]), 2, True)
     """
 
+    warm_startable: ClassVar[bool] = True
     maxiter: int = 100
     tol: float = 1e-10
     damping: float = 0.0
@@ -393,6 +396,7 @@ class Neumann(Solver):
         tensor([0.5000, 1.0000])
     """
 
+    warm_startable: ClassVar[bool] = True
     steps: int = 20
     alpha: Optional[float] = None
     damping: float = 0.0

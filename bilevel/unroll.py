@@ -30,12 +30,12 @@ from ._errors import check_finite_scalar, check_finite_tree, check_scalar, check
 from ._tree import Flat, Tree, tree_detach, tree_norm
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
-from .implicit import Hypergrad
-from .hvp import reachable_leaves
+from ._autograd import reachable_leaves
+from ._result import Hypergrad
 from .inner import InnerOptimizer
 from .distributed import all_reduce_mean_list, check_group, differentiable_mean, world_size
 
-__all__ = ["unrolled_hypergrad", "UnrollInfo", "UNROLL_MODES"]
+__all__ = ["unrolled_hypergrad", "finite_difference_hypergrad", "UnrollInfo", "UNROLL_MODES"]
 
 UNROLL_MODES = ("reverse", "forward", "checkpoint")
 Args = Union[Sequence[Any], Callable[[int], Sequence[Any]]]
@@ -394,7 +394,7 @@ def unrolled_hypergrad(
     return Hypergrad(hg, info), w
 
 
-def _one_step_finite_difference(
+def finite_difference_hypergrad(
     inner_loss: Callable[..., Tensor],
     outer_loss: Callable[..., Tensor],
     params: Mapping[str, Tensor],

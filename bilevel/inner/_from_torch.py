@@ -16,7 +16,7 @@ from ._base import InnerOptimizer
 from .adam import Adam, AdamState
 from .sgd import SGD, SGDState
 
-__all__ = ["Partitioned", "from_torch", "SUPPORTED"]
+__all__ = ["Partitioned", "from_torch", "check_convertible", "SUPPORTED"]
 
 SUPPORTED = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
 
@@ -135,3 +135,20 @@ def from_torch(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -
     if len(parts) == 1:
         return parts[0][1], parts[0][2]
     return Partitioned(tuple((keys, o) for keys, o, _ in parts)), tuple(s for _, _, s in parts)
+
+
+def check_convertible(optimizer: torch.optim.Optimizer, fn: str, method: str) -> None:
+    """Raise ``ValueError`` unless :func:`from_torch` reproduces ``optimizer``'s steps (for ``method``,
+    which differentiates copies of them).
+
+    Example:
+        >>> p = torch.zeros(2, requires_grad=True)
+        >>> bl.inner.check_convertible(torch.optim.Adam([p]), "demo", "Unrolled")     # no error
+    """
+    if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
+        return
+    name = type(optimizer).__name__
+    raise ValueError(f"{fn}: method bl.{method} differentiates copies of the inner optimizer's steps, and {name} "
+                     f"has no differentiable copy (expected one of {SUPPORTED}). Fix: method=bl.Implicit(...) "
+                     f"(it only needs the weights near a minimum, which {name} gives), or an SGD/Adam/AdamW "
+                     f"inner optimizer.")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hyperopt import FirstOrder, HyperOptimizer
+from ..hyperopt import HyperOptimizer
+from ..methods import FirstOrder
 from ._mixed import arch_parameters, weight_parameters
 
 __all__ = ["darts", "cross_entropy_loss"]

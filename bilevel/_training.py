@@ -1,0 +1,222 @@
+"""Helpers of the stateful edge (:class:`bilevel.HyperOptimizer`): argument checks, the model seen
+as a pure function of its parameters, transactional snapshots, and the cycling outer loader."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._errors import check_tree
+
+#: inner optimizers that evaluate the loss several times per step and so need a closure
+CLOSURE_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
+
+
+def _ids(tensors: Iterable[Tensor]) -> set[int]:
+    return {id(t) for t in tensors}
+
+
+def unwrap_ddp(model: Any, process_group: Any) -> tuple[nn.Module, Optional[nn.Module], Any]:
+    """``(module, the DDP wrapper or None, process group)``: the library evaluates the losses itself
+    (``functional_call`` on the module) and averages gradients where the global batch would; DDP's own
+    hooks only fire in ``.backward()``."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module, model, model.process_group if process_group == "auto" else process_group
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bilevel.HyperOptimizer: expected `model` to be an nn.Module, got {type(model).__name__}.")
+    return model, None, process_group
+
+
+def check_hparams(hparams: Mapping[str, Tensor], fn: str) -> dict[str, Tensor]:
+    hparams = check_tree(hparams, fn, "hparams")
+    for k, v in hparams.items():
+        if not (v.is_leaf and v.requires_grad):
+            raise ValueError(
+                f"{fn}: expected hparams[{k!r}] to be a leaf tensor with requires_grad=True (the outer "
+                f"optimizer updates it), got requires_grad={v.requires_grad}, is_leaf={v.is_leaf}. "
+                f"Fix: torch.tensor(..., requires_grad=True), or `.detach().requires_grad_()`.")
+    return hparams
+
+
+def check_options(fn: str, *, inner_loss: Any, outer_loss: Any, inner_optimizer: Any, outer_optimizer: Any,
+                  method: Any, penalty: Any, on_error: Any, hyper_every: Any, clip_grad_norm: Any) -> None:
+    """The checks of the HyperOptimizer's arguments that need no model."""
+    if not callable(inner_loss) or not callable(outer_loss):
+        raise TypeError(f"{fn}: expected inner_loss and outer_loss to be callables (model, hparams, batch) -> scalar.")
+    for name, opt in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"{fn}: expected `{name}` to be a torch.optim.Optimizer, got {type(opt).__name__}.")
+    if not callable(getattr(method, "hypergrad", None)):
+        raise TypeError(f"{fn}: expected method bl.Implicit(...), bl.Unrolled(...), bl.FirstOrder() or another "
+                        f"object with hypergrad(problem, inner_batch, outer_batch, state), got {type(method).__name__}.")
+    if penalty is not None and not callable(penalty):
+        raise TypeError(f"{fn}: expected `penalty` to be a callable penalty(params, hparams) -> scalar "
+                        f"(e.g. from bl.hparams.weight_decay), got {type(penalty).__name__}.")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"{fn}: expected on_error 'raise' or 'skip', got {on_error!r}.")
+    if isinstance(hyper_every, bool) or not isinstance(hyper_every, int) or hyper_every < 1:
+        raise ValueError(f"Invalid hyper_every for {fn}: {hyper_every!r} (expected an int >= 1).")
+    if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+                                       or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
+        raise ValueError(f"{fn}: expected clip_grad_norm None or a finite number > 0, got {clip_grad_norm!r}.")
+    if isinstance(inner_optimizer, CLOSURE_OPTIMIZERS) and clip_grad_norm is not None:
+        raise ValueError(f"{fn}: clip_grad_norm does not go with {type(inner_optimizer).__name__}: its line "
+                         f"search needs the true gradient. Fix: clip_grad_norm=None, or an SGD/Adam inner optimizer.")
+
+
+@dataclass
+class ModelFunctions:
+    """The model seen as pure functions of its parameters (``torch.func.functional_call``).
+
+    Attributes:
+        inner_names: names of the model's parameters the inner optimizer holds (the inner variables).
+        hp_in_model: ``{model parameter name: hparams key}`` for hyperparameters living in the model
+            (architecture weights).
+    """
+
+    model: nn.Module
+    inner_names: list[str]
+    hp_in_model: dict[str, str]
+
+    @classmethod
+    def build(cls, model: nn.Module, hparams: Mapping[str, Tensor], inner_optimizer: torch.optim.Optimizer,
+              outer_optimizer: torch.optim.Optimizer, fn: str) -> "ModelFunctions":
+        """Check which tensors each optimizer holds against the model and hparams."""
+        hp_ids = _ids(hparams.values())
+        key_of_hp = {id(v): k for k, v in hparams.items()}
+        named = dict(model.named_parameters())
+        model_ids = _ids(named.values())
+        inner_params = [p for g in inner_optimizer.param_groups for p in g["params"]]
+        for p in inner_params:
+            if id(p) in hp_ids:
+                raise ValueError(f"{fn}: expected inner_optimizer to hold only inner parameters, got the "
+                                 f"hyperparameter {key_of_hp[id(p)]!r} in it. Fix: build it over "
+                                 f"bl.nas.weight_parameters(model) or the model parameters that are not hparams.")
+            if id(p) not in model_ids:
+                raise ValueError(f"{fn}: expected inner_optimizer to hold parameters of `model`, got a tensor of "
+                                 f"shape {tuple(p.shape)} that is not a parameter of `model`. Fix: build it over "
+                                 f"model.parameters().")
+        held = _ids(inner_params)
+        inner_names = [n for n, p in named.items() if id(p) in held]
+        if not inner_names:
+            raise ValueError(f"{fn}: expected inner_optimizer to hold some of the model's parameters, got none of "
+                             f"them. Fix: build it over model.parameters().")
+        outer = [p for g in outer_optimizer.param_groups for p in g["params"]]
+        stray = [tuple(p.shape) for p in outer if id(p) not in hp_ids]
+        if stray:
+            raise ValueError(f"{fn}: expected outer_optimizer to hold only hparams, got tensors that are not in "
+                             f"hparams (shapes {stray[:3]}). Fix: build it over hparams.values().")
+        missing = [k for k, v in hparams.items() if id(v) not in _ids(outer)]
+        if missing:
+            raise ValueError(f"{fn}: expected outer_optimizer to hold every hparam, got hparams {missing[:5]} "
+                             f"outside it, so they would never be updated. Fix: build outer_optimizer over "
+                             f"hparams.values().")
+        hp_in_model = {n: key_of_hp[id(p)] for n, p in named.items() if id(p) in hp_ids}
+        return cls(model, inner_names, hp_in_model)
+
+    def params(self) -> dict[str, Tensor]:
+        """``{name: Parameter}`` of the inner variables (the live tensors)."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for n in self.inner_names}
+
+    def fixed(self) -> dict[str, Tensor]:
+        """The model's other parameters (not inner variables), detached: constants of a hyper step."""
+        inner = set(self.inner_names)
+        return {n: p.detach() for n, p in self.model.named_parameters() if n not in inner}
+
+    def evaluator(self, loss_fn: Callable[..., Tensor], buffers: Mapping[str, Tensor]) -> Callable[..., Tensor]:
+        """``f(params, hparams, batch) = loss_fn(model, hparams, batch)`` with the model's inner
+        parameters replaced by ``params``, its in-model hyperparameters by ``hparams``' entries and its
+        buffers by ``buffers`` (copies: the passes of a hyper step must not move BatchNorm statistics)."""
+        holder, hp_in_model = _LossCall(self.model), self.hp_in_model
+
+        def call(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
+            tensors = {**params, **{n: hparams[k] for n, k in hp_in_model.items()}, **buffers}
+            return functional_call(holder, {"m." + n: t for n, t in tensors.items()},
+                                   (loss_fn, hparams, batch))
+
+        return call
+
+
+class _LossCall(nn.Module):
+    """Holds the model so that ``functional_call`` can evaluate any ``loss(model, hparams, batch)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, loss_fn: Callable[..., Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
+        return loss_fn(self.m, hparams, batch)
+
+
+def clone_state(x: Any) -> Any:
+    """A copy of an optimizer ``state_dict()`` that ``step()`` cannot change: tensors cloned,
+    containers rebuilt, immutable values shared, anything else deep-copied. Several times faster
+    than ``copy.deepcopy`` of the whole state, which a hyper step and an L-BFGS inner step take
+    every time."""
+    if isinstance(x, Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: clone_state(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [clone_state(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(clone_state(v) for v in x)
+    if x is None or isinstance(x, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+        return x
+    return copy.deepcopy(x)          # anything else a custom optimizer keeps (numpy arrays, sets...)
+
+
+class Snapshot:
+    """Values and ``.grad`` of some tensors and an optimizer's state, to put back if a step fails."""
+
+    def __init__(self, tensors: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> None:
+        self.tensors = list(tensors)
+        self.values = [t.detach().clone() for t in self.tensors]
+        self.grads = [t.grad for t in self.tensors]
+        self.optimizer = optimizer
+        # deep copy: state_dict() returns the live state tensors, which step() updates in place
+        self.state = clone_state(optimizer.state_dict())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, v, g in zip(self.tensors, self.values, self.grads):
+                t.copy_(v)
+                t.grad = g
+        self.optimizer.load_state_dict(self.state)
+
+
+class OuterBatches:
+    """Cycles an iterable of validation batches, counting the batches taken so that a checkpoint
+    resumes at the same position (``position`` batches into the cycle)."""
+
+    def __init__(self, loader: Optional[Iterable[Any]]) -> None:
+        self.loader = loader
+        self.taken = 0
+        self._it: Optional[Iterator[Any]] = None
+
+    def reset(self, taken: int) -> None:
+        self.taken, self._it = taken, None
+
+    def next(self) -> Any:
+        if self.loader is None:
+            raise ValueError("bilevel.HyperOptimizer.step: a hyper step is due but no outer_loader was given. "
+                             "Fix: pass outer_loader=... at construction, or call hyper_step yourself.")
+        if self._it is None:
+            self._it = iter(self.loader)
+            n = len(self.loader) if hasattr(self.loader, "__len__") else 0
+            for _ in range(self.taken % n if n else 0):       # resume where a checkpoint left off
+                next(self._it)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        self.taken += 1
+        return batch
