@@ -134,14 +134,39 @@ class ModelFunctions:
         """``f(params, hparams, batch) = loss_fn(model, hparams, batch)`` with the model's inner
         parameters replaced by ``params``, its in-model hyperparameters by ``hparams``' entries and its
         buffers by ``buffers`` (copies: the passes of a hyper step must not move BatchNorm statistics)."""
-        holder, hp_in_model = _LossCall(self.model), self.hp_in_model
+        holder, hp_in_model, aliases = _LossCall(self.model), self.hp_in_model, _aliases(self.model)
 
         def call(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
             tensors = {**params, **{n: hparams[k] for n, k in hp_in_model.items()}, **buffers}
-            return functional_call(holder, {"m." + n: t for n, t in tensors.items()},
-                                   (loss_fn, hparams, batch))
+            tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
+            return functional_call(holder, {"m." + n: t for n, t in tensors.items()}, (loss_fn, hparams, batch),
+                                   tie_weights=False)
 
         return call
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for tensors that ``named_parameters()``/``named_buffers()`` list once but
+    that other module attributes also hold (tied weights: ``head.weight = embed.weight``).
+
+    NOTE: ``functional_call(tie_weights=True)`` swaps every path of a tied tensor, and a submodule
+    used twice (``nn.Sequential(proj, act, proj)``) has two paths to one attribute: the second swap
+    saves the first swap's tensor as the "original" and restores it, so the model keeps a plain
+    tensor in place of its Parameter after the call. Swapping each (module, attribute) once avoids it.
+    """
+    out: dict[str, str] = {}
+    for named in (model.named_parameters, model.named_buffers):
+        canonical = {id(t): n for n, t in named()}
+        seen: set[tuple[int, str]] = set()
+        for name, t in named(remove_duplicate=False):
+            owner, _, attr = name.rpartition(".")
+            slot = (id(model.get_submodule(owner)), attr)
+            if slot in seen:
+                continue
+            seen.add(slot)
+            if canonical[id(t)] != name:
+                out[name] = canonical[id(t)]
+    return out
 
 
 class _LossCall(nn.Module):

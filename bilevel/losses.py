@@ -58,10 +58,12 @@ class Structured(Protocol):
         (True, True)
     """
 
-    def __call__(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *args: Any) -> Tensor: ...
+    def __call__(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *args: Any) -> Tensor:
+        """The loss (a 0-dim tensor)."""
 
     def hvp(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], v: Mapping[str, Tensor],
-            *args: Any) -> dict[str, Tensor]: ...
+            *args: Any) -> dict[str, Tensor]:
+        """``∇²_params f · v`` (a tree shaped like ``params``)."""
 
 
 def declares(obj: Any, method: str) -> bool:

@@ -52,6 +52,17 @@ class Problem:
         group: the data-parallel process group, or ``None``.
 
     Shapes: ``params``, ``fixed`` and ``live_params`` are trees of the model's parameter shapes.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> hp = {"c": torch.tensor(0.5, requires_grad=True)}
+        >>> loss = lambda m, h, b: ((m(b) - h["c"]) ** 2).mean()
+        >>> hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss,
+        ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1))
+        >>> problem = hopt.problem()                     # what hopt's method sees at the current weights
+        >>> sorted(problem.params), problem.inner_loss(problem.params, hp, torch.ones(4, 2)).shape
+        (['bias', 'weight'], torch.Size([]))
     """
 
     inner_loss: Callable[..., Tensor]
@@ -81,6 +92,11 @@ class MethodResult:
         outer_loss: ``L_V`` at the weights used. inner_grad_norm: ``‖∇_w L_T‖`` there.
         solver: the linear solve's :class:`~bilevel.SolverInfo` (implicit methods), else ``None``.
         state: kept by the HyperOptimizer if the step is accepted and handed back at the next one.
+
+    Example:
+        >>> res = bl.MethodResult({"c": torch.tensor(0.1)}, outer_loss=0.25, state={"u": torch.zeros(2)})
+        >>> res.hypergrad["c"], res.inner_grad_norm, res.solver
+        (tensor(0.1000), nan, None)
     """
 
     hypergrad: Tree
