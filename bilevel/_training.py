@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._errors import check_tree
+from ._rng import get_state as get_rng
+from ._rng import set_state as set_rng
 
 #: inner optimizers that evaluate the loss several times per step and so need a closure
 CLOSURE_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
@@ -218,30 +220,79 @@ class Snapshot:
 
 
 class OuterBatches:
-    """Cycles an iterable of validation batches, counting the batches taken so that a checkpoint
-    resumes at the same position (``position`` batches into the cycle)."""
+    """Cycles an iterable of validation batches and can resume mid-epoch with the same order.
+
+    A shuffled ``DataLoader`` draws each epoch's order when its iterator starts, from the global RNG
+    (or the generator it was given). So the RNG states at the start of the current epoch are kept
+    (:meth:`state_dict`), and a resumed run rebuilds the epoch's iterator under them, skips the
+    batches already taken, and puts the RNG back: the same batches follow, in the same order, and
+    the rest of the run draws the same random numbers. A loader without ``len()`` resumes by
+    skipping ``taken`` batches of a fresh iterator (exact only if its order does not depend on the RNG).
+    """
 
     def __init__(self, loader: Optional[Iterable[Any]]) -> None:
         self.loader = loader
-        self.taken = 0
+        self.taken = 0                  # batches taken in all
+        self.in_epoch = 0               # batches taken from the current iterator
+        self._epoch_rng: Optional[dict[str, Any]] = None
         self._it: Optional[Iterator[Any]] = None
 
-    def reset(self, taken: int) -> None:
-        self.taken, self._it = taken, None
+    def _generators(self) -> list[torch.Generator]:
+        """The generators a DataLoader (or its samplers) may draw an epoch's order from."""
+        objs = [self.loader, getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None),
+                getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)]
+        gens = [getattr(o, "generator", None) for o in objs]
+        return list({id(g): g for g in gens if isinstance(g, torch.Generator)}.values())
+
+    def _rng_states(self) -> dict[str, Any]:
+        cpu, cuda = get_rng()
+        return {"cpu": cpu, "cuda": list(cuda) if cuda is not None else [],
+                "generators": [g.get_state() for g in self._generators()]}
+
+    def _set_rng_states(self, st: Mapping[str, Any]) -> None:
+        set_rng((st["cpu"], st["cuda"] or None))
+        for g, s in zip(self._generators(), st["generators"]):
+            g.set_state(s)
+
+    def _start_epoch(self) -> None:
+        assert self.loader is not None
+        self._epoch_rng = self._rng_states()
+        self._it, self.in_epoch = iter(self.loader), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"taken": self.taken, "in_epoch": self.in_epoch, "epoch_rng": self._epoch_rng}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next batch is the one that followed when ``state`` was taken."""
+        self.taken, self._it = int(state["taken"]), None
+        self.in_epoch = int(state.get("in_epoch", self.taken))
+        self._epoch_rng = state.get("epoch_rng")
+        if self.loader is None or (self._epoch_rng is None and self.in_epoch == 0):
+            return
+        n = len(self.loader) if hasattr(self.loader, "__len__") else 0
+        if self._epoch_rng is None:          # written before epoch RNG states were kept: position only
+            self.in_epoch = self.in_epoch % n if n else self.in_epoch
+        now = get_rng()
+        if self._epoch_rng is not None:
+            self._set_rng_states(self._epoch_rng)
+        self._it = iter(self.loader)
+        for _ in range(self.in_epoch):
+            next(self._it)
+        # the global RNG goes back (the checkpoint's is set next); the loader's own generators stay as
+        # the epoch's start left them, which is where the interrupted run had them too
+        set_rng(now)
 
     def next(self) -> Any:
         if self.loader is None:
             raise ValueError("bilevel.HyperOptimizer.step: a hyper step is due but no outer_loader was given. "
                              "Fix: pass outer_loader=... at construction, or call hyper_step yourself.")
         if self._it is None:
-            self._it = iter(self.loader)
-            n = len(self.loader) if hasattr(self.loader, "__len__") else 0
-            for _ in range(self.taken % n if n else 0):       # resume where a checkpoint left off
-                next(self._it)
+            self._start_epoch()
         try:
             batch = next(self._it)
         except StopIteration:
-            self._it = iter(self.loader)
+            self._start_epoch()
             batch = next(self._it)
         self.taken += 1
+        self.in_epoch += 1
         return batch

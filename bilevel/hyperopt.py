@@ -396,6 +396,7 @@ class HyperOptimizer:
             "counters": {"inner_steps": self.inner_steps, "hyper_steps": self.hyper_steps,
                          "outer_batches": self.outer_batches, "skipped": self.skipped, "calls": self._calls},
             "rng": {"cpu": cpu, "cuda": list(cuda) if cuda is not None else []},
+            "outer_batches": self._outer.state_dict(),
             "method_state": _clone(self.method_state),
             "version": 2,
         }
@@ -446,7 +447,7 @@ class HyperOptimizer:
         c = state["counters"]
         self.inner_steps, self.hyper_steps = int(c["inner_steps"]), int(c["hyper_steps"])
         self.skipped, self._calls = int(c["skipped"]), int(c["calls"])
-        self._outer.reset(int(c["outer_batches"]))
+        self._outer.load_state_dict(state.get("outer_batches", {"taken": c["outer_batches"]}))
         # "adjoint": the method state of checkpoints written before method objects (Implicit's warm start)
         self.method_state = _clone(state.get("method_state", state.get("adjoint")))
         cuda = state["rng"]["cuda"]

@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent('''
     import bilevel as bl
     torch.set_num_threads(1)
     ckpt, out, total, every, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    loader = sys.argv[6]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 3))
     hp, pen = bl.hparams.weight_decay(model, init=1e-3, per="parameter")
@@ -24,6 +25,10 @@ SCRIPT = textwrap.dedent('''
     g = torch.Generator().manual_seed(1)
     X, y = torch.randn(512, 8, generator=g), torch.randint(0, 3, (512,), generator=g)
     val = [(X[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    if loader != "list":                     # a shuffled DataLoader: each epoch's order drawn from an RNG
+        gen = torch.Generator().manual_seed(7) if loader == "shuffled_generator" else None
+        val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X[:128], y[:128]), batch_size=32,
+                                          shuffle=True, generator=gen)
     hopt = bl.HyperOptimizer(model, hp, inner_loss=ce, outer_loss=ce, penalty=pen,
                              inner_optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
                              outer_optimizer=torch.optim.Adam(hp.values(), lr=0.05),
@@ -40,9 +45,9 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _run(tmp, name, total, every, resume, kill_after=None):
+def _run(tmp, name, total, every, resume, loader, kill_after=None):
     cmd = [sys.executable, "-c", SCRIPT, str(tmp / "ckpt.pt"), str(tmp / f"{name}.pt"), str(total), str(every),
-           "1" if resume else "0"]
+           "1" if resume else "0", loader]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if kill_after is None:
         out, err = proc.communicate(timeout=300)
@@ -57,13 +62,16 @@ def _run(tmp, name, total, every, resume, kill_after=None):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("loader", ["list", "shuffled", "shuffled_generator"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, loader):
+    """Killed mid-epoch of the outer loader (the checkpoint at step 12 is 2 batches into its second
+    epoch of 4); a shuffled loader draws each epoch's order from the global RNG or its own generator."""
     total, every = 20, 3
-    _run(tmp_path, "straight", total, every, resume=False)
+    _run(tmp_path, "straight", total, every, False, loader)
     os.remove(tmp_path / "ckpt.pt")
-    _run(tmp_path, "killed", total, every, resume=False, kill_after=13)   # last checkpoint: step 12
+    _run(tmp_path, "killed", total, every, False, loader, kill_after=13)   # last checkpoint: step 12
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["extra"]["step"] == 12
-    _run(tmp_path, "resumed", total, every, resume=True)
+    _run(tmp_path, "resumed", total, every, True, loader)
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert nested_equal(a, b)
