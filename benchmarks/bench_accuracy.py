@@ -1,4 +1,4 @@
-"""Issue 7, item 1: hypergradient accuracy vs number of Hessian-vector products (exact references).
+"""Hypergradient accuracy vs number of Hessian-vector products (exact references).
 
 Group ``accuracy-<problem>``; unit: one IFT hypergradient with ``CG(maxiter=10)`` on the same
 problem. Each benchmark times one hypergradient of a method at k = 10 and stores its relative error
@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 import bilevel as bl
-import issue7
+import baselines
 from conftest import Measure
 
-PROBLEMS = {"ridge": issue7.PerFeatureRidge, "logistic": issue7.PerFeatureLogistic, "kernel_ridge": issue7.KernelRidge}
+PROBLEMS = {"ridge": baselines.PerFeatureRidge, "logistic": baselines.PerFeatureLogistic,
+            "kernel_ridge": baselines.KernelRidge}
 SOLVERS = {"CG": lambda: bl.CG(maxiter=10, tol=0.0), "Neumann": lambda: bl.Neumann(steps=10),
            "Nystrom": lambda: bl.Nystrom(rank=10), "Identity": lambda: bl.Identity()}
 
@@ -32,7 +33,7 @@ def test_accuracy_k10(name: str, solver: str, measure: Measure) -> None:
     s = SOLVERS[solver]()
     fn = lambda: bl.implicit_hypergrad(prob.inner, prob.outer, w, prob.hparams, solver=s)  # noqa: E731
     hg: Any = fn()
-    err = issue7.rel_err(hg, exact)
+    err = baselines.rel_err(hg, exact)
     measure(fn, group=f"accuracy-{name}", name=f"{solver}, k=10", unit=(solver == "CG"), paired_with=unit,
             rel_err=err, hvps=hg.info.solver.matvecs)
     if solver == "CG" and name != "kernel_ridge":

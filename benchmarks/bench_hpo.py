@@ -1,8 +1,8 @@
-"""Issue 7, item 4: HPO quality vs Optuna TPE and random search (breast cancer: 30 decays; digits: 640).
+"""HPO quality vs Optuna TPE and random search (breast cancer: 30 decays; digits: 640).
 
 Each method runs once (``benchmark.pedantic``, one round): the wall time is pytest-benchmark's, the
-validation CE, test CE and test accuracy after the common L-BFGS refit are in ``extra_info``. Target
-(issue 7): lower validation loss than TPE (100 trials) at ≤ 1/10 of its wall time. The generated
+validation CE, test CE and test accuracy after the common L-BFGS refit are in ``extra_info``. Target:
+lower validation loss than TPE (100 trials) at ≤ 1/10 of its wall time. The generated
 table is in RESULTS.md (``python benchmarks/make_results.py --only hpo``).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-import issue7
+import baselines
 
 
 @pytest.mark.parametrize("method", ["hyperoptimizer", "implicit_lbfgs", "tpe", "random"])
@@ -24,9 +24,11 @@ def test_hpo(task: str, method: str, benchmark: Any) -> None:
     import torch
 
     torch.set_num_threads(1)
-    t = issue7.HPOTask(task)
-    fn = {"hyperoptimizer": lambda: issue7.hpo_hyperoptimizer(t), "implicit_lbfgs": lambda: issue7.hpo_implicit_lbfgs(t),
-          "tpe": lambda: issue7.hpo_blackbox(t, "tpe"), "random": lambda: issue7.hpo_blackbox(t, "random")}[method]
+    t = baselines.HPOTask(task)
+    fn = {"hyperoptimizer": lambda: baselines.hpo_hyperoptimizer(t),
+          "implicit_lbfgs": lambda: baselines.hpo_implicit_lbfgs(t),
+          "tpe": lambda: baselines.hpo_blackbox(t, "tpe"),
+          "random": lambda: baselines.hpo_blackbox(t, "random")}[method]
     benchmark.group = f"hpo-{task}"
     res = benchmark.pedantic(fn, rounds=1, iterations=1)
     benchmark.extra_info.update({k: v for k, v in res.items() if isinstance(v, (int, float, str))})

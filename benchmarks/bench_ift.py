@@ -7,7 +7,7 @@ loss is ``CE + 0.5 Σ exp(logwd) ⊙ w²``, the outer loss the validation CE.
 
 One hypergradient = outer gradient (1) + inner gradient graph built once
 (``HessianOperator``) + k Hessian-vector products on that graph + one mixed
-product. With ``bl.CG(maxiter=10, tol=0.0)`` (exactly 10 products) the issue's
+product. With ``bl.CG(maxiter=10, tol=0.0)`` (exactly 10 products) the
 target is at most 16 gradients; DESIGN.md §3 predicts about 15. The component
 benchmarks at the end give that decomposition for this inner loss.
 """
@@ -24,7 +24,7 @@ from bilevel.implicit import solve_adjoint
 from conftest import Measure, MLPProblem, Tree
 
 GROUP = "ift"
-TARGET_GRADIENTS = 16.0  # the issue's target for CG with 10 iterations
+TARGET_GRADIENTS = 16.0  # the target for CG with 10 iterations
 
 
 def _hypergrad(problem: MLPProblem, solver: Any, split: bool = False) -> bl.Hypergrad:

@@ -1,4 +1,4 @@
-"""Closed-form products and fused solver updates (issue 5), on this machine's CPU.
+"""Closed-form products and fused solver updates, on this machine's CPU.
 
 Groups (each with its unit measured in the same run):
 
@@ -21,10 +21,7 @@ tested on CPU through the Triton interpreter, which measures nothing about speed
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from typing import Any, Dict
 
@@ -34,6 +31,7 @@ import torch.nn.functional as F
 
 import bilevel as bl
 import bilevel.kernels as K
+from _measure import run_in_fresh_process
 from conftest import Measure
 
 N_ROWS, N_FEAT = 8192, 1024
@@ -145,17 +143,14 @@ _CE_SCRIPT = textwrap.dedent('''
         run = lambda: bl.hvp(lambda p: F.cross_entropy(X @ p["W"].T, y), {"W": W}, {"W": V}, mode="reverse")["W"]
     else:
         run = lambda: K.linear_ce_hvp(X, W, V)
-    from bilevel._memory import peak_rss_growth
+    from _measure import peak_rss_growth
     out, peak_mb, seconds = peak_rss_growth(run)
     print(json.dumps({"peak_mb": peak_mb, "seconds": seconds, "norm": float(out.norm())}))
 ''')
 
 
 def _ce_memory(kind: str) -> Dict[str, Any]:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _CE_SCRIPT, kind, *map(str, CE_SHAPE)], capture_output=True,
-                         text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process(["-c", _CE_SCRIPT, kind, *map(str, CE_SHAPE)])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory needs Linux /proc")

@@ -11,21 +11,19 @@ configuration (``/proc/self/status`` VmHWM after resetting it through
 ``/proc/self/clear_refs``; glibc's mmap threshold fixed so freed tensors leave
 RSS), as MB above the RSS before the call, and recorded in ``extra_info``.
 
-Target (issue): checkpoint mode at T = 200 uses ≤ 1/5 of higher's memory at
+Target: checkpoint mode at T = 200 uses ≤ 1/5 of higher's memory at
 ≤ 2× its time.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from typing import Any, Callable, Dict
 
 import pytest
 
+from _measure import run_in_fresh_process
 from conftest import Measure
 
 STEPS = (10, 50, 200)
@@ -78,7 +76,7 @@ _SCRIPT = textwrap.dedent('''
     config, T = sys.argv[1], int(sys.argv[2])
     run = make_runner(config, T)
     run()                                   # warm-up (allocator, lazy init)
-    from bilevel._memory import peak_rss_growth
+    from _measure import peak_rss_growth
     out, peak_mb, seconds = peak_rss_growth(run)
     vals = out.values() if isinstance(out, dict) else out
     norm = float(sum(float(v.double().square().sum()) for v in vals) ** 0.5)
@@ -89,10 +87,7 @@ _SCRIPT = textwrap.dedent('''
 
 def peak_memory(config: str, T: int) -> Dict[str, Any]:
     """Run one configuration in a fresh process; return its peak MB above baseline and wall time."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, config, str(T)], capture_output=True, text=True,
-                         check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process(["-c", _SCRIPT, config, str(T)])
 
 
 def _runner(config: str, T: int) -> Callable[[], Any]:

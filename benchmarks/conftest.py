@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import bilevel as bl
-from bilevel._timing import paired_times
+from _measure import paired_ratio
 from bilevel.hparams import WeightDecay
 from bilevel.solvers import power_iteration
 
@@ -362,16 +362,6 @@ class Measure:
                 bm.extra_info["x_unit_mean"] = t.mean / u.mean
                 bm.extra_info["x_unit_min"] = t.min / u.min
         return result
-
-
-def paired_ratio(fn: Callable[[], Any], unit: Callable[[], Any], pairs: int) -> float:
-    """Median over ``pairs`` of ``time(fn) / time(unit)``, each pair timed back to back.
-
-    The machine's speed drifts by 15-30% over the seconds between two benchmarks of
-    one run; a ratio of two times taken a few milliseconds apart does not see that drift.
-    """
-    ratios, _ = paired_times(fn, unit, pairs)
-    return ratios[len(ratios) // 2]
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Arithmetic on parameter trees (``dict[str, Tensor]``) and flat-buffer views.
+"""Parameter trees (``dict[str, Tensor]``): the type, their norm and detached copy, flat-buffer views.
 
 Trees are the currency of the core: ``dict(model.named_parameters())``. The
 solvers work on one contiguous 1-D buffer instead (:class:`Flat`), because a
@@ -11,64 +11,18 @@ tensors as one flat buffer is 10-17x faster than a per-tensor loop; see
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-from ._errors import ShapeError, check_like
+from ._errors import ShapeError
 
 #: A parameter tree: ``{name: Tensor}``, e.g. ``dict(model.named_parameters())``. Core functions
 #: take trees and return trees with the same keys and shapes.
 Tree = Dict[str, Tensor]
 
-__all__ = [
-    "Tree",
-    "Flat",
-    "tree_map",
-    "tree_add",
-    "tree_sub",
-    "tree_scale",
-    "tree_axpy",
-    "tree_vdot",
-    "tree_norm",
-    "tree_zeros_like",
-    "tree_detach",
-    "tree_check_like",
-]
-
-
-def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]) -> Tree:
-    """Apply ``fn`` leaf-wise: ``{k: fn(tree[k], *(r[k] for r in rest))}``."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
-
-
-def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tree:
-    """``a + b`` leaf-wise. Example: ``tree_add({"w": x}, {"w": y}) == {"w": x + y}``."""
-    return {k: a[k] + b[k] for k in a}
-
-
-def tree_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tree:
-    """``a - b`` leaf-wise."""
-    return {k: a[k] - b[k] for k in a}
-
-
-def tree_scale(alpha: float | Tensor, a: Mapping[str, Tensor]) -> Tree:
-    """``alpha * a`` leaf-wise (``alpha`` a Python number or a 0-dim tensor)."""
-    return {k: alpha * v for k, v in a.items()}
-
-
-def tree_axpy(alpha: float | Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Tree:
-    """``alpha * x + y`` leaf-wise (a new tree; inputs untouched)."""
-    return {k: y[k] + alpha * x[k] for k in y}
-
-
-def tree_vdot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Inner product ``sum_k <a[k], b[k]>`` as a 0-dim tensor (no host sync)."""
-    terms = [torch.vdot(a[k].reshape(-1), b[k].reshape(-1)) for k in a]
-    if not terms:
-        raise ShapeError("tree_vdot: expected non-empty trees, got empty ones.")
-    return torch.stack(terms).sum()
+__all__ = ["Tree", "Flat", "tree_norm", "tree_detach"]
 
 
 def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
@@ -79,20 +33,9 @@ def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def tree_zeros_like(a: Mapping[str, Tensor]) -> Tree:
-    """A tree of zeros with the keys, shapes, dtypes and devices of ``a``."""
-    return {k: torch.zeros_like(v) for k, v in a.items()}
-
-
 def tree_detach(a: Mapping[str, Tensor], *, requires_grad: bool = False) -> Tree:
     """Detached leaves sharing storage with ``a``; optionally ``requires_grad``."""
     return {k: v.detach().requires_grad_(requires_grad) for k, v in a.items()}
-
-
-def tree_check_like(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, fn: str = "tree_check_like",
-                    name_a: str = "a", name_b: str = "b") -> None:
-    """Raise :class:`bilevel.ShapeError` unless ``a`` and ``b`` have the same keys and shapes."""
-    check_like(a, b, fn, name_a, name_b)
 
 
 class Flat:

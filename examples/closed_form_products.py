@@ -20,7 +20,8 @@ On CUDA with Triton installed, the same calls run the Triton kernels (``backend=
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -28,14 +29,16 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import bilevel as bl
-from bilevel._timing import paired_times
+
+# The paired timing of the benchmark suite (one copy of it), from the repository's benchmarks/ folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from _measure import paired_ratio  # noqa: E402
 
 
-def paired_ratio(fast: Callable[[], Any], slow: Callable[[], Any], pairs: int) -> float:
-    """Median of ``time(slow) / time(fast)`` over back-to-back pairs (robust to machine drift)."""
+def speedup(fast: Callable[[], Any], slow: Callable[[], Any], pairs: int) -> float:
+    """Median of ``time(slow) / time(fast)`` over back-to-back pairs (robust to machine drift), after a warm-up."""
     fast(), slow()
-    ratios, _ = paired_times(slow, fast, pairs)
-    return statistics.median(ratios)
+    return paired_ratio(slow, fast, pairs)
 
 
 def rel(a: dict, b: dict) -> float:
@@ -66,7 +69,7 @@ def logistic_case(n: int, d: int, pairs: int) -> dict:
                                          hvp_mode="reverse", **kw)
     a, b = closed(), auto()
     return {"case": f"logistic regression, {n} × {d}, {d} decays", "mode": a.info.hvp_mode,
-            "rel_diff": rel(a, b), "speedup": paired_ratio(closed, auto, pairs)}
+            "rel_diff": rel(a, b), "speedup": speedup(closed, auto, pairs)}
 
 
 def linear_ce_case(B: int, D: int, C: int, pairs: int) -> dict:
@@ -77,7 +80,7 @@ def linear_ce_case(B: int, D: int, C: int, pairs: int) -> dict:
     auto = lambda: bl.hvp(lambda p: F.cross_entropy(X @ p["W"].T, y), {"W": W}, {"W": V}, mode="reverse")
     a, b = chunked(), auto()["W"]
     return {"case": f"linear softmax head, B={B}, D={D}, C={C}", "mode": "linear_ce_hvp",
-            "rel_diff": float((a - b).norm() / b.norm()), "speedup": paired_ratio(chunked, auto, pairs),
+            "rel_diff": float((a - b).norm() / b.norm()), "speedup": speedup(chunked, auto, pairs),
             "chunk_rows": bl.kernels.linear_ce.default_chunk_rows(B, C)}
 
 
@@ -94,7 +97,7 @@ def penalty_case(width: int, pairs: int) -> dict:
     a, b = split(), inside()
     n = sum(v.numel() for v in hp.values())
     return {"case": f"MLP 64-{width}-10, {n:,} per-weight decays", "mode": "penalty=",
-            "rel_diff": rel(a, b), "speedup": paired_ratio(split, inside, pairs)}
+            "rel_diff": rel(a, b), "speedup": speedup(split, inside, pairs)}
 
 
 def main(smoke: bool = False, verbose: bool = True) -> dict:

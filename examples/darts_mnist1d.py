@@ -1,6 +1,6 @@
 """DARTS on MNIST-1D: search a 1-D cell by bilevel optimization, retrain it, compare with baselines.
 
-    python examples/darts_mnist1d.py                      # 3 seeds, the issue's pass criteria
+    python examples/darts_mnist1d.py                      # 3 seeds, the pass criteria below
     python examples/darts_mnist1d.py --derive pt          # DARTS-PT perturbation selection
     python examples/darts_mnist1d.py --weighting sigmoid  # Fair-DARTS (sigmoid + zero-one loss)
     python examples/darts_mnist1d.py --method second      # second-order DARTS (bl.Unrolled(steps=1))
@@ -24,7 +24,7 @@ Data: MNIST-1D (Greydanus 2020) *generated locally* by the ``mnist1d`` package
 (``make_dataset(get_dataset_args())``: 4000 train / 1000 test sequences of length 40, 10 classes;
 nothing is downloaded). The search splits the 4000 training sequences in halves (weights / α).
 
-The script prints every figure it measures and a PASS/FAIL line per criterion of the issue:
+The script prints every figure it measures and a PASS/FAIL line per criterion:
 derived cell ≥ 96.5% test accuracy, ≥ the random median, ≥ all-skip + 30 points, ≤ 2
 parameter-free edges, for every seed; the whole run under 600 s.
 

@@ -15,9 +15,9 @@ ordinary SGD steps: ``inner_step`` trains, ``hyper_step`` updates the decays.
 The point of the example is the cost. It measures, after warm-up:
 
 * time:   mean seconds of ``hyper_step`` / mean seconds of ``inner_step``
-          (issue target: ≤ 20 training steps for Neumann(10));
+          (target: ≤ 20 training steps for Neumann(10));
 * memory: peak RSS growth during a ``hyper_step`` / peak RSS growth during an
-          ``inner_step`` (issue target: ≤ 4x). Read from Linux's /proc/self/status
+          ``inner_step`` (target: ≤ 4x). Read from Linux's /proc/self/status
           (VmHWM, the high-water mark, minus VmRSS just before the call); the mark is
           reset by writing "5" to /proc/self/clear_refs before every measured call.
 

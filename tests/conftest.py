@@ -6,10 +6,23 @@ relative, float32 at ~1e-4.
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
 RTOL = {torch.float64: 1e-8, torch.float32: 2e-4}
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def import_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as the module ``name``, with benchmarks/ on ``sys.path`` as its scripts expect."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,4 +1,5 @@
-"""Smoke runs of issue 7's benchmarks (benchmarks/issue7.py, make_results.py): tiny sizes, a few seconds.
+"""Smoke runs of the comparison benchmarks (benchmarks/baselines.py, make_results.py) and their measuring
+helpers (benchmarks/_measure.py): tiny sizes, a few seconds.
 
 The benchmarks themselves (``python -m pytest benchmarks``, ``python benchmarks/make_results.py``)
 are not part of the default test run; these tests run every experiment with ``smoke=True`` so that
@@ -8,44 +9,27 @@ experiments compute), and check that the generated Markdown blocks match the com
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-# TorchOpt 0.7.3 calls the deprecated functorch.vjp (one FutureWarning per call)
-pytestmark = pytest.mark.filterwarnings("ignore:.*functorch.vjp.*:FutureWarning")
+from conftest import BENCHMARKS as BENCH, import_benchmark
 
-
-def _load(name: str):
-    key = f"bilevel_bench_{name}"
-    if key not in sys.modules:
-        if str(BENCH) not in sys.path:
-            sys.path.insert(0, str(BENCH))
-        spec = importlib.util.spec_from_file_location(name if name == "issue7" else key, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # TorchOpt 0.7.3 calls the deprecated functorch.vjp (one FutureWarning per call)
+              pytest.mark.filterwarnings("ignore:.*functorch.vjp.*:FutureWarning")]
 
 
 @pytest.fixture(scope="module")
-def issue7():
-    return _load("issue7")
+def baselines():
+    return import_benchmark("baselines")
 
 
-def test_accuracy_smoke(issue7):
-    res = issue7.run_accuracy(smoke=True)
+def test_accuracy_smoke(baselines):
+    res = baselines.run_accuracy(smoke=True)
     assert len(res["problems"]) == 3
     for p in res["problems"]:
         cg = {r["k"]: r["rel_err"] for r in p["rows"] if r["method"] == "CG"}
@@ -57,9 +41,9 @@ def test_accuracy_smoke(issue7):
     assert full_cg["rel_err"] < 0.5
 
 
-def test_ift_anchor_smoke(issue7):
+def test_ift_anchor_smoke(baselines):
     pytest.importorskip("torchopt")
-    res = issue7.run_ift_anchor(smoke=True)
+    res = baselines.run_ift_anchor(smoke=True)
     for p in res["problems"]:
         rows = {r["name"].split(",")[0] + r["name"].split(",")[1]: r for r in p["rows"]}
         topt = [r for r in p["rows"] if "solve_cg" in r["name"]][0]
@@ -69,10 +53,10 @@ def test_ift_anchor_smoke(issue7):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory needs Linux /proc")
-def test_unroll_anchor_smoke(issue7):
+def test_unroll_anchor_smoke(baselines):
     pytest.importorskip("higher")
     pytest.importorskip("torchopt")
-    res = issue7.run_unroll_anchor(smoke=True)
+    res = baselines.run_unroll_anchor(smoke=True)
     sgd = {r["config"]: r for r in res["rows"] if "SGD" in r["config"]}
     # higher, TorchOpt and bilevel differentiate the same SGD steps: the same error vs the IFT reference
     errs = [sgd[c]["rel_err"] for c in ("higher SGD", "TorchOpt MetaSGD", "bilevel reverse SGD",
@@ -84,20 +68,20 @@ def test_unroll_anchor_smoke(issue7):
     assert all(math.isfinite(r["rel_err"]) for r in res["ift"])
 
 
-def test_cost_smoke(issue7):
-    res = issue7.run_cost(smoke=True)
+def test_cost_smoke(baselines):
+    res = baselines.run_cost(smoke=True)
     assert [r["n_hparams"] for r in res["by_groups"]] == [4, res["by_groups"][1]["n_params"]]
     assert all(r["ratio"] > 1 for r in res["by_size"] + res["by_groups"])
 
 
-def test_grouped_decay_closed_forms(issue7):
+def test_grouped_decay_closed_forms(baselines):
     """GroupedDecay's declared Hessian diagonal and mixed term against autograd."""
     import bilevel as bl
 
     g = torch.Generator().manual_seed(0)
     params = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64),
               "b": torch.randn(5, generator=g, dtype=torch.float64)}
-    pen = issue7.GroupedDecay(params, 3)
+    pen = baselines.GroupedDecay(params, 3)
     h = {"log_decay": torch.randn(3, generator=g, dtype=torch.float64)}
     v = {k: torch.randn(t.shape, generator=g, dtype=torch.float64) for k, t in params.items()}
     hv = bl.hvp(lambda p, hh: pen(p, hh), params, v, h)
@@ -108,9 +92,9 @@ def test_grouped_decay_closed_forms(issue7):
     torch.testing.assert_close(mixed["log_decay"], pen.mixed_closed_form(params, h, v)["log_decay"])
 
 
-def test_hpo_smoke(issue7):
+def test_hpo_smoke(baselines):
     pytest.importorskip("sklearn")
-    res = issue7.run_hpo(smoke=True)
+    res = baselines.run_hpo(smoke=True)
     (task,) = res["tasks"]
     rows = {r["method"].split(" (")[0]: r for r in task["rows"]}
     assert all(math.isfinite(r["val_ce"]) and 0 <= r["test_acc"] <= 1 for r in task["rows"])
@@ -119,16 +103,16 @@ def test_hpo_smoke(issue7):
     assert rows
 
 
-def test_repro_smoke(issue7):
+def test_repro_smoke(baselines):
     pytest.importorskip("sklearn")
-    res = issue7.run_hypertorch_repro(smoke=True)
+    res = baselines.run_hypertorch_repro(smoke=True)
     assert res["val_bce_final"] < res["val_bce_first"]
 
 
 def test_make_results_smoke(tmp_path):
     """The generator end to end on tiny runs, into a temporary folder (the repository is not touched)."""
     pytest.importorskip("matplotlib")
-    mr = _load("make_results")
+    mr = import_benchmark("make_results")
     data = mr.main(["--smoke", "--out", str(tmp_path), "--only", "accuracy,cost,repro"])
     assert set(data["results"]) == {"accuracy", "cost", "repro"}
     text = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
@@ -141,13 +125,59 @@ def test_make_results_smoke(tmp_path):
 
 
 def test_committed_tables_are_generated():
-    """README's and RESULTS.md's issue-7 blocks are exactly what make_results renders from the JSON."""
-    mr = _load("make_results")
-    path = BENCH / "results_issue7.json"
+    """README's and RESULTS.md's generated blocks are exactly what make_results renders from the JSON."""
+    mr = import_benchmark("make_results")
+    path = BENCH / "results_baselines.json"
     if not path.exists():
-        pytest.skip("benchmarks/results_issue7.json not generated yet")
+        pytest.skip("benchmarks/results_baselines.json not generated yet")
     data = json.loads(path.read_text(encoding="utf-8"))
     readme = (BENCH.parent / "README.md").read_text(encoding="utf-8")
     results = (BENCH / "RESULTS.md").read_text(encoding="utf-8")
     assert mr.render_readme(data["results"], data["meta"]) in readme
     assert mr.render_results(data["results"], data["meta"]) in results
+
+
+# -- benchmarks/_measure.py: the timing and memory helpers every figure goes through --------------
+@pytest.fixture(scope="module")
+def measure_mod():
+    return import_benchmark("_measure")
+
+
+def test_measure_doctests(measure_mod):
+    import doctest
+
+    res = doctest.testmod(measure_mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted > 0 and res.failed == 0
+
+
+def test_paired_times_on_a_scripted_clock(measure_mod, monkeypatch):
+    """Durations known in advance (unit, fn, unit, fn, ...): the ratios and unit times are exact."""
+    now = [0.0]
+    durations = iter([2.0, 5.0, 4.0, 2.0, 1.0, 3.0])
+
+    def tick():
+        now[0] += next(durations)
+
+    monkeypatch.setattr(measure_mod, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    ratios, units = measure_mod.paired_times(tick, tick, pairs=3)
+    assert ratios == [0.5, 2.5, 3.0] and units == [1.0, 2.0, 4.0]
+    durations = iter([2.0, 5.0, 4.0, 2.0, 1.0, 3.0])
+    assert measure_mod.paired_ratio(tick, tick, pairs=3) == 2.5
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory needs Linux /proc")
+def test_peak_rss_growth_sees_a_known_allocation(measure_mod):
+    """A 64 MiB bytes object, written and freed inside the call, in a fresh process: the peak is 64 MiB."""
+    script = ("import json\nfrom _measure import peak_rss_growth\n"
+              "n, mb, s = peak_rss_growth(lambda: len(b'x' * (64 << 20)))\n"
+              "_, idle_mb, _ = peak_rss_growth(lambda: None)\n"
+              "print(json.dumps({'n': n, 'mb': mb, 'idle_mb': idle_mb, 's': s}))")
+    out = measure_mod.run_in_fresh_process(["-c", script])
+    assert out["n"] == 64 << 20 and out["s"] > 0
+    assert 62.0 <= out["mb"] <= 66.0, out       # 64 MiB ± 2 (measured 63.8: other pages come and go)
+    assert out["idle_mb"] < 1.0, out
+
+
+def test_run_in_fresh_process_reports_a_failing_child(measure_mod):
+    with pytest.raises(RuntimeError, match=r"run_in_fresh_process: expected exit status 0 .* got 3"):
+        measure_mod.run_in_fresh_process(["-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"])

@@ -1,7 +1,7 @@
 """Smoke runs of the scripts in examples/ (each ``main(smoke=True)``, a few seconds).
 
 The examples are imported by path (examples/ is not a package) and their returned figures are
-checked where a smoke-sized run still means something. The full-size figures (and the issue's
+checked where a smoke-sized run still means something. The full-size figures (and their
 targets) are printed by running the scripts themselves.
 """
 

@@ -7,10 +7,8 @@ whole comparison; the library's CG run to convergence must reproduce it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,10 @@ import torch
 
 import bilevel as bl
 
+from conftest import import_benchmark
+
 pytest.importorskip("sklearn")
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 SETTING = "decay 1e-2"      # the setting the oracle checks use
 FD_EPS = 1e-3               # central-difference step along a N(0, I) direction in log-decay space
 FD_RTOL = 1e-5              # measured: 1e-7 (truncation ~ eps², inner solves to ‖∇‖∞ ≤ 1e-12)
@@ -32,9 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def lorraine() -> Any:
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module("lorraine")
+    return import_benchmark("lorraine")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import bilevel as bl
-from bilevel._tree import (Flat, tree_add, tree_axpy, tree_check_like, tree_norm, tree_scale, tree_sub,
-                           tree_vdot, tree_zeros_like)
+from bilevel._errors import check_like
+from bilevel._tree import Flat, tree_detach, tree_norm
 
 
 def _tree(dtype=torch.float64):
@@ -14,16 +14,13 @@ def _vec(t):
     return torch.cat([v.reshape(-1) for v in t.values()])
 
 
-def test_arithmetic_matches_flat_vectors():
-    x, y = _tree(), _tree()
-    assert torch.allclose(_vec(tree_add(x, y)), _vec(x) + _vec(y))
-    assert torch.allclose(_vec(tree_sub(x, y)), _vec(x) - _vec(y))
-    assert torch.allclose(_vec(tree_scale(2.5, x)), 2.5 * _vec(x))
-    assert torch.allclose(_vec(tree_axpy(-0.3, x, y)), -0.3 * _vec(x) + _vec(y))
-    assert torch.allclose(tree_vdot(x, y), _vec(x) @ _vec(y))
-    assert torch.allclose(tree_norm(x), _vec(x).norm())
-    z = tree_zeros_like(x)
-    assert all((v == 0).all() and v.shape == x[k].shape for k, v in z.items())
+def test_norm_and_detach_match_flat_vectors():
+    x = {k: v.requires_grad_() for k, v in _tree().items()}
+    assert torch.allclose(tree_norm(x), _vec(x).norm(), rtol=1e-12, atol=0)
+    d = tree_detach(x, requires_grad=True)
+    assert all(d[k].requires_grad and d[k].grad_fn is None and d[k].data_ptr() == x[k].data_ptr() for k in x)
+    with pytest.raises(bl.ShapeError, match="tree_norm.*empty"):
+        tree_norm({})
 
 
 def test_flat_roundtrip_and_views():
@@ -51,6 +48,6 @@ def test_flat_rejects_mixed_dtype_and_bad_vectors():
 def test_check_like_messages():
     x = _tree()
     with pytest.raises(bl.ShapeError, match=r"missing from `b`: \['c'\]"):
-        tree_check_like(x, {"a": x["a"], "b": x["b"]})
+        check_like(x, {"a": x["a"], "b": x["b"]}, "f", "a", "b")
     with pytest.raises(bl.ShapeError, match=r"shape \(5,\)"):
-        tree_check_like(x, {**x, "b": torch.zeros(6)})
+        check_like(x, {**x, "b": torch.zeros(6)}, "f", "a", "b")

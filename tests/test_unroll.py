@@ -1,9 +1,6 @@
 """Unrolled hypergradients against closed forms, `higher`, and each other."""
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +9,7 @@ from torch.func import functional_call
 
 import bilevel as bl
 
-from conftest import rel_err, tree_rel_err
+from conftest import import_benchmark, rel_err, tree_rel_err
 
 DT = torch.float64
 MODES = ["reverse", "checkpoint", "forward"]
@@ -229,7 +226,7 @@ _MEM_SCRIPT = textwrap.dedent('''
     outer = lambda p, h: torch.nn.functional.cross_entropy(functional_call(net, p, (X,)), y)
     opt = bl.inner.SGD(lr=0.1, momentum=0.9)
     bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=2, mode=mode)   # warm up
-    from bilevel._memory import peak_rss_growth    # VmHWM of this process, see bilevel/_memory.py
+    from _measure import peak_rss_growth    # VmHWM of this process, see benchmarks/_measure.py
     (hg, _), peak_mb, _ = peak_rss_growth(
         lambda: bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=200, mode=mode))
     print(json.dumps({"mode": mode, "peak_mb": peak_mb,
@@ -238,12 +235,7 @@ _MEM_SCRIPT = textwrap.dedent('''
 
 
 def _mem(mode):
-    # A fixed mmap threshold (glibc) maps every tensor above 64 KiB on its own and unmaps it when freed,
-    # so the peak RSS follows the tensors alive rather than the allocator's dynamic heap policy.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, mode], capture_output=True, text=True, check=True,
-                         env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return import_benchmark("_measure").run_in_fresh_process(["-c", _MEM_SCRIPT, mode], env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read peak memory")

@@ -15,7 +15,7 @@ Any numeric option may instead be the *name* of a tensor in ``hparams``
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -112,7 +112,3 @@ class InnerOptimizer:
 
 def zeros_tree(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.zeros_like(p) for k, p in params.items()}
-
-
-def keys_of(params: Mapping[str, Tensor]) -> Iterable[str]:
-    return params.keys()

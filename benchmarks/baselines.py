@@ -1,19 +1,19 @@
-"""Experiments of issue 7: bilevel against TorchOpt, higher and black-box search (Optuna).
+"""bilevel against exact references, TorchOpt, higher and black-box search (Optuna).
 
 Every experiment is a plain function ``run_<name>(smoke=False) -> dict`` returning the figures
 it measured (JSON-serializable). ``benchmarks/make_results.py`` runs them and writes
-``benchmarks/results_issue7.json``, the generated block of ``benchmarks/RESULTS.md``, the
-README table and the PNG plots; the ``bench_*.py`` files of issue 7 run the same
-functions under pytest-benchmark; ``tests/test_benchmarks_smoke.py`` runs each with
-``smoke=True`` (tiny sizes, a few seconds in all) so that none of them can rot.
+``benchmarks/results_baselines.json``, the generated block of ``benchmarks/RESULTS.md``, the
+README table and the PNG plots; ``bench_accuracy.py``, ``bench_anchors.py``, ``bench_scaling.py``,
+``bench_hpo.py`` and ``bench_repro.py`` run the same functions under pytest-benchmark;
+``tests/test_benchmarks_smoke.py`` runs each with ``smoke=True`` (tiny sizes, a few seconds in
+all) so that none of them can rot.
 
 Timings are ratios measured in this process: ``paired(fn, unit)`` is the median over
 back-to-back pairs of ``time(fn) / time(unit)`` (robust to the 15-30% drift of this shared
 machine, see benchmarks/RESULTS.md), and every timed row records the CPU load of *other*
 processes (:class:`conftest.ForeignLoad`, cores). Peak memory is measured in a fresh
-process per configuration (``python benchmarks/issue7.py --mem ...``): ``VmHWM`` after
-writing 5 to ``/proc/self/clear_refs``, minus the RSS before the call, with
-``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave RSS (as bench_unroll.py).
+process per configuration (``python benchmarks/baselines.py --mem ...``):
+:func:`_measure.peak_rss_growth` of the second call (as bench_unroll.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import bilevel as bl  # noqa: E402
-from bilevel._timing import paired_times  # noqa: E402
+from _measure import paired_times, peak_rss_growth, run_in_fresh_process  # noqa: E402
 
 
 def _bench_conftest() -> Any:
@@ -97,29 +95,19 @@ def rel_err(a: Tree, b: Tree) -> float:
     return math.sqrt(num / max(den, 1e-300))
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(key))
-
-
 def peak_memory_mb(experiment: str, config: str, size: Any, timeout: float = 600.0) -> float:
     """Peak RSS growth (MB) of one call of ``MEM_RUNNERS[experiment](config, size)`` in a fresh process."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--mem", experiment, config, json.dumps(size)],
-                         capture_output=True, text=True, check=True, env=env, timeout=timeout)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+    out = run_in_fresh_process([str(Path(__file__).resolve()), "--mem", experiment, config, json.dumps(size)],
+                               env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+    return float(out["peak_mb"])
 
 
 def _mem_main(experiment: str, config: str, size: Any) -> None:
     torch.set_num_threads(1)
     run = MEM_RUNNERS[experiment](config, size)
     run()  # warm-up: allocator, lazy initialisation
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-        fh.write("5")
-    base = _status_kb("VmRSS:")
-    run()
-    peak = _status_kb("VmHWM:")
-    print(json.dumps({"peak_mb": (peak - base) / 1024}))
+    _, peak_mb, _ = peak_rss_growth(run)
+    print(json.dumps({"peak_mb": peak_mb}))
 
 
 def machine() -> Dict[str, Any]:
@@ -519,7 +507,7 @@ class UnrollProblem:
         X64, h64 = self.X.double(), {k: v.double() for k, v in self.hp.items()}
         # cached across processes: the peak-memory subprocesses need the same point, not 30 s of L-BFGS each
         import tempfile
-        cache = Path(tempfile.gettempdir()) / f"bilevel_issue7_unroll_{d_in}_{hidden}_{batch}_{seed}.pt"
+        cache = Path(tempfile.gettempdir()) / f"bilevel_baselines_unroll_{d_in}_{hidden}_{batch}_{seed}.pt"
         if cache.exists():
             self.params64 = torch.load(cache)
         else:
@@ -1105,5 +1093,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--mem":
         _mem_main(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))
     else:
-        print("usage: python benchmarks/issue7.py --mem EXPERIMENT CONFIG SIZE_JSON "
+        print("usage: python benchmarks/baselines.py --mem EXPERIMENT CONFIG SIZE_JSON "
               "(the experiments run from benchmarks/make_results.py)")
