@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._errors import check_tree
+from ._errors import NonFiniteError, all_finite, check_tree
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
 
@@ -296,3 +297,34 @@ class OuterBatches:
         self.taken += 1
         self.in_epoch += 1
         return batch
+
+
+def warn_if_no_hyper_step(run: Mapping[str, int]) -> None:
+    """At the end of a run (the HyperOptimizer is collected, or the program exits): warn if
+    ``step()`` was called but no hyper step was taken, so the hyperparameters never moved."""
+    if run["calls"] > 0 and run["hyper_steps"] == 0:
+        warnings.warn(f"bilevel.HyperOptimizer: the run called step() {run['calls']} times and took no hyper step "
+                      f"(hyper_every={run['hyper_every']}, or every hyper step was skipped), so the hyperparameters "
+                      f"never changed. Fix: a smaller hyper_every, more epochs, or check the skipped hyper steps' "
+                      f"errors.", RuntimeWarning, stacklevel=2)
+
+
+def check_weights(model: nn.Module) -> None:
+    """Raise if the weights themselves hold NaN/Inf: then no step can be skipped safely.
+
+    Finite gradients can still give non-finite weights when the optimizer's own update overflows.
+    No copy of the weights is kept for one-evaluation optimizers (it would double their memory), so
+    this is found where it shows, at the next NaN loss, and stops training whatever ``on_error``
+    says; :meth:`bilevel.HyperOptimizer.save` refuses to write such a state.
+    """
+    if not all_finite(*model.parameters()):
+        raise NonFiniteError("bilevel.HyperOptimizer.inner_step: the model's weights hold NaN/Inf, so an earlier "
+                             "inner_optimizer.step() overflowed (finite gradients are checked before every "
+                             "step). Fix: lower its learning rate, then resume from the last checkpoint "
+                             "(HyperOptimizer.load).")
+
+
+def nonfinite_inner(loss: Tensor) -> NonFiniteError:
+    return NonFiniteError(f"bilevel.HyperOptimizer.inner_step: the inner loss or its gradient is NaN/Inf "
+                          f"(loss={float(loss):.4g}); the weights were left as they were. "
+                          f"Fix: lower the learning rate, check the batch.")

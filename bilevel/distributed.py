@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["world_size", "resolve_group", "all_reduce_mean_", "all_reduce_mean_tree", "all_reduce_mean_list",
-           "differentiable_mean", "broadcast_from_first_"]
+           "all_reduce_mean_grads", "differentiable_mean", "broadcast_from_first_"]
 
 AUTO = "auto"
 
@@ -75,6 +75,19 @@ def all_reduce_mean_list(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
             out[i] = flat[o:o + n].view(tensors[i].shape)
             o += n
     return out  # type: ignore[return-value]
+
+
+def all_reduce_mean_grads(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor],
+                          group: Any) -> list[Optional[Tensor]]:
+    """Mean over ranks of gradients where ``None`` means "this rank's loss does not reach the tensor":
+    the result is ``None`` only where no rank's loss reaches it (as DDP's ``find_unused_parameters``),
+    zeros standing in for the ranks that miss it. One collective per dtype."""
+    if world_size(group) <= 1:
+        return list(grads)
+    used = torch.tensor([g is not None for g in grads], dtype=torch.float64, device=like[0].device)
+    filled = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+    *out, used = all_reduce_mean_list([*filled, used], group)
+    return [g if u > 0 else None for g, u in zip(out, used.tolist())]
 
 
 def broadcast_from_first_(tensors: Sequence[Tensor], group: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -28,9 +29,9 @@ from ._io import atomic_save
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
 from ._training import (CLOSURE_OPTIMIZERS, ModelFunctions, OuterBatches, Snapshot, check_hparams, check_options,
-                        unwrap_ddp)
+                        check_weights, clone_state, nonfinite_inner, unwrap_ddp, warn_if_no_hyper_step)
 from ._tree import Tree, tree_norm
-from .distributed import all_reduce_mean_list, broadcast_from_first_, check_group, world_size
+from .distributed import all_reduce_mean_grads, broadcast_from_first_, check_group, world_size
 from .methods import FirstOrder, Implicit, Problem, Unrolled
 
 __all__ = ["HyperOptimizer", "HyperStepStats", "Implicit", "Unrolled", "FirstOrder"]
@@ -187,6 +188,9 @@ class HyperOptimizer:
         self.method_state: Any = None
         self._pending_state: Any = None
         self.inner_steps = self.hyper_steps = self.skipped = self._calls = 0
+        #: what a run of step() did, read when this object goes away (warns if it took no hyper step)
+        self._run = {"calls": 0, "hyper_steps": 0, "hyper_every": hyper_every}
+        weakref.finalize(self, warn_if_no_hyper_step, self._run)
         self.last_stats: Optional[HyperStepStats] = None
         self.step_stats: Optional[HyperStepStats] = None
 
@@ -225,8 +229,8 @@ class HyperOptimizer:
         self.inner_optimizer.zero_grad(set_to_none=True)
         loss, grads = self._loss_and_grads(batch, leaves)
         if not all_finite(loss, *(g for g in grads if g is not None)):
-            self._check_weights()
-            self._fail(self._nonfinite_inner(loss), "inner_step")
+            check_weights(self.model)
+            self._fail(nonfinite_inner(loss), "inner_step")
             return loss
         for p, g in zip(leaves, grads):
             p.grad = g
@@ -238,7 +242,7 @@ class HyperOptimizer:
 
     def _loss_and_grads(self, batch: Any, leaves: list[Tensor]) -> tuple[Tensor, list[Optional[Tensor]]]:
         """The inner loss (+ penalty) and its gradient (``None`` where no rank's loss reaches a leaf),
-        averaged over ranks."""
+        averaged over ranks: NaN on any rank reaches all, so all skip together."""
         fn = "bilevel.HyperOptimizer.inner_step"
         with torch.enable_grad():
             loss = check_scalar(self.inner_loss(self.model, self.hparams, batch), fn, "inner_loss")
@@ -246,36 +250,8 @@ class HyperOptimizer:
                 loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams), fn,
                                            "penalty")
             gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-        loss = loss.detach()
-        if world_size(self.group) <= 1:
-            return loss, list(gs)
-        # the global batch's gradient (and loss); NaN on any rank reaches all, so all skip together.
-        # A leaf counts as used if any rank's loss reaches it, as DDP's find_unused_parameters does.
-        dt = leaves[0].dtype
-        used = torch.tensor([g is not None for g in gs], dtype=dt, device=leaves[0].device)
-        zero_filled = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, gs)]
-        *red, loss_r, used = all_reduce_mean_list([*zero_filled, loss.reshape(1).to(dt), used], self.group)
-        return loss_r.reshape(()).to(loss.dtype), [g if u > 0 else None for g, u in zip(red, used.tolist())]
-
-    def _check_weights(self) -> None:
-        """Raise if the weights themselves hold NaN/Inf: then no step can be skipped safely.
-
-        Finite gradients can still give non-finite weights when the optimizer's own update
-        overflows. No copy of the weights is kept for one-evaluation optimizers (it would double
-        their memory), so this is found where it shows, at the next NaN loss, and stops training
-        whatever ``on_error`` says; :meth:`save` refuses to write such a state.
-        """
-        if not all_finite(*self.model.parameters()):
-            raise NonFiniteError("bilevel.HyperOptimizer.inner_step: the model's weights hold NaN/Inf, so an earlier "
-                                 "inner_optimizer.step() overflowed (finite gradients are checked before every "
-                                 "step). Fix: lower its learning rate, then resume from the last checkpoint "
-                                 "(HyperOptimizer.load).")
-
-    @staticmethod
-    def _nonfinite_inner(loss: Tensor) -> NonFiniteError:
-        return NonFiniteError(f"bilevel.HyperOptimizer.inner_step: the inner loss or its gradient is NaN/Inf "
-                              f"(loss={float(loss):.4g}); the weights were left as they were. "
-                              f"Fix: lower the learning rate, check the batch.")
+        *grads, loss = all_reduce_mean_grads([*gs, loss.detach()], [*leaves, loss], self.group)
+        return loss, grads
 
     def _closure_inner_step(self, batch: Any) -> Tensor:
         leaves = list(self._fns.params().values())
@@ -286,7 +262,7 @@ class HyperOptimizer:
         def closure() -> Tensor:
             loss, grads = self._loss_and_grads(batch, leaves)
             if not all_finite(loss, *(g for g in grads if g is not None)):
-                raise self._nonfinite_inner(loss)
+                raise nonfinite_inner(loss)
             for p, g in zip(leaves, grads):
                 p.grad = g
             losses.append(loss)
@@ -382,6 +358,7 @@ class HyperOptimizer:
         self.step_stats = None
         if self._calls % self.hyper_every == 0:
             self.step_stats = self.hyper_step(batch, self._outer.next())
+        self._run.update(calls=self._calls, hyper_steps=self.hyper_steps)
         return loss
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -397,7 +374,7 @@ class HyperOptimizer:
                          "outer_batches": self.outer_batches, "skipped": self.skipped, "calls": self._calls},
             "rng": {"cpu": cpu, "cuda": list(cuda) if cuda is not None else []},
             "outer_batches": self._outer.state_dict(),
-            "method_state": _clone(self.method_state),
+            "method_state": clone_state(self.method_state),
             "version": 2,
         }
 
@@ -449,10 +426,7 @@ class HyperOptimizer:
         self.skipped, self._calls = int(c["skipped"]), int(c["calls"])
         self._outer.load_state_dict(state.get("outer_batches", {"taken": c["outer_batches"]}))
         # "adjoint": the method state of checkpoints written before method objects (Implicit's warm start)
-        self.method_state = _clone(state.get("method_state", state.get("adjoint")))
+        self.method_state = clone_state(state.get("method_state", state.get("adjoint")))
         cuda = state["rng"]["cuda"]
         set_rng((state["rng"]["cpu"], cuda if cuda else None))
 
-
-def _clone(x: Any) -> Any:
-    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, x)

@@ -610,3 +610,30 @@ def test_implicit_warm_start_refines_across_hyper_steps_and_resumes_exactly(tmp_
     assert all(torch.equal(hp2[k].detach(), ref[k]) for k in ref)
     with pytest.raises(ValueError, match="starting point"):
         bl.Implicit(solver=bl.Nystrom(rank=2), warm_start=True)
+
+
+def test_a_run_without_any_hyper_step_warns_when_it_ends():
+    """One epoch shorter than hyper_every moves no hyperparameter: say so when the run ends."""
+    import gc
+
+    model = torch.nn.Linear(3, 1)
+    hp = {"c": torch.tensor(0.1, requires_grad=True)}
+    loss = lambda m, h, b: ((m(b) - h["c"]) ** 2).mean()
+    data = [torch.randn(4, 3) for _ in range(5)]
+
+    def run(hyper_every):
+        hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, outer_loader=data,
+                                 inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1), hyper_every=hyper_every,
+                                 method=bl.FirstOrder())
+        for b in data:
+            hopt.step(b)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del hopt
+            gc.collect()
+        return [str(w.message) for w in caught]
+
+    msgs = run(hyper_every=20)
+    assert len(msgs) == 1 and "called step() 5 times and took no hyper step" in msgs[0] and "hyper_every=20" in msgs[0]
+    assert run(hyper_every=2) == []
