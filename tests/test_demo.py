@@ -1,4 +1,4 @@
-"""The main job: ``python -m bilevel demo`` (bilevel/_demo*.py, bilevel/__main__.py).
+"""The main job: ``python -m bilevel demo`` (bilevel/demo/, bilevel/__main__.py).
 
 Oracle: the baseline's own validation loss. Default task (mlp): the per-weight
 decays start at the baseline's best global decay, with the same initialization,
@@ -23,7 +23,9 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the demo's datasets ship with scikit-learn")
 
-from bilevel import _demo, _demo_logreg, _demo_mlp  # noqa: E402
+from bilevel import demo  # noqa: E402
+from bilevel.demo import data as demo_data, report as demo_report  # noqa: E402
+from bilevel.demo.tasks import logreg, mlp  # noqa: E402
 from bilevel.__main__ import build_parser, main  # noqa: E402
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -53,17 +55,17 @@ def _check_mlp_result(res: dict) -> None:
 
 
 def test_default_config_has_over_100k_hyperparameters() -> None:
-    cfg = _demo_mlp.MLPConfig().resolved()
+    cfg = mlp.MLPConfig().resolved()
     assert cfg.layer_sizes == [64, 512, 256, 10]
     assert cfg.n_hparams == 64 * 512 + 512 * 256 + 256 * 10 == 166_400
     assert cfg.inner_steps == 1000 and len(cfg.grid) == 9
-    model = _demo_mlp.make_mlp(cfg)
+    model = mlp.make_mlp(cfg)
     import bilevel as bl
 
     hp, _ = bl.hparams.weight_decay(model, per="parameter", exclude=("bias",))
     assert sum(v.numel() for v in hp.values()) == cfg.n_hparams
     # --quick keeps the network (so the same number of hyperparameters) and shortens the run.
-    q = _demo_mlp.MLPConfig(quick=True).resolved()
+    q = mlp.MLPConfig(quick=True).resolved()
     assert q.n_hparams == cfg.n_hparams and q.inner_steps < cfg.inner_steps and len(q.grid) < len(cfg.grid)
 
 
@@ -91,16 +93,16 @@ def test_mlp_plot_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest
     def no_mpl(result: dict, out_dir: str) -> list:
         raise ImportError("No module named 'matplotlib'")
 
-    monkeypatch.setattr(_demo_mlp, "save_plots", no_mpl)
-    res = _demo.run(task="mlp", progress=False, out_dir=str(tmp_path), hidden=(16,), inner_steps=20,
+    monkeypatch.setattr(demo_report, "save_mlp_plots", no_mpl)
+    res = demo.run(task="mlp", progress=False, out_dir=str(tmp_path), hidden=(16,), inner_steps=20,
                     hyper_every=5, grid=(1e-3, 1e-2))
     assert res["plots"] == [] and "pip install matplotlib" in res["plot_skipped"]
     assert res["n_hparams"] == 64 * 16 + 16 * 10
-    assert "plot skipped" in _demo.format_report(res)
+    assert "plot skipped" in demo.format_report(res)
 
 
 def test_mlp_cg_solver_runs() -> None:
-    res = _demo_mlp.run(solver="cg", progress=False, hidden=(32,), inner_steps=30, hyper_every=5, grid=(1e-3,))
+    res = mlp.run(solver="cg", progress=False, hidden=(32,), inner_steps=30, hyper_every=5, grid=(1e-3,))
     assert res["tuned"]["hyper_steps"] == 6 and "bl.CG" in res["solver_repr"]
     assert all(math.isfinite(h["hypergrad_norm"]) for h in res["tuned"]["hyper"] if not h["skipped"])
 
@@ -143,13 +145,13 @@ def test_main_demo_logreg_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -
 
 @pytest.mark.parametrize("solver", ["neumann", "nystrom"])
 def test_logreg_quick_beats_baseline(solver: str) -> None:
-    res = _demo.run(task="logreg", solver=solver, quick=True, progress=False)
+    res = demo.run(task="logreg", solver=solver, quick=True, progress=False)
     _check_logreg_result(res)
     assert res["plot"] is None  # no out_dir: no plot
 
 
 def test_logreg_digits_quick() -> None:
-    res = _demo_logreg.run(dataset="digits", quick=True, outer_steps=3, progress=False)
+    res = logreg.run(dataset="digits", quick=True, outer_steps=3, progress=False)
     assert res["n_hparams"] == 64 * 10 and res["n_classes"] == 10
     _check_logreg_result(res)
 
@@ -158,22 +160,22 @@ def test_logreg_plot_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pyt
     def no_mpl(result: dict, out_dir: str) -> str:
         raise ImportError("No module named 'matplotlib'")
 
-    monkeypatch.setattr(_demo_logreg, "save_plot", no_mpl)
-    res = _demo.run(task="logreg", quick=True, outer_steps=2, progress=False, out_dir=str(tmp_path))
+    monkeypatch.setattr(demo_report, "save_logreg_plot", no_mpl)
+    res = demo.run(task="logreg", quick=True, outer_steps=2, progress=False, out_dir=str(tmp_path))
     assert res["plot"] is None and "pip install matplotlib" in res["plot_skipped"]
-    assert "plot skipped" in _demo.format_report(res)
+    assert "plot skipped" in demo.format_report(res)
 
 
 def test_split_is_deterministic_and_standardized() -> None:
-    a = _demo_logreg.load_split("breast_cancer", seed=3, n_train=100, n_val=235)
-    b = _demo_logreg.load_split("breast_cancer", seed=3, n_train=100, n_val=235)
-    c = _demo_logreg.load_split("breast_cancer", seed=4, n_train=100, n_val=235)
+    a = demo_data.load_split("breast_cancer", seed=3, n_train=100, n_val=235)
+    b = demo_data.load_split("breast_cancer", seed=3, n_train=100, n_val=235)
+    c = demo_data.load_split("breast_cancer", seed=4, n_train=100, n_val=235)
     assert (a.X_train == b.X_train).all() and (a.y_test == b.y_test).all()
     assert not (a.X_train == c.X_train).all()
     assert a.X_train.shape == (100, 30) and a.X_val.shape == (235, 30) and a.X_test.shape == (569 - 335, 30)
     assert a.X_train.mean(0).abs().max() < 1e-12
     assert (a.X_train.std(0, unbiased=False) - 1).abs().max() < 1e-12
-    d = _demo_mlp.load_data(_demo_mlp.MLPConfig().resolved())
+    d = mlp.load_data(mlp.MLPConfig().resolved())
     assert d.X_train.shape == (300, 64) and d.X_val.shape == (300, 64) and d.X_test.shape == (1797 - 600, 64)
 
 
@@ -184,24 +186,24 @@ def test_progress_bar_modes() -> None:
             return True
 
     tty = Tty()
-    bar = _demo.Progress(4, stream=tty)
+    bar = demo.Progress(4, stream=tty)
     for i in range(1, 5):
         bar.update(i, "x")
     bar.close()
     assert tty.getvalue().count("\r") == 4 and "4/4" in tty.getvalue()
     pipe = io.StringIO()
-    bar = _demo.Progress(20, stream=pipe, every=10)
+    bar = demo.Progress(20, stream=pipe, every=10)
     for i in range(1, 21):
         bar.update(i)
     assert pipe.getvalue().count("\n") == 2
     pipe = io.StringIO()
-    bar = _demo.Progress(100, stream=pipe, label="tuned step")   # updates that skip steps still print
+    bar = demo.Progress(100, stream=pipe, label="tuned step")   # updates that skip steps still print
     for i in range(7, 101, 7):
         bar.update(i)
     bar.update(100)
     assert pipe.getvalue().count("\n") == 10 and "tuned step" in pipe.getvalue()
     off = io.StringIO()
-    bar = _demo.Progress(3, stream=off, enabled=False)
+    bar = demo.Progress(3, stream=off, enabled=False)
     bar.update(1)
     bar.close()
     assert off.getvalue() == ""
@@ -234,11 +236,11 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture) -> None:
     assert main(["demo", "--task", "logreg", "--inner-steps", "5"]) == 2
     assert "belongs to --task mlp" in capsys.readouterr().err
     with pytest.raises(TypeError, match="unknown settings"):
-        _demo.run(task="logreg", quick=True, progress=False, n_epochs=3)
+        demo.run(task="logreg", quick=True, progress=False, n_epochs=3)
     with pytest.raises(TypeError, match="unknown settings"):
-        _demo.run(quick=True, progress=False, outer_steps=3)
+        demo.run(quick=True, progress=False, outer_steps=3)
     with pytest.raises(ValueError, match="solver"):
-        _demo_mlp.MLPConfig(solver="nystrom").resolved()
+        mlp.MLPConfig(solver="nystrom").resolved()
 
 
 def test_python_m_bilevel_demo_quick(tmp_path: Path) -> None:
