@@ -243,6 +243,147 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture) -> None:
         mlp.MLPConfig(solver="nystrom").resolved()
 
 
+# --------------------------------------------------------------------------- output locations
+def _no_training(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Replace the run by a recorder: a test passes only if the command stops before training."""
+    calls: list = []
+
+    def record(*args: object, **kwargs: object) -> dict:
+        calls.append(kwargs)
+        raise AssertionError("the demo trained although its output location cannot be written")
+
+    monkeypatch.setattr(demo, "run", record)
+    return calls
+
+
+def test_out_folder_that_cannot_be_created_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    calls = _no_training(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--quick", "--out", blocker / "plots"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the folder" in err and str(blocker / "plots") in err and "Fix:" in err
+    assert main(["demo", "--quick", "--out", blocker]) == 2          # a file where the folder should be
+    assert "a file is in the way" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", tmp_path, "--json", blocker / "sub" / "r.json"]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", tmp_path, "--json", tmp_path]) == 2   # --json names a folder
+    assert "expects a file name" in capsys.readouterr().err
+    assert calls == []
+
+
+def test_unwritable_output_folder_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """A folder where no file can be created (EACCES from the kernel) is refused before the run.
+
+    NOTE: the tests may run as root, for whom a chmod-ed folder stays writable; the refusal is
+    simulated at the one call that creates files (test_read_only_folder checks the real thing).
+    """
+    import errno
+    import tempfile
+
+    calls = _no_training(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args: object, dir: object = None, **kwargs: object) -> tuple:
+        if dir is not None and Path(str(dir)) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert main(["demo", "--quick", "--out", locked]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write files in" in err and "Permission denied" in err and str(locked) in err
+    assert main(["demo", "--quick", "--out", tmp_path, "--json", locked / "r.json"]) == 2
+    assert "cannot write files in" in capsys.readouterr().err
+    assert calls == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only folders; test_unwritable_output_folder covers the path")
+def test_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    calls = _no_training(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "old.json").write_text("{}")
+    (ro / "old.json").chmod(0o444)
+    ro.chmod(0o555)
+    try:
+        assert main(["demo", "--quick", "--out", ro]) == 2
+        assert "cannot write files in" in capsys.readouterr().err
+        assert main(["demo", "--quick", "--out", ro / "new"]) == 2
+        assert "cannot create the folder" in capsys.readouterr().err
+        assert main(["demo", "--quick", "--out", tmp_path, "--json", ro / "old.json"]) == 2
+        assert "read-only" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
+    assert calls == []
+
+
+def test_missing_output_folders_are_created_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    def stop(*args: object, **kwargs: object) -> dict:
+        raise demo.DemoError("stopped by the test after the output checks")
+
+    monkeypatch.setattr(demo, "run", stop)
+    out, js = tmp_path / "plots" / "deep", tmp_path / "results" / "r.json"
+    assert main(["demo", "--quick", "--out", out, "--json", js]) == 2
+    err = capsys.readouterr().err
+    assert out.is_dir() and js.parent.is_dir() and not js.exists()
+    assert f"created folder {out} for the plots" in err
+    assert f"created folder {js.parent} for the JSON file" in err
+    assert main(["demo", "--quick", "--out", out, "--json", js]) == 2   # folders exist now: nothing to say
+    assert "created folder" not in capsys.readouterr().err
+
+
+def _logreg_cli_with_saver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                           outcome: object) -> tuple:
+    """Run a short ``--task logreg`` command whose plot saver records what was already out when it
+    was called (stdout, the JSON file), then returns ``outcome`` or raises it if it is an exception."""
+    out_json = tmp_path / "result.json"
+    seen: dict = {}
+
+    def save(result: dict, out_dir: str) -> object:
+        seen["stdout"] = capsys.readouterr().out
+        seen["json"] = json.loads(out_json.read_text()) if out_json.exists() else None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(demo_report, "save_logreg_plot", save)
+    rc = main(["demo", "--task", "logreg", "--quick", "--outer-steps", "2", "--no-progress",
+               "--out", tmp_path / "plots", "--json", out_json])
+    return rc, seen, json.loads(out_json.read_text()), capsys.readouterr()
+
+
+def test_plot_failure_loses_neither_table_nor_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    rc, seen, res, captured = _logreg_cli_with_saver(tmp_path, monkeypatch, capsys,
+                                                     OSError(28, "No space left on device"))
+    assert rc == 1
+    assert "tuned: 30 per-weight decays" in seen["stdout"] and "total wall time" in seen["stdout"]
+    assert seen["json"]["tuned"]["val_loss"] == res["tuned"]["val_loss"]
+    assert res["tuned"]["val_loss"] < res["baseline"]["val_loss"] and res["plot"] is None
+    assert "No space left on device" in res["plot_skipped"]
+    assert "plot skipped: saving the plots" in captured.out
+    assert "could not save the plots" in captured.err and "No space left on device" in captured.err
+    assert not list((tmp_path / "plots").glob("*.png"))
+
+
+def test_table_and_json_are_out_before_the_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    png = str(tmp_path / "plots" / "fake.png")
+    rc, seen, res, captured = _logreg_cli_with_saver(tmp_path, monkeypatch, capsys, png)
+    assert rc == 0
+    assert "tuned: 30 per-weight decays" in seen["stdout"] and "plot:" not in seen["stdout"]
+    assert seen["json"] is not None and seen["json"]["plot"] is None
+    assert captured.out == f"  plot: {png}\n"
+    assert res["plot"] == png and res["plot_skipped"] is None and res["tuned"] == seen["json"]["tuned"]
+
+
 def test_python_m_bilevel_demo_quick(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

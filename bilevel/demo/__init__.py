@@ -23,8 +23,6 @@ line and calls :func:`main`.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from typing import Any, Dict, Optional
 
@@ -96,15 +94,37 @@ def _settings(args: Any) -> Dict[str, Any]:
 
 
 def main(args: Any) -> int:
-    """Entry point of ``bilevel demo`` given parsed arguments (see :mod:`bilevel.__main__`); returns the exit status."""
+    """Entry point of ``bilevel demo`` given parsed arguments (see :mod:`bilevel.__main__`); returns the exit status.
+
+    The order is chosen so that a failure late in the run loses as little as possible: the
+    settings and the output locations (``--out``, ``--json``) are checked before any training
+    (exit status 2), and the results table and the JSON file are out before the plots are
+    drawn. A plot that cannot be saved is reported on stderr with exit status 1; the JSON file
+    then says why under ``plot_skipped``.
+    """
     try:
-        result = run(task=args.task, out_dir=args.out, progress=not args.no_progress, **_settings(args))
+        settings = _settings(args)
+        report.prepare_outputs(args.out, args.json)
+        result = run(task=args.task, progress=not args.no_progress, **settings)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_report(result))
+    print(format_report(result), flush=True)      # no plot lines yet: no plot is saved
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+        report.write_json(result, args.json)
+    status = 0
+    try:
+        report.add_plots(result, args.out)
+    except Exception as err:  # noqa: BLE001 - any failure of matplotlib or the file system; the figures are out
+        reason = f"{type(err).__name__}: {err}"
+        result["plot_skipped"] = f"saving the plots in {args.out} failed ({reason})"
+        kept = "the table above" + (f" and {args.json}" if args.json else "")
+        print(f"error: bilevel demo: could not save the plots in {args.out}: {reason}. Every figure is in "
+              f"{kept}; fix the folder (or pass another --out) and rerun for the plots.", file=sys.stderr)
+        status = 1
+    lines = report.plot_lines(result)
+    if lines:
+        print("\n".join(lines))
+    if args.json:
+        report.write_json(result, args.json)
+    return status

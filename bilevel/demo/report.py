@@ -1,21 +1,29 @@
 """What the demo shows: the progress bar, the results table, the JSON file and the PNG plots.
 
 Everything here reads a task's result dict (a plain JSON-serializable dict, see
-:func:`bilevel.demo.run`); nothing trains.
+:func:`bilevel.demo.run`); nothing trains. The command line
+(:func:`bilevel.demo.main`) checks the output locations with
+:func:`prepare_outputs` before any training, then prints the table and writes
+the JSON before it draws the plots, so a plot that fails to save loses nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
+from .settings import DemoError
+
 __all__ = ["MPL_MISSING", "Progress", "format_report", "format_logreg_report", "format_mlp_report", "plot_lines",
-           "save_plots", "save_logreg_plot", "save_mlp_plots", "add_plots"]
+           "save_plots", "save_logreg_plot", "save_mlp_plots", "add_plots", "write_json", "prepare_outputs"]
 
 #: what ``plot_skipped`` says when matplotlib cannot be imported
 MPL_MISSING = ("matplotlib is not installed; "
@@ -363,3 +371,69 @@ def add_plots(result: Dict[str, Any], out_dir: str) -> Dict[str, Any]:
     else:
         result["plot"] = paths[0]
     return result
+
+
+# --------------------------------------------------------------------------- output files
+def write_json(result: Dict[str, Any], path: str) -> None:
+    """Write ``result`` as JSON to ``path`` atomically (a temporary file in the same folder, then a
+    rename), so that a reader never sees half a file and a failed write leaves the old one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".bilevel-demo-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=1)
+        # mkstemp makes the file private (0600); give it the mode open(path, "w") would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _writable_folder(folder: str, option: str, what: str, stream: TextIO) -> None:
+    """Create ``folder`` if missing (saying so on ``stream``) and check that a file can be written
+    there, by writing and removing one; raise :class:`DemoError` naming ``option`` if not."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DemoError(f"bilevel demo: expected a folder for the {what} at {folder}, but a file is in the way. "
+                        f"Fix: pass another {option}, or move that file.")
+    if not os.path.isdir(folder):
+        try:
+            os.makedirs(folder)
+        except OSError as err:
+            raise DemoError(f"bilevel demo: cannot create the folder {folder} for the {what}: "
+                            f"{err.strerror or err}. Fix: pass another {option}, or create the folder "
+                            f"where you can write.") from err
+        stream.write(f"bilevel demo: created folder {folder} for the {what}\n")
+        stream.flush()
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bilevel-demo-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise DemoError(f"bilevel demo: cannot write files in {folder} for the {what}: "
+                        f"{err.strerror or err}. Fix: pass another {option}, or make the folder writable.") from err
+
+
+def prepare_outputs(out_dir: Optional[str], json_path: Optional[str], *, stream: Optional[TextIO] = None) -> None:
+    """Check, before any training, that the plots' folder and the JSON file can be written.
+
+    Missing folders are created (each creation is reported on ``stream``, ``sys.stderr`` by
+    default); a folder that cannot be created or written, or a JSON path that names a folder
+    or a read-only file, raises :class:`DemoError` at once instead of after a run of minutes.
+    """
+    out = sys.stderr if stream is None else stream
+    path = None if json_path is None else os.path.abspath(json_path)
+    # the checks that create nothing come first: a refused --json leaves no new --out folder behind
+    if path is not None and os.path.isdir(path):
+        raise DemoError(f"bilevel demo: --json expects a file name, got the folder {path}. "
+                        f"Fix: name a file, e.g. --json {os.path.join(json_path, 'result.json')}.")
+    if path is not None and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise DemoError(f"bilevel demo: cannot write the JSON file {path}: it is read-only. "
+                        f"Fix: pass another --json, or make the file writable.")
+    if out_dir is not None:
+        _writable_folder(os.path.abspath(out_dir), "--out", "plots", out)
+    if path is not None:
+        _writable_folder(os.path.dirname(path), "--json", "JSON file", out)
