@@ -1,7 +1,7 @@
 """Command line: ``python -m bilevel demo`` (also the ``bilevel`` console script).
 
-The work lives in :mod:`bilevel._demo` (the dispatcher), :mod:`bilevel._demo_mlp`
-(the default task) and :mod:`bilevel._demo_logreg`; this module only parses arguments.
+The work lives in the subpackage :mod:`bilevel.demo` (its :func:`~bilevel.demo.main` runs the
+command, its tasks, data and report live in submodules); this module only parses arguments.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m bilevel``."""
     from . import __version__
-    from ._demo import DATASETS, SOLVERS, TASKS
+    from .demo import DATASETS, SOLVERS, TASKS
 
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = argparse.ArgumentParser(
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=_positive_float, default=None,
                       help="Adam learning rate on the log-decays (default: 0.05)")
     demo.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch CPU threads during the run (default: 1; see bilevel/_demo_common.py)")
+                      help="torch CPU threads during the run (default: 1; see bilevel/demo/settings.py)")
     mlp = demo.add_argument_group("--task mlp options")
     mlp.add_argument("--inner-steps", type=_positive_int, default=None, metavar="N",
                      help="Adam steps on the weights, for every baseline run and the tuned run "
@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[object]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if args.command == "demo":
-        from ._demo import demo_main
+        from .demo import main as demo_main
 
         return demo_main(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first

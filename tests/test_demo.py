@@ -1,4 +1,4 @@
-"""The main job: ``python -m bilevel demo`` (bilevel/_demo*.py, bilevel/__main__.py).
+"""The main job: ``python -m bilevel demo`` (bilevel/demo/, bilevel/__main__.py).
 
 Oracle: the baseline's own validation loss. Default task (mlp): the per-weight
 decays start at the baseline's best global decay, with the same initialization,
@@ -23,7 +23,9 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the demo's datasets ship with scikit-learn")
 
-from bilevel import _demo, _demo_logreg, _demo_mlp  # noqa: E402
+from bilevel import demo  # noqa: E402
+from bilevel.demo import data as demo_data, report as demo_report  # noqa: E402
+from bilevel.demo.tasks import logreg, mlp  # noqa: E402
 from bilevel.__main__ import build_parser, main  # noqa: E402
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -53,17 +55,17 @@ def _check_mlp_result(res: dict) -> None:
 
 
 def test_default_config_has_over_100k_hyperparameters() -> None:
-    cfg = _demo_mlp.MLPConfig().resolved()
+    cfg = mlp.MLPConfig().resolved()
     assert cfg.layer_sizes == [64, 512, 256, 10]
     assert cfg.n_hparams == 64 * 512 + 512 * 256 + 256 * 10 == 166_400
     assert cfg.inner_steps == 1000 and len(cfg.grid) == 9
-    model = _demo_mlp.make_mlp(cfg)
+    model = mlp.make_mlp(cfg)
     import bilevel as bl
 
     hp, _ = bl.hparams.weight_decay(model, per="parameter", exclude=("bias",))
     assert sum(v.numel() for v in hp.values()) == cfg.n_hparams
     # --quick keeps the network (so the same number of hyperparameters) and shortens the run.
-    q = _demo_mlp.MLPConfig(quick=True).resolved()
+    q = mlp.MLPConfig(quick=True).resolved()
     assert q.n_hparams == cfg.n_hparams and q.inner_steps < cfg.inner_steps and len(q.grid) < len(cfg.grid)
 
 
@@ -91,16 +93,16 @@ def test_mlp_plot_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest
     def no_mpl(result: dict, out_dir: str) -> list:
         raise ImportError("No module named 'matplotlib'")
 
-    monkeypatch.setattr(_demo_mlp, "save_plots", no_mpl)
-    res = _demo.run(task="mlp", progress=False, out_dir=str(tmp_path), hidden=(16,), inner_steps=20,
+    monkeypatch.setattr(demo_report, "save_mlp_plots", no_mpl)
+    res = demo.run(task="mlp", progress=False, out_dir=str(tmp_path), hidden=(16,), inner_steps=20,
                     hyper_every=5, grid=(1e-3, 1e-2))
     assert res["plots"] == [] and "pip install matplotlib" in res["plot_skipped"]
     assert res["n_hparams"] == 64 * 16 + 16 * 10
-    assert "plot skipped" in _demo.format_report(res)
+    assert "plot skipped" in demo.format_report(res)
 
 
 def test_mlp_cg_solver_runs() -> None:
-    res = _demo_mlp.run(solver="cg", progress=False, hidden=(32,), inner_steps=30, hyper_every=5, grid=(1e-3,))
+    res = mlp.run(solver="cg", progress=False, hidden=(32,), inner_steps=30, hyper_every=5, grid=(1e-3,))
     assert res["tuned"]["hyper_steps"] == 6 and "bl.CG" in res["solver_repr"]
     assert all(math.isfinite(h["hypergrad_norm"]) for h in res["tuned"]["hyper"] if not h["skipped"])
 
@@ -143,13 +145,13 @@ def test_main_demo_logreg_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -
 
 @pytest.mark.parametrize("solver", ["neumann", "nystrom"])
 def test_logreg_quick_beats_baseline(solver: str) -> None:
-    res = _demo.run(task="logreg", solver=solver, quick=True, progress=False)
+    res = demo.run(task="logreg", solver=solver, quick=True, progress=False)
     _check_logreg_result(res)
     assert res["plot"] is None  # no out_dir: no plot
 
 
 def test_logreg_digits_quick() -> None:
-    res = _demo_logreg.run(dataset="digits", quick=True, outer_steps=3, progress=False)
+    res = logreg.run(dataset="digits", quick=True, outer_steps=3, progress=False)
     assert res["n_hparams"] == 64 * 10 and res["n_classes"] == 10
     _check_logreg_result(res)
 
@@ -158,22 +160,22 @@ def test_logreg_plot_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pyt
     def no_mpl(result: dict, out_dir: str) -> str:
         raise ImportError("No module named 'matplotlib'")
 
-    monkeypatch.setattr(_demo_logreg, "save_plot", no_mpl)
-    res = _demo.run(task="logreg", quick=True, outer_steps=2, progress=False, out_dir=str(tmp_path))
+    monkeypatch.setattr(demo_report, "save_logreg_plot", no_mpl)
+    res = demo.run(task="logreg", quick=True, outer_steps=2, progress=False, out_dir=str(tmp_path))
     assert res["plot"] is None and "pip install matplotlib" in res["plot_skipped"]
-    assert "plot skipped" in _demo.format_report(res)
+    assert "plot skipped" in demo.format_report(res)
 
 
 def test_split_is_deterministic_and_standardized() -> None:
-    a = _demo_logreg.load_split("breast_cancer", seed=3, n_train=100, n_val=235)
-    b = _demo_logreg.load_split("breast_cancer", seed=3, n_train=100, n_val=235)
-    c = _demo_logreg.load_split("breast_cancer", seed=4, n_train=100, n_val=235)
+    a = demo_data.load_split("breast_cancer", seed=3, n_train=100, n_val=235)
+    b = demo_data.load_split("breast_cancer", seed=3, n_train=100, n_val=235)
+    c = demo_data.load_split("breast_cancer", seed=4, n_train=100, n_val=235)
     assert (a.X_train == b.X_train).all() and (a.y_test == b.y_test).all()
     assert not (a.X_train == c.X_train).all()
     assert a.X_train.shape == (100, 30) and a.X_val.shape == (235, 30) and a.X_test.shape == (569 - 335, 30)
     assert a.X_train.mean(0).abs().max() < 1e-12
     assert (a.X_train.std(0, unbiased=False) - 1).abs().max() < 1e-12
-    d = _demo_mlp.load_data(_demo_mlp.MLPConfig().resolved())
+    d = mlp.load_data(mlp.MLPConfig().resolved())
     assert d.X_train.shape == (300, 64) and d.X_val.shape == (300, 64) and d.X_test.shape == (1797 - 600, 64)
 
 
@@ -184,24 +186,24 @@ def test_progress_bar_modes() -> None:
             return True
 
     tty = Tty()
-    bar = _demo.Progress(4, stream=tty)
+    bar = demo.Progress(4, stream=tty)
     for i in range(1, 5):
         bar.update(i, "x")
     bar.close()
     assert tty.getvalue().count("\r") == 4 and "4/4" in tty.getvalue()
     pipe = io.StringIO()
-    bar = _demo.Progress(20, stream=pipe, every=10)
+    bar = demo.Progress(20, stream=pipe, every=10)
     for i in range(1, 21):
         bar.update(i)
     assert pipe.getvalue().count("\n") == 2
     pipe = io.StringIO()
-    bar = _demo.Progress(100, stream=pipe, label="tuned step")   # updates that skip steps still print
+    bar = demo.Progress(100, stream=pipe, label="tuned step")   # updates that skip steps still print
     for i in range(7, 101, 7):
         bar.update(i)
     bar.update(100)
     assert pipe.getvalue().count("\n") == 10 and "tuned step" in pipe.getvalue()
     off = io.StringIO()
-    bar = _demo.Progress(3, stream=off, enabled=False)
+    bar = demo.Progress(3, stream=off, enabled=False)
     bar.update(1)
     bar.close()
     assert off.getvalue() == ""
@@ -234,11 +236,152 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture) -> None:
     assert main(["demo", "--task", "logreg", "--inner-steps", "5"]) == 2
     assert "belongs to --task mlp" in capsys.readouterr().err
     with pytest.raises(TypeError, match="unknown settings"):
-        _demo.run(task="logreg", quick=True, progress=False, n_epochs=3)
+        demo.run(task="logreg", quick=True, progress=False, n_epochs=3)
     with pytest.raises(TypeError, match="unknown settings"):
-        _demo.run(quick=True, progress=False, outer_steps=3)
+        demo.run(quick=True, progress=False, outer_steps=3)
     with pytest.raises(ValueError, match="solver"):
-        _demo_mlp.MLPConfig(solver="nystrom").resolved()
+        mlp.MLPConfig(solver="nystrom").resolved()
+
+
+# --------------------------------------------------------------------------- output locations
+def _no_training(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Replace the run by a recorder: a test passes only if the command stops before training."""
+    calls: list = []
+
+    def record(*args: object, **kwargs: object) -> dict:
+        calls.append(kwargs)
+        raise AssertionError("the demo trained although its output location cannot be written")
+
+    monkeypatch.setattr(demo, "run", record)
+    return calls
+
+
+def test_out_folder_that_cannot_be_created_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    calls = _no_training(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--quick", "--out", blocker / "plots"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the folder" in err and str(blocker / "plots") in err and "Fix:" in err
+    assert main(["demo", "--quick", "--out", blocker]) == 2          # a file where the folder should be
+    assert "a file is in the way" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", tmp_path, "--json", blocker / "sub" / "r.json"]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", tmp_path, "--json", tmp_path]) == 2   # --json names a folder
+    assert "expects a file name" in capsys.readouterr().err
+    assert calls == []
+
+
+def test_unwritable_output_folder_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """A folder where no file can be created (EACCES from the kernel) is refused before the run.
+
+    NOTE: the tests may run as root, for whom a chmod-ed folder stays writable; the refusal is
+    simulated at the one call that creates files (test_read_only_folder checks the real thing).
+    """
+    import errno
+    import tempfile
+
+    calls = _no_training(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args: object, dir: object = None, **kwargs: object) -> tuple:
+        if dir is not None and Path(str(dir)) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert main(["demo", "--quick", "--out", locked]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write files in" in err and "Permission denied" in err and str(locked) in err
+    assert main(["demo", "--quick", "--out", tmp_path, "--json", locked / "r.json"]) == 2
+    assert "cannot write files in" in capsys.readouterr().err
+    assert calls == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only folders; test_unwritable_output_folder covers the path")
+def test_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    calls = _no_training(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "old.json").write_text("{}")
+    (ro / "old.json").chmod(0o444)
+    ro.chmod(0o555)
+    try:
+        assert main(["demo", "--quick", "--out", ro]) == 2
+        assert "cannot write files in" in capsys.readouterr().err
+        assert main(["demo", "--quick", "--out", ro / "new"]) == 2
+        assert "cannot create the folder" in capsys.readouterr().err
+        assert main(["demo", "--quick", "--out", tmp_path, "--json", ro / "old.json"]) == 2
+        assert "read-only" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
+    assert calls == []
+
+
+def test_missing_output_folders_are_created_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    def stop(*args: object, **kwargs: object) -> dict:
+        raise demo.DemoError("stopped by the test after the output checks")
+
+    monkeypatch.setattr(demo, "run", stop)
+    out, js = tmp_path / "plots" / "deep", tmp_path / "results" / "r.json"
+    assert main(["demo", "--quick", "--out", out, "--json", js]) == 2
+    err = capsys.readouterr().err
+    assert out.is_dir() and js.parent.is_dir() and not js.exists()
+    assert f"created folder {out} for the plots" in err
+    assert f"created folder {js.parent} for the JSON file" in err
+    assert main(["demo", "--quick", "--out", out, "--json", js]) == 2   # folders exist now: nothing to say
+    assert "created folder" not in capsys.readouterr().err
+
+
+def _logreg_cli_with_saver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                           outcome: object) -> tuple:
+    """Run a short ``--task logreg`` command whose plot saver records what was already out when it
+    was called (stdout, the JSON file), then returns ``outcome`` or raises it if it is an exception."""
+    out_json = tmp_path / "result.json"
+    seen: dict = {}
+
+    def save(result: dict, out_dir: str) -> object:
+        seen["stdout"] = capsys.readouterr().out
+        seen["json"] = json.loads(out_json.read_text()) if out_json.exists() else None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(demo_report, "save_logreg_plot", save)
+    rc = main(["demo", "--task", "logreg", "--quick", "--outer-steps", "2", "--no-progress",
+               "--out", tmp_path / "plots", "--json", out_json])
+    return rc, seen, json.loads(out_json.read_text()), capsys.readouterr()
+
+
+def test_plot_failure_loses_neither_table_nor_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    rc, seen, res, captured = _logreg_cli_with_saver(tmp_path, monkeypatch, capsys,
+                                                     OSError(28, "No space left on device"))
+    assert rc == 1
+    assert "tuned: 30 per-weight decays" in seen["stdout"] and "total wall time" in seen["stdout"]
+    assert seen["json"]["tuned"]["val_loss"] == res["tuned"]["val_loss"]
+    assert res["tuned"]["val_loss"] < res["baseline"]["val_loss"] and res["plot"] is None
+    assert "No space left on device" in res["plot_skipped"]
+    assert "plot skipped: saving the plots" in captured.out
+    assert "could not save the plots" in captured.err and "No space left on device" in captured.err
+    assert not list((tmp_path / "plots").glob("*.png"))
+
+
+def test_table_and_json_are_out_before_the_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    png = str(tmp_path / "plots" / "fake.png")
+    rc, seen, res, captured = _logreg_cli_with_saver(tmp_path, monkeypatch, capsys, png)
+    assert rc == 0
+    assert "tuned: 30 per-weight decays" in seen["stdout"] and "plot:" not in seen["stdout"]
+    assert seen["json"] is not None and seen["json"]["plot"] is None
+    assert captured.out == f"  plot: {png}\n"
+    assert res["plot"] == png and res["plot_skipped"] is None and res["tuned"] == seen["json"]["tuned"]
 
 
 def test_python_m_bilevel_demo_quick(tmp_path: Path) -> None:

@@ -49,11 +49,13 @@ def test_wheel_ships_kernels_inside_bilevel(tmp_path):
     names = zipfile.ZipFile(whl).namelist()
     assert not any(n.startswith("kernels/") for n in names), "a top-level `kernels` package must not ship"
     for needed in ("bilevel/kernels/__init__.py", "bilevel/kernels/_tl.py", "bilevel/kernels/logistic.py",
-                   "bilevel/inner/__init__.py", "bilevel/nas/__init__.py", "bilevel/py.typed"):
+                   "bilevel/inner/__init__.py", "bilevel/nas/__init__.py", "bilevel/py.typed",
+                   "bilevel/demo/__init__.py", "bilevel/demo/data.py", "bilevel/demo/report.py",
+                   "bilevel/demo/tasks/mlp.py", "bilevel/demo/tasks/logreg.py"):
         assert needed in names, needed
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(whl)],
                    check=True)
-    code = ("import importlib.util, bilevel, bilevel.kernels as K, bilevel.losses, bilevel.nas;"
+    code = ("import importlib.util, bilevel, bilevel.kernels as K, bilevel.losses, bilevel.nas, bilevel.demo;"
             "print(bilevel.__file__); print(K.__file__);"
             "print(importlib.util.find_spec('kernels') is None)")
     env = {**os.environ, "PYTHONPATH": str(target)}

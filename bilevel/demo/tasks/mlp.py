@@ -1,6 +1,6 @@
 """Demo task ``mlp`` (the default): one weight decay per weight of an MLP, tuned during training.
 
-``python -m bilevel demo`` (see :mod:`bilevel.__main__`) runs :func:`run`:
+``python -m bilevel demo`` (see :mod:`bilevel.demo`) runs :func:`run`:
 
 - data: scikit-learn's bundled ``load_digits`` (8x8 images, 10 classes, 1797
   samples; nothing is downloaded), split train/val/test deterministically by
@@ -26,30 +26,32 @@
   steps the two runs are the same computation.
 
 :func:`run` returns a plain JSON-serializable dict of numbers (tests and
-scripts check it without parsing text); :func:`format_report` prints it and
-:func:`save_plots` draws it.
+scripts check it without parsing text); :mod:`bilevel.demo.report` prints and
+draws it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, TextIO, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bilevel as bl
 
-from ._demo_common import finish_result, Progress, torch_threads, with_overrides
+from .. import report
+from ..data import Split, load_split
+from ..report import Progress
+from ..settings import config_dict, torch_threads, with_overrides
 
-__all__ = ["MLPConfig", "SOLVERS", "make_mlp", "make_solver", "run", "train_run", "format_report", "save_plots"]
+__all__ = ["MLPConfig", "SOLVERS", "make_mlp", "make_solver", "solver_text", "load_data", "train_run", "run",
+           "decay_stats"]
 
 SOLVERS = ("neumann", "cg")
 DTYPE = torch.float32
@@ -193,24 +195,9 @@ def make_solver(cfg: MLPConfig) -> bl.Solver:
     return bl.CG(maxiter=cfg.solver_iters, damping=cfg.cg_damping, on_indefinite="stop", tol=1e-6)
 
 
-@dataclass
-class Data:
-    """float32 tensors of the split; labels int64."""
-
-    X_train: Tensor
-    y_train: Tensor
-    X_val: Tensor
-    y_val: Tensor
-    X_test: Tensor
-    y_test: Tensor
-
-
-def load_data(cfg: MLPConfig) -> Data:
-    """Digits, split by ``cfg.seed`` and standardized with train statistics (see :func:`bilevel._demo_logreg.load_split`)."""
-    from ._demo_logreg import load_split
-
-    s = load_split("digits", seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val)
-    return Data(s.X_train.to(DTYPE), s.y_train, s.X_val.to(DTYPE), s.y_val, s.X_test.to(DTYPE), s.y_test)
+def load_data(cfg: MLPConfig) -> Split:
+    """Digits, split by ``cfg.seed`` and standardized with train statistics (:func:`bilevel.demo.data.load_split`), float32."""
+    return load_split("digits", seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, dtype=DTYPE)
 
 
 def minibatches(X: Tensor, y: Tensor, batch_size: int, seed: int) -> Iterator[Tuple[Tensor, Tensor]]:
@@ -243,7 +230,7 @@ def ce(model: nn.Module, batch: Tuple[Tensor, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data) -> Dict[str, float]:
+def evaluate(model: nn.Module, data: Split) -> Dict[str, float]:
     out: Dict[str, float] = {}
     for part in ("train", "val", "test"):
         X, y = getattr(data, f"X_{part}"), getattr(data, f"y_{part}")
@@ -254,7 +241,7 @@ def evaluate(model: nn.Module, data: Data) -> Dict[str, float]:
 
 
 # --------------------------------------------------------------------------- one training run
-def train_run(cfg: MLPConfig, data: Data, *, decay: float, tune: bool,
+def train_run(cfg: MLPConfig, data: Split, *, decay: float, tune: bool,
               on_step: Optional[Callable[[int, str], None]] = None) -> Dict[str, Any]:
     """Train the MLP for ``cfg.inner_steps`` Adam steps with L2 decays starting at ``decay``.
 
@@ -364,10 +351,11 @@ def run(config: Optional[MLPConfig] = None, *, out_dir: Optional[str] = None, pr
     """
     cfg = with_overrides(config or MLPConfig(), overrides, "bilevel demo run()").resolved()
     with torch_threads(cfg.threads):
-        return _run(cfg, out_dir=out_dir, progress=progress, stream=stream)
+        result = _run(cfg, progress=progress, stream=stream)
+    return result if out_dir is None else report.add_plots(result, out_dir)
 
 
-def _run(cfg: MLPConfig, *, out_dir: Optional[str], progress: bool, stream: Optional[TextIO]) -> Dict[str, Any]:
+def _run(cfg: MLPConfig, *, progress: bool, stream: Optional[TextIO]) -> Dict[str, Any]:
     t_start = time.perf_counter()
     out = sys.stderr if stream is None else stream
     data = load_data(cfg)
@@ -413,7 +401,7 @@ def _run(cfg: MLPConfig, *, out_dir: Optional[str], progress: bool, stream: Opti
 
     result: Dict[str, Any] = {
         "task": "mlp",
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "config": config_dict(cfg),
         "dataset": "digits",
         "seed": cfg.seed,
         "layers": cfg.layer_sizes,
@@ -427,8 +415,9 @@ def _run(cfg: MLPConfig, *, out_dir: Optional[str], progress: bool, stream: Opti
         "tuned": tuned,
         "plots": [],
         "plot_skipped": None,
+        "total_wall_s": time.perf_counter() - t_start,
     }
-    return finish_result(result, out_dir, save_plots, "plots", t_start)
+    return result
 
 
 def decay_stats(decays: Dict[str, Tensor], baseline_decay: float, bins: int = 60) -> Dict[str, Any]:
@@ -456,140 +445,3 @@ def decay_stats(decays: Dict[str, Tensor], baseline_decay: float, bins: int = 60
         "pixel_mean_log10": pixel.tolist(),
         "layer_median": {k: float(v.double().median()) for k, v in decays.items()},
     }
-
-
-# --------------------------------------------------------------------------- reporting
-def format_report(result: Dict[str, Any]) -> str:
-    """The summary printed on stdout: set-up, the baseline grid, and baseline vs tuned."""
-    b, t, c = result["baseline"], result["tuned"], result["config"]
-    ds = t["decay_stats"]
-    L = []
-    L.append(f"bilevel demo: MLP {'-'.join(map(str, result['layers']))} on digits "
-             f"(train {result['n_train']} / val {result['n_val']} / test {result['n_test']}, seed {result['seed']})")
-    L.append(f"  hyperparameters: {result['n_hparams']:,} weight decays, one per weight "
-             f"(bl.hparams.weight_decay(model, per=\"parameter\"), biases not decayed; {result['n_params']:,} parameters)")
-    L.append(f"  training budget (baseline and tuned alike): {c['inner_steps']} Adam(lr={c['inner_lr']}) steps, "
-             f"minibatches of {c['batch_size']}, L2 penalty ½ Σ decay·w²")
-    L.append(f"  hyper steps: every {c['hyper_every']} inner steps, bl.Implicit({result['solver_repr']}) on the "
-             f"training minibatch, {'the whole validation set' if c['val_batch'] <= 0 else str(c['val_batch']) + ' validation images'}; "
-             f"Adam(lr={c['outer_lr']}) on the log-decays")
-    L.append(f"  hyper steps taken: {t['hyper_steps']}, skipped: {t['skipped_hyper_steps']} "
-             f"(HyperOptimizer(on_error='skip') drops a step whose solve diverges)")
-    for e in t.get("skip_errors", [])[:2]:
-        L.append(f"    skipped at {e[:160]}")
-    L.append("")
-    L.append(f"  baseline grid (one global decay, {len(b['grid'])} runs):")
-    L.append(f"  {'decay':>9} {'train loss':>10} {'val loss':>9} {'val acc':>8} {'test loss':>9} {'test acc':>8}")
-    for r in b["grid"]:
-        mark = "  <- best val loss" if r["decay"] == b["decay"] else ""
-        L.append(f"  {r['decay']:>9.1e} {r['train_loss']:>10.4f} {r['val_loss']:>9.4f} {r['val_acc']:>8.2%} "
-                 f"{r['test_loss']:>9.4f} {r['test_acc']:>8.2%}{mark}")
-    L.append("")
-    head = f"  {'':<36} {'val loss':>9} {'val acc':>8} {'test loss':>9} {'test acc':>8} {'wall s':>8}"
-    L.append(head)
-    L.append("  " + "-" * (len(head) - 2))
-    L.append(f"  {'baseline: best global decay %.1e' % b['decay']:<36} {b['val_loss']:>9.4f} {b['val_acc']:>8.2%} "
-             f"{b['test_loss']:>9.4f} {b['test_acc']:>8.2%} {b['wall_s']:>8.2f}")
-    L.append(f"  {'tuned: %s per-weight decays' % format(result['n_hparams'], ','):<36} {t['val_loss']:>9.4f} "
-             f"{t['val_acc']:>8.2%} {t['test_loss']:>9.4f} {t['test_acc']:>8.2%} {t['wall_s']:>8.2f}")
-    dv, dt = t["val_loss"] - b["val_loss"], t["test_loss"] - b["test_loss"]
-    L.append(f"  change: val loss {dv:+.4f} ({dv / b['val_loss']:+.0%}), test loss {dt:+.4f} ({dt / b['test_loss']:+.0%}), "
-             f"test acc {t['test_acc'] - b['test_acc']:+.2%}")
-    verdict = "improved" if dt < 0 else "did NOT improve"
-    L.append(f"  The decays were fitted to the validation set, so its figures flatter them; the test set "
-             f"(never used) is the honest comparison: test loss {verdict}.")
-    start = ("which starts from that best decay" if c["init_decay"] is None
-             else f"which starts from --init-decay {t['decay']:.1e}")
-    L.append(f"  wall s: the baseline's best run ({b['wall_s']:.1f} s; the whole grid {b['grid_wall_s']:.1f} s) vs the "
-             f"tuned run, {start} (its hyper steps: {t['hyper_s']:.1f} s).")
-    L.append(f"  learned decays: median {ds['median']:.1e}, 5%-95% {ds['q05']:.1e}..{ds['q95']:.1e}, "
-             f"range {ds['min']:.1e}..{ds['max']:.1e}; {ds['frac_above_baseline']:.0%} above and "
-             f"{ds['frac_below_baseline']:.0%} below the baseline's {b['decay']:.1e}")
-    if t["decay"] != b["decay"]:
-        L.append(f"  (the tuned decays started at {t['decay']:.1e}, not at the baseline's decay)")
-    L.append(f"  total wall time {result.get('total_wall_s', float('nan')):.1f} s")
-    if result.get("plots"):
-        for p in result["plots"]:
-            L.append(f"  plot: {p}")
-    elif result.get("plot_skipped"):
-        L.append(f"  plot skipped: {result['plot_skipped']}")
-    return "\n".join(L)
-
-
-def save_plots(result: Dict[str, Any], out_dir: str) -> List[str]:
-    """Write two PNGs: the loss/accuracy curves of baseline vs tuned, and the learned decays.
-
-    matplotlib is imported here, lazily, through its object API (no pyplot, no global
-    backend change). Raises ImportError when it is not installed.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    b, t = result["baseline"], result["tuned"]
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"demo_mlp_seed{result['seed']}")
-    paths = []
-
-    # -- curves ---------------------------------------------------------------------------------
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    bc, tc = b["curve"], t["curve"]
-    lab_b = f"baseline (global decay {b['decay']:.0e})"
-    lab_t = f"tuned ({result['n_hparams']:,} decays)"
-    for part, ls, lw in (("val", "-", 2.0), ("test", "--", 1.2), ("train", ":", 1.0)):
-        ax1.plot(bc["step"], bc[f"{part}_loss"], color="C0", ls=ls, lw=lw, label=f"{lab_b}: {part}")
-        ax1.plot(tc["step"], tc[f"{part}_loss"], color="C3", ls=ls, lw=lw, label=f"{lab_t}: {part}")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("inner step (Adam on the weights)")
-    ax1.set_ylabel("mean cross-entropy")
-    ax1.set_title("loss during training")
-    ax1.grid(alpha=0.3, which="both")
-    ax1.legend(fontsize=7)
-    for part, ls, lw in (("val", "-", 2.0), ("test", "--", 1.2)):
-        ax2.plot(bc["step"], bc[f"{part}_acc"], color="C0", ls=ls, lw=lw, label=f"baseline: {part}")
-        ax2.plot(tc["step"], tc[f"{part}_acc"], color="C3", ls=ls, lw=lw, label=f"tuned: {part}")
-    lo = min(min(bc["test_acc"][len(bc["step"]) // 4:]), min(tc["test_acc"][len(tc["step"]) // 4:]))
-    ax2.set_ylim(max(0.0, lo - 0.03), 1.005)
-    ax2.set_xlabel("inner step")
-    ax2.set_ylabel("accuracy")
-    ax2.set_title("accuracy during training")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"digits, MLP {'-'.join(map(str, result['layers']))}, seed {result['seed']}: "
-                 f"validation loss {b['val_loss']:.3f} → {t['val_loss']:.3f}, test loss {b['test_loss']:.3f} → "
-                 f"{t['test_loss']:.3f}")
-    paths.append(stem + "_curves.png")
-    fig.savefig(paths[-1], dpi=100)
-
-    # -- learned decays ----------------------------------------------------------------------------
-    ds = t["decay_stats"]
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2, width_ratios=[2.2, 1.0])
-    edges = np.asarray(ds["log10_edges"])
-    bottom = np.zeros(len(edges) - 1)
-    for i, (name, counts) in enumerate(ds["hist"].items()):
-        c = np.asarray(counts, dtype=float)
-        shape = "x".join(map(str, ds["shapes"][name]))
-        ax1.stairs(bottom + c, edges, baseline=bottom, fill=True, alpha=0.8, color=f"C{i}",
-                   label=f"layer {i + 1}: {name} ({shape})")
-        bottom = bottom + c
-    ax1.axvline(math.log10(b["decay"]), color="k", ls="--", lw=1, label=f"start = baseline decay {b['decay']:.0e}")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("log10 learned decay")
-    ax1.set_ylabel("number of weights (stacked by layer)")
-    ax1.set_title(f"histogram of the {result['n_hparams']:,} learned per-weight decays")
-    ax1.legend(fontsize=8)
-    ax1.grid(alpha=0.3)
-    pix = np.asarray(ds["pixel_mean_log10"])
-    side = int(round(math.sqrt(pix.size)))
-    if side * side == pix.size:
-        im = ax2.imshow(pix.reshape(side, side), cmap="viridis")
-        fig.colorbar(im, ax=ax2, label="mean log10 decay")
-        ax2.set_title("input layer: mean decay per pixel")
-        ax2.set_xticks([])
-        ax2.set_yticks([])
-    paths.append(stem + "_decays.png")
-    fig.savefig(paths[-1], dpi=100)
-    return [os.path.abspath(p) for p in paths]

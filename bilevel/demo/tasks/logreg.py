@@ -1,6 +1,6 @@
 """Demo task ``logreg``: tune one L2 weight decay per weight of a logistic regression.
 
-``python -m bilevel demo --task logreg`` (see :mod:`bilevel.__main__`) runs :func:`run`:
+``python -m bilevel demo --task logreg`` (see :mod:`bilevel.demo`) runs :func:`run`:
 
 - data: a dataset that ships inside scikit-learn (``load_breast_cancer`` or
   ``load_digits``; nothing is downloaded), split train/val/test with the seed,
@@ -20,13 +20,13 @@
   what per-weight decays add.
 
 :func:`run` returns a plain dict of numbers (JSON-serializable) so tests and
-scripts can check results without parsing text.
+scripts can check results without parsing text; :mod:`bilevel.demo.report`
+prints and draws it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -39,19 +39,21 @@ from torch import Tensor
 
 import bilevel as bl
 
-from ._demo_common import finish_result, Progress, require_sklearn, torch_threads, with_overrides
+from .. import report
+from ..data import DATASETS, Split, load_split
+from ..report import Progress
+from ..settings import config_dict, torch_threads, with_overrides
 
-__all__ = ["DATASETS", "SOLVERS", "DemoConfig", "Split", "load_split", "make_solver", "run", "format_report", "save_plot"]
+__all__ = ["SOLVERS", "LogRegConfig", "LogReg", "fit_inner", "make_solver", "run_baseline", "run"]
 
-DATASETS = ("breast_cancer", "digits")
 SOLVERS = ("cg", "neumann", "nystrom")
 DTYPE = torch.float64
 
 
 # --------------------------------------------------------------------------- configuration
 @dataclass
-class DemoConfig:
-    """Settings of one demo run; ``None`` fields are chosen per dataset by :meth:`resolved`.
+class LogRegConfig:
+    """Settings of one ``logreg`` demo run; ``None`` fields are chosen per dataset by :meth:`resolved`.
 
     Attributes:
         dataset: ``"breast_cancer"`` or ``"digits"``.
@@ -82,7 +84,7 @@ class DemoConfig:
     quick: bool = False
     threads: Optional[int] = None
 
-    def resolved(self) -> "DemoConfig":
+    def resolved(self) -> "LogRegConfig":
         """A copy with every ``None`` replaced by the dataset's default; validates the fields."""
         if self.dataset not in DATASETS:
             raise ValueError(f"bilevel demo: expected dataset in {DATASETS}, got {self.dataset!r}.")
@@ -96,7 +98,7 @@ class DemoConfig:
             raise ValueError(f"Invalid outer_steps for bilevel demo: {steps} (expected outer_steps >= 1).")
         if self.grid < 2:
             raise ValueError(f"Invalid grid for bilevel demo: {self.grid} (expected grid >= 2).")
-        return DemoConfig(
+        return LogRegConfig(
             dataset=self.dataset, solver=self.solver, seed=int(self.seed), outer_steps=int(steps),
             outer_lr=d["outer_lr"] if self.outer_lr is None else float(self.outer_lr),
             n_train=d["n_train"] if self.n_train is None else int(self.n_train),
@@ -121,74 +123,6 @@ _DEFAULTS: Dict[str, Dict[str, Any]] = {
     "breast_cancer": dict(n_train=100, n_val=235, outer_steps=40, quick_steps=15, outer_lr=0.05),
     "digits": dict(n_train=300, n_val=500, outer_steps=40, quick_steps=5, outer_lr=0.05),
 }
-
-
-# --------------------------------------------------------------------------- data
-@dataclass
-class Split:
-    """Standardized float64 tensors of one train/val/test split.
-
-    ``X*``: ``(n, d)``; ``y*``: ``(n,)`` float 0/1 labels (binary) or int64 class indices.
-    """
-
-    X_train: Tensor
-    y_train: Tensor
-    X_val: Tensor
-    y_val: Tensor
-    X_test: Tensor
-    y_test: Tensor
-    n_classes: int
-    feature_names: List[str]
-
-    @property
-    def binary(self) -> bool:
-        return self.n_classes == 2
-
-
-def load_split(dataset: str, *, seed: int = 0, n_train: int = 100, n_val: int = 200) -> Split:
-    """Load a dataset bundled with scikit-learn and split it deterministically.
-
-    Args:
-        dataset: ``"breast_cancer"`` (569 x 30, 2 classes) or ``"digits"`` (1797 x 64, 10 classes).
-        seed: seed of the stratified split (same seed, same split).
-        n_train, n_val: sizes of the train and validation sets; the test set is the rest.
-
-    Returns:
-        :class:`Split` with features standardized by the train mean and standard
-        deviation (constant train features get scale 1).
-
-    Raises:
-        DemoError: scikit-learn is not installed.
-        ValueError: unknown dataset or split sizes that do not fit.
-    """
-    require_sklearn()
-    from sklearn.datasets import load_breast_cancer, load_digits
-    from sklearn.model_selection import train_test_split
-
-    loaders = {"breast_cancer": load_breast_cancer, "digits": load_digits}
-    if dataset not in loaders:
-        raise ValueError(f"bilevel demo: expected dataset in {tuple(loaders)}, got {dataset!r}.")
-    data = loaders[dataset]()  # bundled with scikit-learn: no network access
-    X, y = np.asarray(data.data, dtype=np.float64), np.asarray(data.target)
-    n = X.shape[0]
-    if n_train < 10 or n_val < 10 or n_train + n_val > n - 10:
-        raise ValueError(f"bilevel demo: expected n_train, n_val >= 10 and n_train + n_val <= {n - 10} for "
-                         f"{dataset} ({n} samples), got n_train={n_train}, n_val={n_val}.")
-    X_tr, X_rest, y_tr, y_rest = train_test_split(X, y, train_size=n_train, stratify=y, random_state=seed)
-    X_va, X_te, y_va, y_te = train_test_split(X_rest, y_rest, train_size=n_val, stratify=y_rest,
-                                              random_state=seed + 1)
-    mean = X_tr.mean(axis=0)
-    std = X_tr.std(axis=0)
-    std = np.where(std > 1e-12, std, 1.0)
-    n_classes = int(y.max()) + 1
-    ydt = DTYPE if n_classes == 2 else torch.int64
-
-    def t(a: np.ndarray, dtype: torch.dtype = DTYPE) -> Tensor:
-        return torch.as_tensor(a, dtype=dtype)
-
-    names = [str(s) for s in getattr(data, "feature_names", [f"x{i}" for i in range(X.shape[1])])]
-    return Split(t((X_tr - mean) / std), t(y_tr, ydt), t((X_va - mean) / std), t(y_va, ydt),
-                 t((X_te - mean) / std), t(y_te, ydt), n_classes, names)
 
 
 # --------------------------------------------------------------------------- model and losses
@@ -312,7 +246,7 @@ def _evaluate(model: LogReg, params: Dict[str, Tensor], split: Split) -> Dict[st
         }
 
 
-def run_baseline(model: LogReg, split: Split, cfg: DemoConfig) -> Dict[str, Any]:
+def run_baseline(model: LogReg, split: Split, cfg: LogRegConfig) -> Dict[str, Any]:
     """One global decay for all weights, chosen by validation loss over a log-spaced grid.
 
     The grid is swept from the largest decay down, each fit warm-started from the
@@ -334,12 +268,12 @@ def run_baseline(model: LogReg, split: Split, cfg: DemoConfig) -> Dict[str, Any]
     return {"decay": dec, **ev, "wall_s": time.perf_counter() - t0, "grid": rows, "params": params}
 
 
-def run(config: Optional[DemoConfig] = None, *, out_dir: Optional[str] = None, progress: bool = True,
+def run(config: Optional[LogRegConfig] = None, *, out_dir: Optional[str] = None, progress: bool = True,
         stream: Optional[TextIO] = None, **overrides: Any) -> Dict[str, Any]:
     """Run the demo: baseline grid search, then per-weight decays tuned by implicit hypergradients.
 
     Args:
-        config: a :class:`DemoConfig`; keyword ``overrides`` (e.g. ``dataset="digits"``,
+        config: a :class:`LogRegConfig`; keyword ``overrides`` (e.g. ``dataset="digits"``,
             ``quick=True``) replace its fields.
         out_dir: folder for the PNG plot; ``None`` makes no plot.
         progress: show the progress bar on ``stream``.
@@ -357,13 +291,14 @@ def run(config: Optional[DemoConfig] = None, *, out_dir: Optional[str] = None, p
         >>> res["tuned"]["val_loss"] < res["baseline"]["val_loss"]
         True
     """
-    base = with_overrides(config or DemoConfig(), overrides, "bilevel demo run()")
+    base = with_overrides(config or LogRegConfig(), overrides, "bilevel demo run()")
     cfg = base.resolved()
     with torch_threads(cfg.threads):
-        return _run(cfg, out_dir=out_dir, progress=progress, stream=stream)
+        result = _run(cfg, progress=progress, stream=stream)
+    return result if out_dir is None else report.add_plots(result, out_dir)
 
 
-def _run(cfg: DemoConfig, *, out_dir: Optional[str], progress: bool, stream: Optional[TextIO]) -> Dict[str, Any]:
+def _run(cfg: LogRegConfig, *, progress: bool, stream: Optional[TextIO]) -> Dict[str, Any]:
     t_start = time.perf_counter()
 
     split = load_split(cfg.dataset, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val)
@@ -425,7 +360,7 @@ def _run(cfg: DemoConfig, *, out_dir: Optional[str], progress: bool, stream: Opt
 
     result: Dict[str, Any] = {
         "task": "logreg",
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "config": config_dict(cfg),
         "dataset": cfg.dataset,
         "solver": cfg.solver,
         "solver_repr": repr(solver),
@@ -441,113 +376,6 @@ def _run(cfg: DemoConfig, *, out_dir: Optional[str], progress: bool, stream: Opt
         "tuned": tuned,
         "plot": None,
         "plot_skipped": None,
+        "total_wall_s": time.perf_counter() - t_start,
     }
-    return finish_result(result, out_dir, save_plot, "plot", t_start)
-
-
-# --------------------------------------------------------------------------- reporting
-def format_report(result: Dict[str, Any], *, max_rows: int = 40) -> str:
-    """The summary printed on stdout: setup, per-step diagnostics (subsampled), and baseline vs tuned."""
-    b, t = result["baseline"], result["tuned"]
-    hist = t["history"]
-    lines = []
-    lines.append(f"bilevel demo: {result['dataset']}  (train {result['n_train']} / val {result['n_val']} / "
-                 f"test {result['n_test']}, {result['n_features']} features, {result['n_classes']} classes, seed {result['seed']})")
-    lines.append(f"  inner: logistic regression, {result['n_params']} params, L-BFGS (strong Wolfe), float64")
-    lines.append(f"  outer: Adam(lr={result['config']['outer_lr']}) on {result['n_hparams']} log-decays, "
-                 f"{len(hist)} steps, hypergradient solver {result['solver_repr']}")
-    lines.append("")
-    if hist:
-        n = len(hist)
-        stride = max(1, math.ceil(n / max_rows))
-        idx = sorted(set(range(0, n, stride)) | {n - 1})
-        lines.append("  per outer step (every %d):" % stride if stride > 1 else "  per outer step:")
-        lines.append(f"  {'step':>5} {'val loss':>10} {'test loss':>10} {'|grad L_T|':>11} {'solver it':>9} "
-                     f"{'HVPs':>5} {'rel. resid':>10} {'|hypergrad|':>11}")
-        for i in idx:
-            r = hist[i]
-            rr = r["relative_residual"]
-            lines.append(f"  {r['step']:>5} {r['val_loss']:>10.5f} {r['test_loss']:>10.5f} {r['inner_grad_norm']:>11.2e} "
-                         f"{str(r['solver_iters']):>9} {str(r['matvecs']):>5} "
-                         f"{(f'{rr:.1e}' if rr is not None and math.isfinite(rr) else '-'):>10} {r['hypergrad_norm']:>11.2e}")
-        gn = [r["inner_grad_norm"] for r in hist]
-        its = [r["solver_iters"] for r in hist if r["solver_iters"] is not None]
-        lines.append(f"  inner gradient norm: max {max(gn):.1e}, median {float(np.median(gn)):.1e};  "
-                     f"solver iterations: mean {np.mean(its):.1f}, max {max(its)}" if its else "")
-        lines.append("")
-    dec = np.asarray(t["decays"])
-    header = f"  {'':<34} {'val loss':>9} {'test loss':>9} {'test acc':>9} {'wall s':>8}"
-    lines.append(header)
-    lines.append("  " + "-" * (len(header) - 2))
-    lines.append(f"  {'baseline: global decay %.2e' % b['decay']:<34} {b['val_loss']:>9.4f} {b['test_loss']:>9.4f} "
-                 f"{b['test_acc']:>9.2%} {b['wall_s']:>8.2f}")
-    lines.append(f"  {'tuned: %d per-weight decays' % dec.size:<34} {t['val_loss']:>9.4f} {t['test_loss']:>9.4f} "
-                 f"{t['test_acc']:>9.2%} {t['wall_s']:>8.2f}")
-    dv = t["val_loss"] - b["val_loss"]
-    dt = t["test_loss"] - b["test_loss"]
-    lines.append(f"  change vs baseline: val loss {dv:+.4f} ({dv / b['val_loss']:+.1%}), "
-                 f"test loss {dt:+.4f} ({dt / b['test_loss']:+.1%}), test acc {t['test_acc'] - b['test_acc']:+.2%}")
-    lines.append(f"  learned decays: min {dec.min():.2e}, median {np.median(dec):.2e}, max {dec.max():.2e}")
-    lines.append("  (the decays were fitted to the validation set, so its loss flatters them: the test set is the "
-                 "honest comparison)")
-    lines.append(f"  total wall time {result.get('total_wall_s', float('nan')):.2f} s "
-                 f"(baseline grid of {len(b['grid'])} fits, then the tuned run starting from its best decay)")
-    if result.get("plot"):
-        lines.append(f"  plot: {result['plot']}")
-    elif result.get("plot_skipped"):
-        lines.append(f"  plot skipped: {result['plot_skipped']}")
-    return "\n".join(lines)
-
-
-def save_plot(result: Dict[str, Any], out_dir: str) -> str:
-    """Write the PNG: validation/test loss per outer step (baseline as lines) and the learned decays.
-
-    matplotlib is imported here, lazily, through its object API (no pyplot, no
-    global backend change). Raises ImportError when it is not installed.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    b, t = result["baseline"], result["tuned"]
-    hist = t["history"]
-    steps = [r["step"] for r in hist] + [len(hist)]
-    val = [r["val_loss"] for r in hist] + [t["val_loss"]]
-    test = [r["test_loss"] for r in hist] + [t["test_loss"]]
-
-    fig = Figure(figsize=(13, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax1, ax2, ax3 = fig.subplots(1, 3, width_ratios=[1.2, 1.0, 1.0])
-    ax1.plot(steps, val, color="C0", lw=2, label="tuned: validation")
-    ax1.plot(steps, test, color="C1", lw=1.2, alpha=0.8, label="tuned: test")
-    ax1.axhline(b["val_loss"], color="C0", ls="--", lw=1, label=f"baseline (global decay {b['decay']:.1e}): validation")
-    ax1.axhline(b["test_loss"], color="C1", ls=":", lw=1, label="baseline: test")
-    ax1.set_xlabel("outer step (Adam on log-decays)")
-    ax1.set_ylabel("mean cross-entropy")
-    ax1.set_title(f"{result['dataset']}: loss vs outer step")
-    ax1.legend(fontsize=8)
-    ax1.grid(alpha=0.3)
-
-    dec = np.sort(np.asarray(t["decays"]))[::-1]
-    ax2.semilogy(np.arange(dec.size), dec, ".-", color="C2", ms=3, lw=1, label="learned (sorted)")
-    ax2.axhline(b["decay"], color="k", ls="--", lw=1, label="baseline global decay")
-    ax2.set_xlabel("weight (sorted by decay)")
-    ax2.set_ylabel("L2 decay  exp(λ)")
-    ax2.set_title(f"{dec.size} learned per-weight decays")
-    ax2.legend(fontsize=8)
-    ax2.grid(alpha=0.3, which="both")
-
-    gn = [r["inner_grad_norm"] for r in hist]
-    its = [r["solver_iters"] if r["solver_iters"] is not None else np.nan for r in hist]
-    ax3.semilogy(steps[:-1], gn, color="C3", lw=1, label="inner gradient norm")
-    ax3.set_xlabel("outer step")
-    ax3.set_ylabel("‖∇_w L_T‖ at w*", color="C3")
-    ax3b = ax3.twinx()
-    ax3b.plot(steps[:-1], its, color="C4", lw=1, drawstyle="steps-mid", label=f"{result['solver']} iterations")
-    ax3b.set_ylabel(f"{result['solver']} iterations", color="C4")
-    ax3.set_title("hypergradient diagnostics")
-    ax3.grid(alpha=0.3)
-
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"demo_logreg_{result['dataset']}_{result['solver']}_seed{result['seed']}.png")
-    fig.savefig(path, dpi=110)
-    return os.path.abspath(path)
+    return result
