@@ -35,7 +35,13 @@ def test_accuracy_smoke(baselines):
         cg = {r["k"]: r["rel_err"] for r in p["rows"] if r["method"] == "CG"}
         assert cg[5] < cg[1]                                     # more CG iterations, smaller error
         assert {r["method"] for r in p["rows"]} >= {"Identity", "CG", "Neumann (auto α)", "Nyström"}
-        assert all(r["hvps"] >= 0 for r in p["rows"])
+        # each method's cost in Hessian-vector products follows its definition (Neumann: 20 power
+        # iterations choose α, then k terms; Nyström: k sampled columns and one residual product)
+        cost = {"Identity": lambda k: 0, "CG": lambda k: k, "Neumann (auto α)": lambda k: 20 + k,
+                "Nyström": lambda k: k + 1, "Nyström (ρ = 1e-3)": lambda k: k + 1}
+        for r in p["rows"]:
+            if r["method"] in cost:
+                assert r["hvps"] == cost[r["method"]](r["k"]), r
     ridge = res["problems"][0]
     full_cg = [r for r in ridge["rows"] if r["method"] == "CG" and r["k"] == 5][0]
     assert full_cg["rel_err"] < 0.5
@@ -48,7 +54,8 @@ def test_ift_anchor_smoke(baselines):
         rows = {r["name"].split(",")[0] + r["name"].split(",")[1]: r for r in p["rows"]}
         topt = [r for r in p["rows"] if "solve_cg" in r["name"]][0]
         assert topt["rel_diff_to_ours"] < 1e-4                  # same algorithm, same answer
-        assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in p["rows"])
+        # the reported ratio is the median of the paired ratios, inside their range
+        assert all(r["ratio_lo"] <= r["ratio"] <= r["ratio_hi"] for r in p["rows"])
         assert rows
 
 

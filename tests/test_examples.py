@@ -96,4 +96,4 @@ def test_closed_form_products_smoke():
     assert [r["mode"] for r in out["rows"]] == ["closed", "linear_ce_hvp", "penalty="]
     for r in out["rows"]:          # the declared-structure paths give autograd's hypergradient / product
         assert r["rel_diff"] < 1e-5, r
-        assert r["speedup"] > 0
+    # speedups are timings: measured and recorded by benchmarks/bench_kernels.py, never asserted here

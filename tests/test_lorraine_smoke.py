@@ -105,9 +105,10 @@ def test_library_cg_converges_to_exact(point: dict) -> None:
 
 def test_render_and_plot(lorraine: Any, res: dict, tmp_path: Path) -> None:
     md = lorraine.render_lorraine(res)
-    assert md.startswith("## ") and "unverified recollection" in md and "**Findings**" in md
-    r = next(r for r in res["rows"] if r["method"] == "CG" and r["k"] == 1)
-    assert f"{r['cosine']:.3f} / {r['rel_l2']:.3g}" in md      # the table's numbers come from res
+    assert md.startswith("## ")
+    for r in res["rows"]:                                      # every figure of the table comes from res
+        if r["k"] in lorraine.TABLE_KS:
+            assert f"{r['cosine']:.3f} / {r['rel_l2']:.3g}" in md, r
     pytest.importorskip("matplotlib")
     files = lorraine.plot_lorraine(res, tmp_path / "plots")
     assert files == ["lorraine_neumann_vs_cg.png"]
