@@ -81,7 +81,7 @@ def outer_loss(params, hparams, X, y):
 
 hparams = {"weight_decay": torch.tensor(-3.0)}
 _A = X_train.T @ X_train / 60 + hparams["weight_decay"].exp() * torch.eye(5)
-params = {"w": torch.linalg.solve(_A, X_train.T @ y_train / 60)}     # the inner minimizer
+w_star = {"w": torch.linalg.solve(_A, X_train.T @ y_train / 60)}     # the inner minimizer
 '''
 
 
