@@ -52,7 +52,7 @@ class Flat:
     ``(size,)`` with ``size = Σ numel(s_i)``; ``unflatten`` maps it back.
 
     Example:
-        >>> fl = bl.Flat({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+        >>> fl = bl._tree.Flat({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
         >>> vec = fl.flatten({"w": torch.ones(2, 3), "b": torch.ones(3)})
         >>> vec.shape, fl.unflatten(vec)["w"].shape
         (torch.Size([9]), torch.Size([2, 3]))
