@@ -58,7 +58,7 @@ class MixedOp(nn.Module):
         >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
         >>> op(torch.randn(2, 4)).shape
         torch.Size([2, 4])
-        >>> {k: tuple(a.shape) for k, a in bl.nas.arch_parameters(nn.Sequential(op)).items()}
+        >>> {k: tuple(a.shape) for k, a in bl.nas.named_arch_parameters(nn.Sequential(op)).items()}
         {'0.alpha': (3,)}
     """
 
