@@ -106,6 +106,7 @@ class _Stepper:
         self.last_loss: Optional[Tensor] = None
         self.last_gnorm: Optional[Tensor] = None
         self.unused: frozenset = frozenset()         # forward mode: keys without gradient (find_unused)
+        self.calls_mse_loss = False                  # forward mode: seen by find_unused
 
     def _loss(self, w: Tree, h: Tree, t: int) -> Tensor:
         loss = self.inner_loss(w, h, *_args_at(self.inner_args, t))
@@ -164,12 +165,15 @@ class _Stepper:
         norm of the gradients it dropped, and forward mode refuses a nonzero one. (A parameter used
         at the first step and unused later gets zeros, as before: indistinguishable there.)
         """
+        from ._forward_ad import CallsMseLoss
+
         rng = get_rng()
-        with torch.enable_grad():
+        with torch.enable_grad(), CallsMseLoss() as calls:
             wl = tree_detach(w, requires_grad=True)
             reach = reachable_leaves([self._loss(wl, tree_detach(h), t)])
         set_rng(rng)
         self.unused = frozenset(k for k, v in wl.items() if id(v) not in reach)
+        self.calls_mse_loss = calls.seen
 
     def functional(self, w: Tree, s: Any, h: Tree, t: int) -> tuple[Tree, Any, Tensor, Tensor, Tensor]:
         """A step under torch.func transforms; also returns the loss, the gradient norm and the squared
@@ -274,7 +278,7 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
 
 def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
              chunk: Optional[int]):
-    from ._forward_ad import ForwardModeFixes   # forward mode only
+    from ._forward_ad import fixes_for   # forward mode only
 
     w0 = tree_detach(w)
     s0 = _detach_state(s)
@@ -306,7 +310,8 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
     n = fl.size if chunk is None else max(1, int(chunk))
     parts = []
     try:
-        with ForwardModeFixes():          # PyTorch forward-AD defects, rewritten exactly (see _forward_ad)
+        # exact rewrites of calls that PyTorch's forward-mode AD gets wrong (see _forward_ad)
+        with fixes_for([*w0.values(), *hd.values(), *pytree.tree_leaves(s0)], step.calls_mse_loss):
             for i in range(0, fl.size, n):
                 d, aux = torch.func.vmap(directional, out_dims=(0, None))(basis[i:i + n])
                 parts.append(d)
@@ -316,8 +321,8 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
         raise RuntimeError(
             f"{fn}: mode='forward' hit a PyTorch forward-mode AD limitation: an operation of inner_loss or "
             f"outer_loss writes in place into the zero tangent of an input that carries none (as "
-            f"F.mse_loss(reduction='mean') does, pytorch/pytorch#123996; that one is rewritten here, this is "
-            f"another). Expected losses whose operations all support forward-over-reverse AD, got: {err}. "
+            f"F.mse_loss(reduction='mean') does, pytorch/pytorch#123996: it is rewritten when the first step's "
+            f"inner_loss calls it). Expected losses whose operations all support forward-over-reverse AD, got: {err}. "
             f"Fix: mode='reverse' or mode='checkpoint', or write the failing operation out (e.g. "
             f"((a - b) ** 2).mean() for a mean squared error).") from err
     dl = torch.cat(parts)

@@ -379,3 +379,19 @@ def test_forward_mode_refuses_a_parameter_that_starts_getting_gradients_later():
                                          r"Fix: mode='reverse' or mode='checkpoint'"):
         bl.unrolled_hypergrad(inner, outer, params, hp, mode="forward", **kw)
     bl.unrolled_hypergrad(inner, outer, params, hp, mode="checkpoint", **kw)      # per step: fine
+
+
+def test_forward_mode_names_the_cause_and_the_fix_of_a_zero_tangent_write():
+    """``F.mse_loss`` first called after the first step (float64: no rewrite is on) hits
+    pytorch/pytorch#123996; forward mode says so and how to fix it."""
+    F = torch.nn.functional
+    X, y = torch.randn(8, 3, dtype=DT), torch.randn(8, dtype=DT)
+    mse = lambda p, t: F.mse_loss(X @ p["w"], y) if t >= 1 else ((X @ p["w"] - y) ** 2).mean()
+    inner = lambda p, h, t: mse(p, t) + ((p["w"] - h["c"]) ** 2).sum()
+    outer = lambda p, h: (p["w"] ** 2).sum()
+    kw = dict(optimizer=bl.inner.SGD(lr=0.1), steps=3, inner_args=lambda t: (t,))
+    hp = {"c": torch.randn(3, dtype=DT)}
+    with pytest.raises(RuntimeError, match=r"forward-mode AD limitation.*pytorch/pytorch#123996.*"
+                                           r"Fix: mode='reverse' or mode='checkpoint'"):
+        bl.unrolled_hypergrad(inner, outer, {"w": torch.zeros(3, dtype=DT)}, hp, mode="forward", **kw)
+    bl.unrolled_hypergrad(inner, outer, {"w": torch.zeros(3, dtype=DT)}, hp, mode="checkpoint", **kw)
