@@ -107,7 +107,9 @@ def from_torch(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -
 
     Returns:
         ``(inner_optimizer, state)`` for :func:`bilevel.unrolled_hypergrad` (a
-        :class:`Partitioned` optimizer when there are several param groups).
+        :class:`Partitioned` optimizer when there are several param groups). The state is taken
+        parameter by parameter, as ``torch.optim`` keeps it: a parameter that has no state yet (no
+        gradient so far) starts fresh on its first gradient, with its own step count.
 
     Shapes: the state's trees have the keys of ``params`` and their shapes.
 
