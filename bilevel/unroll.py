@@ -90,7 +90,11 @@ def _detach_state(state: Any, requires_grad: bool = False) -> Any:
 
 
 class _Stepper:
-    """One inner step ``(w, s) -> (w', s')`` with autograd (reverse modes) or torch.func (forward mode)."""
+    """One inner step ``(w, s) -> (w', s')`` with autograd (reverse modes) or torch.func (forward mode).
+
+    A parameter that does not reach the inner loss gets the gradient ``None`` ("no gradient"), so the
+    optimizer skips it as ``torch.optim`` does (no update, no decay, state untouched).
+    """
 
     def __init__(self, inner_loss: Callable[..., Tensor], optimizer: InnerOptimizer, inner_args: Args, fn: str,
                  group: Any = None):
@@ -101,6 +105,8 @@ class _Stepper:
         self.checked = False
         self.last_loss: Optional[Tensor] = None
         self.last_gnorm: Optional[Tensor] = None
+        self.unused: frozenset = frozenset()         # forward mode: keys without gradient (find_unused)
+        self.calls_mse_loss = False                  # forward mode: seen by find_unused
 
     def _loss(self, w: Tree, h: Tree, t: int) -> Tensor:
         loss = self.inner_loss(w, h, *_args_at(self.inner_args, t))
@@ -108,6 +114,24 @@ class _Stepper:
             loss = check_scalar(loss, self.fn, "inner_loss")
             self.checked = True
         return loss.reshape(())
+
+    @staticmethod
+    def _norm(g: Mapping[str, Optional[Tensor]], like: Tensor) -> Tensor:
+        used = {k: v for k, v in g.items() if v is not None}
+        return tree_norm(used) if used else torch.zeros((), dtype=like.dtype, device=like.device)
+
+    def _all_ranks(self, gl: list, loss: Tensor, w: Tree, create_graph: bool) -> tuple[list, Tensor]:
+        # NOTE: a parameter is "without gradient" when it is so on every rank (DistributedDataParallel
+        # with find_unused_parameters averages the zeros of the ranks where it is unused); the mask of
+        # used parameters travels in the same collective as the gradients and the loss.
+        dt = next(iter(w.values())).dtype
+        used = torch.tensor([gi is not None for gi in gl], dtype=dt, device=loss.device)
+        full = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(w.values(), gl)]
+        red = (differentiable_mean if create_graph else all_reduce_mean_list)(
+            [*full, loss.detach().reshape(1).to(dt), used], self.group)
+        used_anywhere = (red[-1] > 0).tolist()
+        gl = [gi if u else None for gi, u in zip(red[:-2], used_anywhere)]
+        return gl, red[-2].reshape(()).to(loss.dtype)
 
     def autograd(self, w: Tree, s: Any, h: Tree, t: int, create_graph: bool) -> tuple[Tree, Any]:
         """A step; with ``create_graph`` it is differentiable in ``w``, ``s`` and ``h``."""
@@ -117,26 +141,49 @@ class _Stepper:
             loss = self._loss(w, h, t)
             if create_graph and self.track_first and self.first_loss is None:
                 self.first_loss = loss              # for the check that every hparam is used
-            gs = torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True)
-            gl = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(w.values(), gs)]
+            gl = list(torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True))
             if world_size(self.group) > 1:   # the global batch's gradient: differentiable when unrolled
-                red = (differentiable_mean if create_graph else all_reduce_mean_list)(
-                    [*gl, loss.detach().reshape(1).to(gl[0].dtype)], self.group)
-                gl, loss = red[:-1], red[-1].reshape(()).to(loss.dtype)
+                gl, loss = self._all_ranks(gl, loss, w, create_graph)
         g = dict(zip(w, gl))
         self.last_loss = loss.detach()
-        self.last_gnorm = tree_norm({k: v.detach() for k, v in g.items()})
+        self.last_gnorm = self._norm({k: None if v is None else v.detach() for k, v in g.items()}, loss)
         if create_graph:
             return self.opt.step(w, g, s, h)
         with torch.no_grad():
             w2, s2 = self.opt.step(tree_detach(w), g, s, tree_detach(h))
         return tree_detach(w2), _detach_state(s2)
 
-    def functional(self, w: Tree, s: Any, h: Tree, t: int) -> tuple[Tree, Any, Tensor, Tensor]:
-        """A step under torch.func transforms; also returns the loss and gradient norm."""
+    def find_unused(self, w: Tree, h: Tree, t: int) -> None:
+        """Forward mode: record the keys of ``w`` that the inner loss at step ``t`` does not reach.
+
+        NOTE: ``torch.func.grad`` returns zeros, not ``None``, for an input that does not reach the
+        output, so forward mode cannot see per step which parameters get no gradient. The loss is
+        evaluated once, outside the transforms, at the first differentiated step (a plain forward,
+        no backward: a walk of its graph; the RNG state is restored so the unrolled steps draw the
+        same dropout masks), and those keys get ``None`` at every step. A parameter unused at the
+        first step but used later would lose real gradients: :meth:`functional` returns the squared
+        norm of the gradients it dropped, and forward mode refuses a nonzero one. (A parameter used
+        at the first step and unused later gets zeros, as before: indistinguishable there.)
+        """
+        from ._forward_ad import CallsMseLoss
+
+        rng = get_rng()
+        with torch.enable_grad(), CallsMseLoss() as calls:
+            wl = tree_detach(w, requires_grad=True)
+            reach = reachable_leaves([self._loss(wl, tree_detach(h), t)])
+        set_rng(rng)
+        self.unused = frozenset(k for k, v in wl.items() if id(v) not in reach)
+        self.calls_mse_loss = calls.seen
+
+    def functional(self, w: Tree, s: Any, h: Tree, t: int) -> tuple[Tree, Any, Tensor, Tensor, Tensor]:
+        """A step under torch.func transforms; also returns the loss, the gradient norm and the squared
+        norm of the gradients of the keys in :attr:`unused` (zero unless they reach the loss after all)."""
         g, loss = torch.func.grad_and_value(lambda ww: self._loss(ww, h, t))(w)
+        dropped = [g[k].pow(2).sum() for k in self.unused]
+        stray = torch.stack(dropped).sum() if dropped else torch.zeros((), dtype=loss.dtype, device=loss.device)
+        g = {k: None if k in self.unused else v for k, v in g.items()}
         w2, s2 = self.opt.step(w, g, s, h)
-        return w2, s2, loss, tree_norm(g)
+        return w2, s2, loss, self._norm(g, loss), stray
 
 
 def _outer(outer_loss: Callable[..., Tensor], w: Tree, h: Tree, outer_args: tuple, fn: str) -> Tensor:
@@ -231,23 +278,28 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
 
 def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
              chunk: Optional[int]):
+    from ._forward_ad import fixes_for   # forward mode only
+
     w0 = tree_detach(w)
     s0 = _detach_state(s)
     hd = tree_detach(h)
     fl = Flat(hd)
+    step.find_unused(w0, hd, t0)
 
     meta: dict[str, Any] = {}
 
     def run(hh: Tree):
         ww, ss = w0, s0
         loss = gnorm = torch.full((), math.nan, dtype=fl.dtype, device=fl.device)
+        stray = torch.zeros((), dtype=fl.dtype, device=fl.device)
         for t in range(t0, T):
-            ww, ss, loss, gnorm = step.functional(ww, ss, hh, t)
+            ww, ss, loss, gnorm, dropped = step.functional(ww, ss, hh, t)
+            stray = stray + dropped
         lv = _outer(outer_loss, ww, hh, outer_args, fn)
         # transforms return tensors only: the state's non-tensor leaves (step counts) travel aside
         leaves, meta["spec"] = pytree.tree_flatten(ss)
         meta["static"] = [None if isinstance(x, Tensor) else x for x in leaves]
-        return lv, (ww, [x for x in leaves if isinstance(x, Tensor)], lv, loss, gnorm)
+        return lv, (ww, [x for x in leaves if isinstance(x, Tensor)], lv, loss, gnorm, stray)
 
     def directional(tvec: Tensor):
         _, dlv, aux = torch.func.jvp(run, (hd,), (fl.unflatten(tvec),), has_aux=True)
@@ -257,11 +309,30 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
     # NOTE: vmap's own chunk_size cannot concatenate unbatched (out_dims=None) outputs, so chunk here.
     n = fl.size if chunk is None else max(1, int(chunk))
     parts = []
-    for i in range(0, fl.size, n):
-        d, aux = torch.func.vmap(directional, out_dims=(0, None))(basis[i:i + n])
-        parts.append(d)
+    try:
+        # exact rewrites of calls that PyTorch's forward-mode AD gets wrong (see _forward_ad)
+        with fixes_for([*w0.values(), *hd.values(), *pytree.tree_leaves(s0)], step.calls_mse_loss):
+            for i in range(0, fl.size, n):
+                d, aux = torch.func.vmap(directional, out_dims=(0, None))(basis[i:i + n])
+                parts.append(d)
+    except RuntimeError as err:
+        if "ZeroTensors are immutable" not in str(err):
+            raise
+        raise RuntimeError(
+            f"{fn}: mode='forward' hit a PyTorch forward-mode AD limitation: an operation of inner_loss or "
+            f"outer_loss writes in place into the zero tangent of an input that carries none (as "
+            f"F.mse_loss(reduction='mean') does, pytorch/pytorch#123996: it is rewritten when the first step's "
+            f"inner_loss calls it). Expected losses whose operations all support forward-over-reverse AD, got: {err}. "
+            f"Fix: mode='reverse' or mode='checkpoint', or write the failing operation out (e.g. "
+            f"((a - b) ** 2).mean() for a mean squared error).") from err
     dl = torch.cat(parts)
-    wT, s_tensors, lv, loss, gnorm = aux
+    wT, s_tensors, lv, loss, gnorm, stray = aux
+    if float(stray) > 0:
+        raise ValueError(
+            f"{fn}: mode='forward' decides once, at the first differentiated step, which parameters get no "
+            f"gradient (torch.optim skips those); {sorted(step.unused)} did not reach inner_loss at step {t0} but "
+            f"got a gradient at a later step, which forward mode cannot follow. Expected the same parameters to "
+            f"be used at every step. Fix: mode='reverse' or mode='checkpoint' (they decide at every step).")
     it = iter(s_tensors)
     sT = pytree.tree_unflatten([next(it) if x is None else x for x in meta["static"]], meta["spec"])
     hg = {k: v.clone() for k, v in fl.unflatten(dl).items()}

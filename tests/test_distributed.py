@@ -86,6 +86,26 @@ def _run_batchnorm(rank, group, vanilla, broadcast_buffers=True):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _run_unused(rank, group, mode):
+    """An unrolled hypergradient where "unused" reaches no rank's loss and "half" only rank 1's: on the
+    ranks "unused" gets no gradient (torch.optim skips it), "half" the mean over ranks of (0, its gradient)."""
+    g = torch.Generator().manual_seed(7)
+    params = {"a": torch.randn(6, generator=g, dtype=torch.float64), "unused": torch.randn(2, generator=g, dtype=torch.float64),
+              "half": torch.randn(6, generator=g, dtype=torch.float64)}
+    (X, y), (Xv, yv) = _data(4), _data(5)
+
+    def part(p, h, r):
+        rows = slice(r * 24, (r + 1) * 24)
+        loss = F.binary_cross_entropy_with_logits(X[rows] @ p["a"], y[rows]) + 0.5 * h["l2"].exp() * (p["a"] ** 2).sum()
+        return loss + ((X[rows] @ p["half"]) ** 2).mean() if r == 1 else loss
+
+    inner = (lambda p, h: 0.5 * (part(p, h, 0) + part(p, h, 1))) if group is None else (lambda p, h: part(p, h, rank))
+    outer = lambda p, h: F.binary_cross_entropy_with_logits(Xv @ (p["a"] + p["half"]), yv) + p["unused"].sum()
+    hg, w = bl.unrolled_hypergrad(inner, outer, params, {"l2": torch.tensor(-2.0, dtype=torch.float64)},
+                                  optimizer=bl.inner.AdamW(lr=0.05, weight_decay=0.1), steps=4, mode=mode, group=group)
+    return dict(hg), w, hg.info.state.step, params["unused"]
+
+
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -100,6 +120,9 @@ def _worker(rank, init_file, out_dir):
     for vanilla in (True, False):
         for bb in (True, False):
             results[("bn", vanilla, bb)] = _run_batchnorm(rank, dist.group.WORLD, vanilla, bb)
+    for mode in ("reverse", "checkpoint"):
+        results[("unused", mode)] = _run_unused(rank, dist.group.WORLD, mode)
+    results[("unused", "single")] = _run_unused(rank, None, "reverse")
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -135,6 +158,16 @@ def test_two_ranks_equal_one_process_on_the_global_batch():
         # the hyperparameters moved (the test is not vacuous)
         assert any(not torch.allclose(v, torch.full_like(v, v.reshape(-1)[0])) for v in ref_h.values()) or \
             float(ref_h["scale"].abs()) > 0
+
+    # a parameter without gradient on every rank is skipped (as torch.optim), one used on some ranks is not
+    ref_h, ref_w, ref_steps, w0_unused = r0[("unused", "single")]
+    assert torch.equal(ref_w["unused"], w0_unused) and ref_steps["unused"] == 0 and ref_steps["half"] == 4
+    for mode in ("reverse", "checkpoint"):
+        for r in (r0, r1):
+            h, w, steps, _ = r[("unused", mode)]
+            assert steps == ref_steps and torch.equal(w["unused"], w0_unused), mode
+            assert all(float((w[k] - ref_w[k]).norm() / ref_w[k].norm()) <= 1e-10 for k in w), mode
+            assert float((h["l2"] - ref_h["l2"]).abs() / ref_h["l2"].abs()) <= 1e-8, mode
 
     # BatchNorm under DDP: every rank's weights and running statistics are what DDP's own training
     # loop gives (buffers broadcast from rank 0 before each forward, or not with broadcast_buffers=False)

@@ -185,3 +185,108 @@ def test_from_torch_rejects_unsupported():
         bl.inner.from_torch(torch.optim.SGD([p], lr=0.1, maximize=True), {"p": p})
     with pytest.raises(ValueError, match="none of"):
         bl.inner.from_torch(torch.optim.SGD([p], lr=0.1), {"q": torch.nn.Parameter(torch.ones(1))})
+
+
+# -- parameters without gradient: torch.optim skips them (no update, no decay, state untouched) ------------
+def _problem_with_late_parameter():
+    """"unused" never reaches the loss; "late" reaches it from step 3 on (a branch switched on later)."""
+    params, loss = _problem()
+    params["late"] = torch.linspace(-1.0, 2.0, 3, dtype=DT)
+    return params, lambda p, t: loss(p) + (0.5 * (p["late"] ** 2).sum() if t >= 3 else 0.0)
+
+
+def _torch_loop(opt, named, loss, steps, t0=0):
+    for t in range(t0, t0 + steps):
+        opt.zero_grad(set_to_none=True)
+        loss(named, t).backward()                     # no zero-filling: .grad stays None where unused
+        opt.step()
+
+
+def _our_loop(opt, w, s, loss, steps, t0=0):
+    for t in range(t0, t0 + steps):
+        wl = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+        gs = torch.autograd.grad(loss(wl, t), list(wl.values()), allow_unused=True)
+        w, s = opt.step(w, dict(zip(w, gs)), s)      # None where a parameter did not reach the loss
+    return w, s
+
+
+NO_GRAD_CASES = [
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.05),
+     bl.inner.SGD(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.05)),
+    (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1),
+     bl.inner.SGD(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1)),
+    (lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1),
+     bl.inner.Adam(lr=0.01, weight_decay=0.1, decoupled=False)),
+    (lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
+     bl.inner.AdamW(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    (lambda ps: torch.optim.AdamW(ps, lr=0.01), bl.inner.AdamW(lr=0.01)),
+]
+
+
+@pytest.mark.parametrize("make,ours", NO_GRAD_CASES, ids=["sgd-damp", "sgd-nesterov", "adam-l2", "adamw-ams", "adamw"])
+def test_parameters_without_gradient_are_skipped_as_in_torch_optim(make, ours):
+    params, loss = _problem_with_late_parameter()
+    named = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = make(list(named.values()))
+    w, s = dict(params), ours.init(params)
+    s0_unused = [x for x in torch.utils._pytree.tree_leaves(s) if isinstance(x, torch.Tensor)]
+    for t in range(8):                                # step by step, the "late" branch switching on at t = 3
+        _torch_loop(opt, named, loss, 1, t)
+        w, s = _our_loop(ours, w, s, loss, 1, t)
+        for k in params:
+            assert torch.allclose(w[k], named[k].detach(), rtol=1e-12, atol=1e-14), (t, k)
+    assert w["unused"] is params["unused"]            # the very tensor: no update, no decay
+    assert s.step["unused"] == 0 and s.step["late"] == 5 and s.step["a"] == 8
+    for tree in s[:-1]:                               # its state entries are the initial ones
+        if tree:
+            assert any(tree["unused"] is x for x in s0_unused)
+
+
+def test_none_gradient_passes_through_partitioned_and_torchopt():
+    params, loss = _problem_with_late_parameter()
+    part = bl.inner.Partitioned(((["a", "unused"], bl.inner.AdamW(lr=0.01)), (["b", "late"], bl.inner.SGD(lr=0.1, momentum=0.9))))
+    named = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = torch.optim.AdamW([named["a"], named["unused"]], lr=0.01)
+    opt2 = torch.optim.SGD([named["b"], named["late"]], lr=0.1, momentum=0.9)
+    for t in range(6):
+        for o in (opt, opt2):
+            o.zero_grad(set_to_none=True)
+        loss(named, t).backward()
+        opt.step()
+        opt2.step()
+    w, s = _our_loop(part, dict(params), part.init(params), loss, 6)
+    assert all(torch.allclose(w[k], named[k].detach(), rtol=1e-12, atol=1e-14) for k in params)
+    assert w["unused"] is params["unused"]
+
+    torchopt = pytest.importorskip("torchopt")
+    ours = bl.inner.TorchOpt(torchopt.sgd(0.1, momentum=0.9))
+    ref = bl.inner.SGD(lr=0.1, momentum=0.9)
+    got, s_got = _our_loop(ours, dict(params), ours.init(params), loss, 6)
+    want, _ = _our_loop(ref, dict(params), ref.init(params), loss, 6)
+    assert all(torch.allclose(got[k], want[k], rtol=1e-12, atol=1e-14) for k in params)  # "late" keeps its momentum
+    assert got["unused"] is params["unused"]
+
+
+# -- from_torch with parameters that have no state yet ------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, amsgrad=True),
+    lambda ps: torch.optim.Adam([{"params": ps[:2], "lr": 0.02}, {"params": ps[2:], "betas": (0.8, 0.99)}], lr=0.01),
+], ids=["sgd-damp", "sgd-nesterov", "adam", "adamw-amsgrad", "adam-groups"])
+@pytest.mark.parametrize("convert_at", [2, 5], ids=["before-late-starts", "after-late-started"])
+def test_from_torch_with_parameters_without_state(make, convert_at):
+    """Convert while "unused" (never a gradient) has no state, and "late" none yet (or 2 steps of it):
+    each continues as in torch.optim, with its own step count."""
+    params, loss = _problem_with_late_parameter()
+    named = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = make(list(named.values()))
+    _torch_loop(opt, named, loss, convert_at)
+    assert named["unused"] not in opt.state
+    inner, state = bl.inner.from_torch(opt, named)
+    w = {k: p.detach().clone() for k, p in named.items()}
+    w, state = _our_loop(inner, w, state, loss, 6, t0=convert_at)
+    _torch_loop(opt, named, loss, 6, t0=convert_at)
+    for k, p in named.items():
+        assert torch.allclose(w[k], p.detach(), rtol=1e-12, atol=1e-14), k

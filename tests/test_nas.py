@@ -116,8 +116,8 @@ def _hopt(net, method, lr=0.1, momentum=0.0, loss=_ce):
 def _one_step_oracle(net, batch, val, xi, loss=F.cross_entropy):
     """dL_V(w − ξ∇_w L_T(w, α), α)/dα by plain autograd through functional_call."""
     from torch.func import functional_call
-    w = {k: v.detach().clone().requires_grad_(True) for k, v in bl.nas.weight_parameters(net).items()}
-    a = {k: v.detach().clone().requires_grad_(True) for k, v in bl.nas.arch_parameters(net).items()}
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in bl.nas.named_weight_parameters(net).items()}
+    a = {k: v.detach().clone().requires_grad_(True) for k, v in bl.nas.named_arch_parameters(net).items()}
     bufs = {k: b.clone() for k, b in net.named_buffers()}
     f = lambda ww, x: functional_call(net, {**ww, **a, **bufs}, (x,))      # noqa: E731
     lt = loss(f(w, batch[0]), batch[1])
@@ -135,7 +135,7 @@ def _rel(a, b):
 def test_second_order_darts_exact_and_finite_difference_match_hand_written_unroll():
     net, batch, val = _tiny_search(dim=1)
     with torch.no_grad():                                 # a non-trivial architecture point
-        for p in bl.nas.arch_parameters(net).values():
+        for p in bl.nas.arch_parameters(net):
             p.normal_(0, 0.5)
     ref = _one_step_oracle(net, batch, val, xi=0.1)
     exact, _ = _hopt(net, bl.Unrolled(steps=1)).hypergradient(batch, val)
@@ -235,7 +235,7 @@ def test_planted_operation_is_recovered(method):
     torch.manual_seed(0)
     model = Planted()
     train, val = _planted_data(256, 1), _planted_data(256, 2)
-    alphas = bl.nas.arch_parameters(model)
+    alphas = bl.nas.named_arch_parameters(model)
     assert list(alphas) == ["mix.alpha"]
     hopt = bl.nas.darts(model, method=method, inner_loss=_mse, lr=0.1, momentum=0.0, weight_decay=0.0,
                         arch_lr=0.05, arch_betas=(0.9, 0.999), arch_weight_decay=0.0)
@@ -295,13 +295,43 @@ def test_mixed_op_sigmoid_weighting_and_zero_one_loss():
 
 def test_arch_and_weight_parameters_partition_the_model():
     net = bl.nas.Network(1, 4, dim=1, C=2, layers=2, nodes=2)
-    arch, weights = bl.nas.arch_parameters(net), bl.nas.weight_parameters(net)
+    arch, weights = bl.nas.named_arch_parameters(net), bl.nas.named_weight_parameters(net)
     names = set(dict(net.named_parameters()))
     assert set(arch) | set(weights) == names and not set(arch) & set(weights)
     assert len(arch) == 2 * (2 + 3)                       # 2 cells × (2 + 3 edges) for 2 nodes
     assert all(k.endswith(".alpha") and v.shape == (len(bl.nas.PRIMITIVES),) for k, v in arch.items())
     with pytest.raises(ValueError, match="architecture weights"):
         bl.nas.arch_parameters(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="named_arch_parameters: expected a model with architecture weights"):
+        bl.nas.named_arch_parameters(nn.Linear(2, 2))
+    # the unnamed variants list the same tensors in the same order, as model.parameters() would
+    assert all(a is b for a, b in zip(bl.nas.arch_parameters(net), arch.values(), strict=True))
+    assert all(a is b for a, b in zip(bl.nas.weight_parameters(net), weights.values(), strict=True))
+    assert all(isinstance(p, nn.Parameter) for p in bl.nas.weight_parameters(net) + bl.nas.arch_parameters(net))
+
+
+def test_weight_parameters_feed_torch_optim_like_model_parameters():
+    """torch.optim.SGD(bl.nas.weight_parameters(model)) trains exactly as over the explicit list of the
+    non-α parameters (it used to receive the names of a dict and fail)."""
+    def train(make_params):
+        torch.manual_seed(0)
+        net = bl.nas.Network(1, 3, dim=1, C=2, layers=1, nodes=2, stem_multiplier=1,
+                             primitives=("skip_connect", "sep_conv_3x3")).to(DT)
+        x, y = torch.randn(6, 1, 10, dtype=DT), torch.randint(0, 3, (6,))
+        opt = torch.optim.SGD(make_params(net), lr=0.1, momentum=0.9)
+        alphas = [p.detach().clone() for p in bl.nas.arch_parameters(net)]
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        assert all(torch.equal(a, p) for a, p in zip(alphas, bl.nas.arch_parameters(net)))   # α untouched
+        return [p.detach() for p in net.parameters()]
+
+    explicit = train(lambda net: [p for n, p in net.named_parameters() if not n.endswith(".alpha")])
+    ours = train(bl.nas.weight_parameters)
+    assert len(explicit) == len(ours) and all(torch.equal(a, b) for a, b in zip(explicit, ours))
+    ours_named = train(lambda net: bl.nas.named_weight_parameters(net).values())
+    assert all(torch.equal(a, b) for a, b in zip(explicit, ours_named))
 
 
 def test_mixed_op_errors_are_clear():
@@ -468,13 +498,13 @@ def test_expected_cost_is_weighted_table_and_its_gradient_favours_cheap_ops():
 def test_search_step_on_darts_cells(dim, method):
     net, batch, val = _tiny_search(dim=dim)
     hopt = _hopt(net, method, lr=0.05)
-    before = {k: v.detach().clone() for k, v in bl.nas.arch_parameters(net).items()}
+    before = {k: v.detach().clone() for k, v in bl.nas.named_arch_parameters(net).items()}
     bufs = {k: b.clone() for k, b in net.named_buffers()}
     hopt.inner_step(batch)
     bufs_after_inner = {k: b.clone() for k, b in net.named_buffers()}
     stats = hopt.hyper_step(batch, val)
     assert not stats.skipped and math.isfinite(stats.hypergrad_norm) and stats.hypergrad_norm > 0
-    assert any(not torch.equal(before[k], v) for k, v in bl.nas.arch_parameters(net).items())
+    assert any(not torch.equal(before[k], v) for k, v in bl.nas.named_arch_parameters(net).items())
     for k, b in net.named_buffers():                      # hyper steps leave BatchNorm statistics alone
         assert torch.equal(b, bufs_after_inner[k])
     assert any(not torch.equal(bufs[k], b) for k, b in net.named_buffers() if b.is_floating_point())
@@ -488,7 +518,7 @@ def test_darts_helper_builds_the_paper_search():
     optimizers and numbers of Liu et al. (2019); losses, method and HyperOptimizer options pass through."""
     net, batch, val = _tiny_search(dim=1)
     hopt = bl.nas.darts(net, outer_loader=[val], hyper_every=2)
-    alphas, weights = bl.nas.arch_parameters(net), bl.nas.weight_parameters(net)
+    alphas, weights = bl.nas.named_arch_parameters(net), bl.nas.named_weight_parameters(net)
     held = {id(p) for g in hopt.inner_optimizer.param_groups for p in g["params"]}
     assert held == {id(p) for p in weights.values()} and not held & {id(a) for a in alphas.values()}
     assert list(hopt.hparams) == list(alphas) and isinstance(hopt.method, bl.FirstOrder)

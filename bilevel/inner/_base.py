@@ -31,6 +31,11 @@ class InnerOptimizer:
     Shapes: ``params`` and ``grads`` are trees with the same keys and shapes (any); ``step``
     returns new params of those shapes and a new state whose trees have them too.
 
+    A ``grads`` entry may be ``None``: that parameter got no gradient this step (it did not reach
+    the loss), and, as in ``torch.optim`` (which skips a parameter whose ``.grad`` is ``None``), it is
+    returned unchanged (the very tensor), with no weight decay and its state untouched (the same
+    tensors and step count). Step counts are per parameter, like ``torch.optim``'s ``state[p]["step"]``.
+
     Example:
         >>> opt = bl.inner.SGD(lr="lr", momentum=0.9)
         >>> isinstance(opt, bl.inner.InnerOptimizer), opt.name, opt.hparam_names()
@@ -52,7 +57,8 @@ class InnerOptimizer:
     def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: Any,
              hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], Any]:
         """One differentiable update: ``(new_params, new_state)`` from the trees ``params`` and
-        ``grads`` (same keys and shapes) and ``state``; options given by name are read from
+        ``grads`` (same keys and shapes; a ``None`` entry means "no gradient": that parameter and its
+        state pass through unchanged) and ``state``; options given by name are read from
         ``hparams``, so the result is differentiable in them."""
         raise NotImplementedError
 
@@ -112,3 +118,10 @@ class InnerOptimizer:
 
 def zeros_tree(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+def per_key_steps(step: Union[int, Mapping[str, int]], params: Mapping[str, Tensor]) -> dict[str, int]:
+    """Steps taken by each parameter; a single int (a state saved before per-parameter counts) counts for all."""
+    if isinstance(step, Mapping):
+        return dict(step)
+    return dict.fromkeys(params, int(step))

@@ -7,7 +7,7 @@ unrolled steps must be the steps the user's optimizer would take.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -62,38 +62,36 @@ def _num(x: Any) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
-def _step_count(states: Sequence[dict]) -> int:
-    steps = {int(_num(s["step"])) for s in states if "step" in s}
-    if len(steps) > 1:
-        raise ValueError(f"bilevel.inner.from_torch: expected every parameter of a param group to have taken "
-                         f"the same number of steps, got {sorted(steps)}. Fix: step all of them together.")
-    return steps.pop() if steps else 0
-
-
 def _convert_group(optimizer: torch.optim.Optimizer, group: dict, keys: list[str], params: list[Tensor]) -> tuple:
     fn = "bilevel.inner.from_torch"
     for flag in ("maximize", "capturable", "differentiable"):
         if group.get(flag, False):
             raise ValueError(f"{fn}: the option {flag}=True of {type(optimizer).__name__} is not supported.")
-    states = [optimizer.state.get(p, {}) for p in params]
+    # NOTE: parameter by parameter, as torch.optim keeps it: a parameter that never had a gradient
+    # has no state yet and starts fresh (its own step count 0) on its first real gradient.
+    states = dict(zip(keys, (optimizer.state.get(p, {}) for p in params)))
+    fresh = dict(zip(keys, params))
+
+    def take(name: str, init: dict) -> dict:
+        return {k: st[name].detach().clone() if st.get(name) is not None else init[k] for k, st in states.items()}
+
     if isinstance(optimizer, torch.optim.SGD):
         opt = SGD(lr=_num(group["lr"]), momentum=_num(group["momentum"]), dampening=_num(group["dampening"]),
                   weight_decay=_num(group["weight_decay"]), nesterov=bool(group["nesterov"]))
-        bufs = [s.get("momentum_buffer") for s in states]
-        if opt._uses_momentum and all(b is not None for b in bufs):
-            state = SGDState({k: b.detach().clone() for k, b in zip(keys, bufs)}, 1)
-        else:
-            state = opt.init(dict(zip(keys, params)))
-        return opt, state
+        start = opt.init(fresh)
+        if not opt._uses_momentum:
+            return opt, start
+        # torch.optim.SGD keeps no step count: a momentum buffer means "not the first step"
+        steps = {k: int(st.get("momentum_buffer") is not None) for k, st in states.items()}
+        return opt, SGDState(take("momentum_buffer", start.momentum_buffer), steps)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
         opt = Adam(lr=_num(group["lr"]), betas=tuple(_num(b) for b in group["betas"]), eps=_num(group["eps"]),
                    weight_decay=_num(group["weight_decay"]), amsgrad=bool(group["amsgrad"]), decoupled=decoupled)
-        t = _step_count(states)
-        if t == 0:
-            return opt, opt.init(dict(zip(keys, params)))
-        take = lambda name: {k: s[name].detach().clone() for k, s in zip(keys, states)}
-        return opt, AdamState(take("exp_avg"), take("exp_avg_sq"), take("max_exp_avg_sq") if opt.amsgrad else {}, t)
+        start = opt.init(fresh)
+        steps = {k: int(_num(st["step"])) if "step" in st else 0 for k, st in states.items()}
+        return opt, AdamState(take("exp_avg", start.exp_avg), take("exp_avg_sq", start.exp_avg_sq),
+                              take("max_exp_avg_sq", start.max_exp_avg_sq) if opt.amsgrad else {}, steps)
     raise TypeError(f"{fn}: expected one of {SUPPORTED} (their update rules are reproduced exactly), got "
                     f"{type(optimizer).__name__}. Fix: use one of those as inner_optimizer, or bl.Implicit / "
                     f"bl.FirstOrder, which do not replay the optimizer.")
@@ -109,7 +107,9 @@ def from_torch(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -
 
     Returns:
         ``(inner_optimizer, state)`` for :func:`bilevel.unrolled_hypergrad` (a
-        :class:`Partitioned` optimizer when there are several param groups).
+        :class:`Partitioned` optimizer when there are several param groups). The state is taken
+        parameter by parameter, as ``torch.optim`` keeps it: a parameter that has no state yet (no
+        gradient so far) starts fresh on its first gradient, with its own step count.
 
     Shapes: the state's trees have the keys of ``params`` and their shapes.
 

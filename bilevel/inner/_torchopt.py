@@ -51,5 +51,26 @@ class TorchOpt(InnerOptimizer):
         import torchopt
 
         params = dict(params)
-        updates, state = self.transformation.update(dict(grads), state, params=params, inplace=False)
-        return dict(torchopt.apply_updates(params, updates, inplace=False)), state
+        updates, new_state = self.transformation.update(dict(grads), state, params=params, inplace=False)
+        new = dict(torchopt.apply_updates(params, updates, inplace=False))
+        # A None gradient is "no gradient" (torch.optim skips the parameter): the very tensor comes back.
+        new.update({k: p for k, p in params.items() if grads[k] is None})
+        return new, _keep_dropped(state, new_state)
+
+
+def _keep_dropped(old: Any, new: Any) -> Any:
+    """``new`` with every leaf that became ``None`` where ``old`` held a tensor put back.
+
+    NOTE: TorchOpt skips the ``None`` entries of ``grads`` but some of its transformations (the
+    momentum ``trace`` of ``torchopt.sgd``, 0.7) return ``None`` in the state for them, which loses
+    the buffer and silently drops that parameter's later gradients. ``torch.optim`` leaves the state
+    of a parameter without gradient untouched, so the old entry is kept.
+    """
+    if new is None:
+        return old
+    if isinstance(new, dict) and isinstance(old, dict):
+        return type(new)({k: _keep_dropped(old.get(k), v) for k, v in new.items()})
+    if isinstance(new, (tuple, list)) and isinstance(old, (tuple, list)) and len(new) == len(old):
+        items = [_keep_dropped(o, n) for o, n in zip(old, new)]
+        return type(new)(*items) if hasattr(new, "_fields") else type(new)(items)
+    return new

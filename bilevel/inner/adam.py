@@ -3,34 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional, Tuple
+from typing import Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._base import InnerOptimizer, Num, zeros_tree
+from ._base import InnerOptimizer, Num, per_key_steps, zeros_tree
 
 __all__ = ["Adam", "AdamW", "AdamState"]
 
 
 class AdamState(NamedTuple):
-    """First and second moments (trees), the running max of the second (AMSGrad), steps taken.
+    """First and second moments (trees), the running max of the second (AMSGrad), steps taken by each
+    parameter (its bias correction uses its own count, as ``torch.optim``'s ``state[p]["step"]``).
 
     Shapes: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with AMSGrad, else empty) have the
-    keys and shapes of the params.
+    keys and shapes of the params; ``step`` maps their keys to ints.
 
     Example:
         >>> opt = bl.inner.Adam(lr=0.1)
-        >>> params = {"w": torch.ones(2)}
-        >>> _, state = opt.step(params, {"w": torch.ones(2)}, opt.init(params))
+        >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+        >>> _, state = opt.step(params, {"w": torch.ones(2), "b": None}, opt.init(params))   # b: no gradient
         >>> state.exp_avg["w"], state.max_exp_avg_sq, state.step
-        (tensor([0.1000, 0.1000]), {}, 1)
+        (tensor([0.1000, 0.1000]), {}, {'w': 1, 'b': 0})
     """
 
     exp_avg: dict
     exp_avg_sq: dict
     max_exp_avg_sq: dict
-    step: int
+    step: Union[dict, int]
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -99,7 +100,8 @@ class Adam(InnerOptimizer):
         self._validate(fn, "weight_decay", self.weight_decay)
 
     def init(self, params: Mapping[str, Tensor]) -> AdamState:
-        return AdamState(zeros_tree(params), zeros_tree(params), zeros_tree(params) if self.amsgrad else {}, 0)
+        return AdamState(zeros_tree(params), zeros_tree(params), zeros_tree(params) if self.amsgrad else {},
+                         dict.fromkeys(params, 0))
 
     def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: AdamState,
              hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], AdamState]:
@@ -108,14 +110,22 @@ class Adam(InnerOptimizer):
         b2 = self._value(self.betas[1], hparams)
         eps = self._value(self.eps, hparams)
         wd = self._value(self.weight_decay, hparams)
-        t = state.step + 1
-        bc1 = 1 - _pow(b1, t)
-        bc2_sqrt = (1 - _pow(b2, t)) ** 0.5
-        step_size = lr / bc1
+        steps = per_key_steps(state.step, params)
+        new_steps = dict(steps)
+        corrections: dict[int, tuple] = {}           # step count -> (step size, √(1 − β2^t)), shared
         has_wd = not self._is_zero(self.weight_decay)
         new_p, m_new, v_new, vmax_new = {}, {}, {}, {}
         for k, p in params.items():
             g = grads[k]
+            if g is None:                                 # no gradient: torch.optim skips the parameter
+                new_p[k], m_new[k], v_new[k] = p, state.exp_avg[k], state.exp_avg_sq[k]
+                if self.amsgrad:
+                    vmax_new[k] = state.max_exp_avg_sq[k]
+                continue
+            t = new_steps[k] = steps[k] + 1
+            if t not in corrections:
+                corrections[t] = (lr / (1 - _pow(b1, t)), (1 - _pow(b2, t)) ** 0.5)
+            step_size, bc2_sqrt = corrections[t]
             if has_wd:
                 if self.decoupled:
                     p = p * (1 - lr * wd)
@@ -134,7 +144,7 @@ class Adam(InnerOptimizer):
             denom = _safe_sqrt(v) / bc2_sqrt + eps
             new_p[k] = (torch.addcdiv(p, m, denom, value=-step_size) if isinstance(step_size, float)
                         else p - step_size * m / denom)
-        return new_p, AdamState(m_new, v_new, vmax_new, t)
+        return new_p, AdamState(m_new, v_new, vmax_new, new_steps)
 
 
 @dataclass(frozen=True)

@@ -3,29 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._base import InnerOptimizer, Num, zeros_tree
+from ._base import InnerOptimizer, Num, per_key_steps, zeros_tree
 
 __all__ = ["SGD", "SGDState"]
 
 
 class SGDState(NamedTuple):
-    """``momentum_buffer``: tree (empty without momentum); ``step``: steps taken so far.
+    """``momentum_buffer``: tree (empty without momentum); ``step``: steps taken by each parameter.
 
-    Shapes: ``momentum_buffer`` has the keys and shapes of the params.
+    A parameter's first step with a gradient starts its buffer (``buf ← g``, as ``torch.optim.SGD``
+    does when its ``momentum_buffer`` is ``None``); steps without a gradient do not count.
+
+    Shapes: ``momentum_buffer`` has the keys and shapes of the params; ``step`` maps their keys to ints.
 
     Example:
         >>> state = bl.inner.SGD(lr=0.1, momentum=0.9).init({"w": torch.ones(2, 3)})
         >>> state.momentum_buffer["w"].shape, state.step
-        (torch.Size([2, 3]), 0)
+        (torch.Size([2, 3]), {'w': 0})
     """
 
     momentum_buffer: dict
-    step: int
+    step: Union[dict, int]
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class SGD(InnerOptimizer):
         return not self._is_zero(self.momentum)
 
     def init(self, params: Mapping[str, Tensor]) -> SGDState:
-        return SGDState(zeros_tree(params) if self._uses_momentum else {}, 0)
+        return SGDState(zeros_tree(params) if self._uses_momentum else {}, dict.fromkeys(params, 0))
 
     def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: SGDState,
              hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], SGDState]:
@@ -90,7 +93,8 @@ class SGD(InnerOptimizer):
         mom = self._value(self.momentum, hparams)
         damp = self._value(self.dampening, hparams)
         wd = self._value(self.weight_decay, hparams)
-        first = state.step == 0
+        steps = per_key_steps(state.step, params)
+        new_steps = dict(steps)
         new_p: dict[str, Tensor] = {}
         new_buf: dict[str, Tensor] = {}
         # One fused op (torch.add with alpha) per update wherever the number is a float: fewer
@@ -101,10 +105,16 @@ class SGD(InnerOptimizer):
 
         for k, p in params.items():
             g = grads[k]
+            if g is None:                                 # no gradient: torch.optim skips the parameter
+                new_p[k] = p
+                if self._uses_momentum:
+                    new_buf[k] = state.momentum_buffer[k]
+                continue
+            new_steps[k] = steps[k] + 1
             if not self._is_zero(self.weight_decay):
                 g = axpy(g, wd, p)
             if self._uses_momentum:
-                if first:
+                if steps[k] == 0:
                     buf = g
                 elif isinstance(damp, (int, float)):                 # torch.optim's buf·μ + (1−d)·g
                     buf = axpy(state.momentum_buffer[k] * mom, 1 - damp, g)
@@ -113,4 +123,4 @@ class SGD(InnerOptimizer):
                 new_buf[k] = buf
                 g = axpy(g, mom, buf) if self.nesterov else buf
             new_p[k] = axpy(p, -lr, g) if isinstance(lr, (int, float)) else p - lr * g
-        return new_p, SGDState(new_buf, state.step + 1)
+        return new_p, SGDState(new_buf, new_steps)

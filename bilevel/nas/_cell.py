@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._mixed import MixedOp
-from ._ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, _bn, _check_dim, _conv, make_op
+from ._ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, batch_norm, check_dim, conv, make_op
 
 __all__ = ["Cell", "Network", "edge_name"]
 
@@ -63,7 +63,7 @@ class Cell(nn.Module):
                  genotype: Optional[Mapping[str, str]] = None, mixed_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         fn = "bilevel.nas.Cell"
-        _check_dim(dim, fn)
+        check_dim(dim, fn)
         self.reduction = reduction
         self.nodes = nodes
         search = genotype is None
@@ -158,7 +158,7 @@ class Network(nn.Module):
                  hard: bool = False) -> None:
         super().__init__()
         fn = "bilevel.nas.Network"
-        _check_dim(dim, fn)
+        check_dim(dim, fn)
         for k, v in (("in_channels", in_channels), ("num_classes", num_classes), ("C", C), ("layers", layers),
                      ("nodes", nodes), ("stem_multiplier", stem_multiplier)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -174,8 +174,8 @@ class Network(nn.Module):
             reductions = (layers // 3, 2 * layers // 3) if layers >= 3 else ()
         self.dim = dim
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(_conv(dim)(in_channels, C_curr, stem_kernel, padding=stem_kernel // 2,
-                                              bias=False), _bn(dim)(C_curr))
+        self.stem = nn.Sequential(conv(dim)(in_channels, C_curr, stem_kernel, padding=stem_kernel // 2,
+                                              bias=False), batch_norm(dim)(C_curr))
         C_pp, C_p, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
         reduction_prev = False

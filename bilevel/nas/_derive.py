@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._mixed import MixedOp, _check_model, mixed_ops
+from ._mixed import MixedOp, check_model, mixed_ops
 from ._ops import PARAMETER_FREE
 
 __all__ = ["derive", "Argmax", "Perturbation", "parameter_free_edges"]
@@ -137,7 +137,7 @@ def derive(model: nn.Module, *, rule: Callable[..., Choice] | None = None, edges
     ``"cells.0.edges.0_1"``, and ``bl.nas.Network(..., genotype=genotype)`` builds the child.
     """
     fn = "bilevel.nas.derive"
-    _check_model(model, fn)
+    check_model(model, fn)
     if edges_per_node is not None and (isinstance(edges_per_node, bool) or not isinstance(edges_per_node, int)
                                        or edges_per_node < 1):
         raise ValueError(f"Invalid edges_per_node for {fn}: {edges_per_node!r} (expected None or an int >= 1).")

@@ -2,8 +2,9 @@
 
 A :class:`MixedOp` holds its architecture weights ``α`` as an ``nn.Parameter`` of the module
 (so a checkpoint of the model carries them) and declares them as *architecture* parameters:
-:func:`arch_parameters` collects them as the hparams tree of a :class:`bilevel.HyperOptimizer`,
-:func:`weight_parameters` collects everything else for the inner optimizer.
+:func:`named_arch_parameters` collects them as the hparams tree of a :class:`bilevel.HyperOptimizer`,
+:func:`weight_parameters` lists everything else for the inner optimizer (like ``model.parameters()``;
+:func:`arch_parameters` and :func:`named_weight_parameters` are the other two views).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 
 from ._ops import Zero
 
-__all__ = ["MixedOp", "WEIGHTINGS", "arch_parameters", "weight_parameters", "mixed_ops", "set_temperature",
+__all__ = ["MixedOp", "WEIGHTINGS", "arch_parameters", "weight_parameters", "named_arch_parameters",
+           "named_weight_parameters", "mixed_ops", "set_temperature",
            "annealed_temperature", "expected_cost", "zero_one_loss"]
 
 #: The ``weighting=`` choices of :class:`MixedOp`: how the architecture weights ``α`` of one edge
@@ -56,7 +58,7 @@ class MixedOp(nn.Module):
         >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
         >>> op(torch.randn(2, 4)).shape
         torch.Size([2, 4])
-        >>> {k: tuple(a.shape) for k, a in bl.nas.arch_parameters(nn.Sequential(op)).items()}
+        >>> {k: tuple(a.shape) for k, a in bl.nas.named_arch_parameters(nn.Sequential(op)).items()}
         {'0.alpha': (3,)}
     """
 
@@ -159,19 +161,19 @@ def _arch_ids(model: nn.Module) -> dict[int, nn.Parameter]:
     return found
 
 
-def _check_model(model: object, fn: str) -> None:
+def check_model(model: object, fn: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected an nn.Module (a supernet with bl.nas.MixedOp inside), "
                         f"got {type(model).__name__}.")
 
 
-def arch_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The architecture weights of ``model``: ``{parameter name: α}`` for every :class:`MixedOp`.
+def named_arch_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The architecture weights of ``model`` by name: ``{parameter name: α}`` for every :class:`MixedOp`.
 
     Names are those of ``model.named_parameters()`` (a shared ``α`` appears once). Custom modules
     declare their own architecture parameters by listing attribute names in
-    ``module._arch_param_names``. Pass the tree as the ``hparams`` of a
-    :class:`bilevel.HyperOptimizer`.
+    ``module._arch_param_names``. This tree is the ``hparams`` of a search (a
+    :class:`bilevel.HyperOptimizer`); :func:`arch_parameters` lists the same tensors.
 
     Returns:
         ``dict[str, nn.Parameter]``, each of shape ``(n_candidates,)``.
@@ -182,13 +184,12 @@ def arch_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     Example:
         >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
         >>> net = nn.Sequential(op, nn.Linear(4, 2))                # a toy supernet with one mixed edge
-        >>> alphas = bl.nas.arch_parameters(net)
+        >>> alphas = bl.nas.named_arch_parameters(net)              # the hparams tree of a search
         >>> {k: tuple(a.shape) for k, a in alphas.items()}
         {'0.alpha': (3,)}
-        >>> outer_opt = torch.optim.Adam(alphas.values(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
     """
-    fn = "bilevel.nas.arch_parameters"
-    _check_model(model, fn)
+    fn = "bilevel.nas.named_arch_parameters"
+    check_model(model, fn)
     ids = _arch_ids(model)
     out = {n: p for n, p in model.named_parameters() if id(p) in ids}
     if not out:
@@ -198,8 +199,28 @@ def arch_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def weight_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every parameter of ``model`` that is not an architecture weight: the inner variables.
+def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The architecture weights ``α`` of ``model`` as a list, like ``model.parameters()``: pass it to
+    the outer optimizer. By name (the ``hparams`` tree of a search): :func:`named_arch_parameters`.
+
+    Returns:
+        ``list[nn.Parameter]``, each of shape ``(n_candidates,)``, in ``model.named_parameters()`` order.
+
+    Raises:
+        ValueError: ``model`` has no architecture parameters.
+
+    Example:
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))                # a toy supernet with one mixed edge
+        >>> outer_opt = torch.optim.Adam(bl.nas.arch_parameters(net), lr=3e-4, betas=(0.5, 0.999))
+        >>> [tuple(a.shape) for a in bl.nas.arch_parameters(net)], bl.nas.arch_parameters(net)[0] is op.alpha
+        ([(3,)], True)
+    """
+    return list(named_arch_parameters(model).values())
+
+
+def named_weight_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter of ``model`` that is not an architecture weight, by name: the inner variables.
 
     Returns:
         ``dict[str, nn.Parameter]`` (names of ``model.named_parameters()``; any shapes).
@@ -207,13 +228,29 @@ def weight_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     Example:
         >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
         >>> net = nn.Sequential(op, nn.Linear(4, 2))                # a toy supernet with one mixed edge
-        >>> sorted(bl.nas.weight_parameters(net))
+        >>> sorted(bl.nas.named_weight_parameters(net))
         ['0.ops.lin.bias', '0.ops.lin.weight', '1.bias', '1.weight']
-        >>> inner_opt = torch.optim.SGD(bl.nas.weight_parameters(net).values(), lr=0.025, momentum=0.9)
     """
-    _check_model(model, "bilevel.nas.weight_parameters")
+    check_model(model, "bilevel.nas.named_weight_parameters")
     ids = _arch_ids(model)
     return {n: p for n, p in model.named_parameters() if id(p) not in ids}
+
+
+def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` that is not an architecture weight, as a list like
+    ``model.parameters()``: pass it to the inner optimizer. By name: :func:`named_weight_parameters`.
+
+    Returns:
+        ``list[nn.Parameter]`` (any shapes), in ``model.named_parameters()`` order.
+
+    Example:
+        >>> op = bl.nas.MixedOp({"none": bl.nas.Zero(), "skip": nn.Identity(), "lin": nn.Linear(4, 4)})
+        >>> net = nn.Sequential(op, nn.Linear(4, 2))                # a toy supernet with one mixed edge
+        >>> inner_opt = torch.optim.SGD(bl.nas.weight_parameters(net), lr=0.025, momentum=0.9)
+        >>> len(bl.nas.weight_parameters(net)), bl.nas.weight_parameters(net)[-1] is net[1].bias
+        (4, True)
+    """
+    return list(named_weight_parameters(model).values())
 
 
 def mixed_ops(model: nn.Module) -> dict[str, MixedOp]:
@@ -225,7 +262,7 @@ def mixed_ops(model: nn.Module) -> dict[str, MixedOp]:
         >>> list(bl.nas.mixed_ops(net)), bl.nas.mixed_ops(net)["0"] is op
         (['0'], True)
     """
-    _check_model(model, "bilevel.nas.mixed_ops")
+    check_model(model, "bilevel.nas.mixed_ops")
     return {n: m for n, m in model.named_modules() if isinstance(m, MixedOp)}
 
 

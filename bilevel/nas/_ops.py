@@ -25,16 +25,16 @@ PRIMITIVES: tuple[str, ...] = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_con
 PARAMETER_FREE: frozenset[str] = frozenset({"none", "max_pool_3x3", "avg_pool_3x3", "skip_connect"})
 
 
-def _check_dim(dim: int, fn: str) -> None:
+def check_dim(dim: int, fn: str) -> None:
     if dim not in (1, 2):
         raise ValueError(f"{fn}: expected dim 1 (sequences, (N, C, L)) or 2 (images, (N, C, H, W)), got {dim!r}.")
 
 
-def _conv(dim: int) -> type:
+def conv(dim: int) -> type:
     return nn.Conv1d if dim == 1 else nn.Conv2d
 
 
-def _bn(dim: int) -> type:
+def batch_norm(dim: int) -> type:
     return nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d
 
 
@@ -90,8 +90,8 @@ class ReLUConvBN(nn.Module):
                  affine: bool = True) -> None:
         super().__init__()
         self.op = nn.Sequential(nn.ReLU(inplace=False),
-                                _conv(dim)(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
-                                _bn(dim)(C_out, affine=affine))
+                                conv(dim)(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
+                                batch_norm(dim)(C_out, affine=affine))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -112,12 +112,12 @@ class DilConv(nn.Module):
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int, *,
                  dim: int = 2, affine: bool = True) -> None:
         super().__init__()
-        conv = _conv(dim)
+        conv = conv(dim)
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
             conv(C_in, C_in, kernel, stride=stride, padding=padding, dilation=dilation, groups=C_in, bias=False),
             conv(C_in, C_out, 1, bias=False),
-            _bn(dim)(C_out, affine=affine))
+            batch_norm(dim)(C_out, affine=affine))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -157,11 +157,11 @@ class FactorizedReduce(nn.Module):
         super().__init__()
         if C_out % 2:
             raise ValueError(f"bilevel.nas.FactorizedReduce: expected an even C_out, got {C_out}.")
-        conv = _conv(dim)
+        conv = conv(dim)
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = conv(C_in, C_out // 2, 1, stride=2, bias=False)
         self.conv_2 = conv(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.bn = _bn(dim)(C_out, affine=affine)
+        self.bn = batch_norm(dim)(C_out, affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(x)
@@ -188,7 +188,7 @@ class PoolBN(nn.Module):
         else:
             self.pool = (nn.AvgPool1d if dim == 1 else nn.AvgPool2d)(3, stride=stride, padding=1,
                                                                       count_include_pad=False)
-        self.bn = _bn(dim)(C, affine=affine)
+        self.bn = batch_norm(dim)(C, affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bn(self.pool(x))
@@ -229,7 +229,7 @@ def make_op(name: str, C: int, stride: int = 1, *, dim: int = 2, affine: bool = 
         torch.Size([8, 16, 40])
     """
     fn = "bilevel.nas.make_op"
-    _check_dim(dim, fn)
+    check_dim(dim, fn)
     if name not in OPS:
         raise KeyError(f"{fn}: unknown operation {name!r}; expected one of {sorted(OPS)}.")
     if stride not in (1, 2):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..hyperopt import HyperOptimizer
 from ..methods import FirstOrder
-from ._mixed import arch_parameters, weight_parameters
+from ._mixed import arch_parameters, named_arch_parameters, weight_parameters
 
 __all__ = ["darts", "cross_entropy_loss"]
 
@@ -44,8 +44,8 @@ def darts(
 ) -> HyperOptimizer:
     """A :class:`bilevel.HyperOptimizer` set up as a DARTS architecture search over ``model``.
 
-    The hyperparameters are the supernet's architecture weights (:func:`arch_parameters`), the
-    inner variables every other parameter (:func:`weight_parameters`). The optimizers and their
+    The hyperparameters are the supernet's architecture weights (the tree :func:`named_arch_parameters`),
+    the inner variables every other parameter (:func:`weight_parameters`). The optimizers and their
     numbers are those of DARTS (Liu et al. 2019): SGD (``lr`` 0.025, momentum 0.9, weight decay
     3e-4) on the weights, Adam (``arch_lr`` 3e-4, betas (0.5, 0.999), weight decay 1e-3) on α. Reach
     them as ``hopt.inner_optimizer`` / ``hopt.outer_optimizer`` (to attach a learning-rate schedule).
@@ -76,11 +76,11 @@ def darts(
         >>> hopt.hyper_steps, type(hopt.outer_optimizer).__name__, hopt.inner_optimizer.defaults["lr"]
         (1, 'Adam', 0.025)
     """
-    alphas = arch_parameters(model)
-    weights = weight_parameters(model)
+    alphas = named_arch_parameters(model)
     inner = inner_loss if inner_loss is not None else cross_entropy_loss
     return HyperOptimizer(
         model, alphas, inner_loss=inner, outer_loss=outer_loss if outer_loss is not None else inner,
-        inner_optimizer=torch.optim.SGD(weights.values(), lr=lr, momentum=momentum, weight_decay=weight_decay),
-        outer_optimizer=torch.optim.Adam(alphas.values(), lr=arch_lr, betas=arch_betas, weight_decay=arch_weight_decay),
+        inner_optimizer=torch.optim.SGD(weight_parameters(model), lr=lr, momentum=momentum, weight_decay=weight_decay),
+        outer_optimizer=torch.optim.Adam(arch_parameters(model), lr=arch_lr, betas=arch_betas,
+                                         weight_decay=arch_weight_decay),
         method=method if method is not None else FirstOrder(), **kwargs)
