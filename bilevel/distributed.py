@@ -77,16 +77,20 @@ def all_reduce_mean_list(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
-def all_reduce_mean_grads(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor],
-                          group: Any) -> list[Optional[Tensor]]:
-    """Mean over ranks of gradients where ``None`` means "this rank's loss does not reach the tensor":
-    the result is ``None`` only where no rank's loss reaches it (as DDP's ``find_unused_parameters``),
-    zeros standing in for the ranks that miss it. One collective per dtype."""
+def all_reduce_mean_grads(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor], group: Any, *,
+                          differentiable: bool = False) -> list[Optional[Tensor]]:
+    """Mean over ranks of gradients where ``None`` means "this rank's loss does not reach the tensor".
+
+    The result is ``None`` only where no rank's loss reaches it (DistributedDataParallel with
+    ``find_unused_parameters`` averages the zeros of the ranks where it is unused): the mask of
+    used entries travels in the same collective as the gradients. ``differentiable``: through
+    :func:`differentiable_mean` (an unrolled step). All tensors must share ``like[0]``'s dtype.
+    """
     if world_size(group) <= 1:
         return list(grads)
-    used = torch.tensor([g is not None for g in grads], dtype=torch.float64, device=like[0].device)
+    used = torch.tensor([g is not None for g in grads], dtype=like[0].dtype, device=like[0].device)
     filled = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
-    *out, used = all_reduce_mean_list([*filled, used], group)
+    *out, used = (differentiable_mean if differentiable else all_reduce_mean_list)([*filled, used], group)
     return [g if u > 0 else None for g, u in zip(out, used.tolist())]
 
 

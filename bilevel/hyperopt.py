@@ -250,8 +250,9 @@ class HyperOptimizer:
                 loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams), fn,
                                            "penalty")
             gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-        *grads, loss = all_reduce_mean_grads([*gs, loss.detach()], [*leaves, loss], self.group)
-        return loss, grads
+        dt = leaves[0].dtype
+        *grads, mean = all_reduce_mean_grads([*gs, loss.detach().reshape(1).to(dt)], [*leaves, leaves[0]], self.group)
+        return mean.reshape(()).to(loss.dtype), grads
 
     def _closure_inner_step(self, batch: Any) -> Tensor:
         leaves = list(self._fns.params().values())

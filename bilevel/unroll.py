@@ -30,10 +30,11 @@ from ._errors import check_finite_scalar, check_finite_tree, check_scalar, check
 from ._tree import Flat, Tree, tree_detach, tree_norm
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
-from ._autograd import reachable_leaves
+from ._autograd import detach_state, grads_or_zeros, reachable_leaves
+from ._forward_ad import CallsMseLoss, fixes_for
 from ._result import Hypergrad
 from .inner import InnerOptimizer
-from .distributed import all_reduce_mean_list, check_group, differentiable_mean, world_size
+from .distributed import all_reduce_mean_grads, all_reduce_mean_list, check_group
 
 __all__ = ["unrolled_hypergrad", "finite_difference_hypergrad", "UnrollInfo", "UNROLL_MODES"]
 
@@ -79,16 +80,6 @@ def _args_at(args: Args, t: int) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def _detach_state(state: Any, requires_grad: bool = False) -> Any:
-    def f(x: Any) -> Any:
-        if isinstance(x, Tensor):
-            x = x.detach()
-            if requires_grad and x.is_floating_point():
-                x.requires_grad_(True)
-        return x
-    return pytree.tree_map(f, state)
-
-
 class _Stepper:
     """One inner step ``(w, s) -> (w', s')`` with autograd (reverse modes) or torch.func (forward mode).
 
@@ -120,19 +111,6 @@ class _Stepper:
         used = {k: v for k, v in g.items() if v is not None}
         return tree_norm(used) if used else torch.zeros((), dtype=like.dtype, device=like.device)
 
-    def _all_ranks(self, gl: list, loss: Tensor, w: Tree, create_graph: bool) -> tuple[list, Tensor]:
-        # NOTE: a parameter is "without gradient" when it is so on every rank (DistributedDataParallel
-        # with find_unused_parameters averages the zeros of the ranks where it is unused); the mask of
-        # used parameters travels in the same collective as the gradients and the loss.
-        dt = next(iter(w.values())).dtype
-        used = torch.tensor([gi is not None for gi in gl], dtype=dt, device=loss.device)
-        full = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(w.values(), gl)]
-        red = (differentiable_mean if create_graph else all_reduce_mean_list)(
-            [*full, loss.detach().reshape(1).to(dt), used], self.group)
-        used_anywhere = (red[-1] > 0).tolist()
-        gl = [gi if u else None for gi, u in zip(red[:-2], used_anywhere)]
-        return gl, red[-2].reshape(()).to(loss.dtype)
-
     def autograd(self, w: Tree, s: Any, h: Tree, t: int, create_graph: bool) -> tuple[Tree, Any]:
         """A step; with ``create_graph`` it is differentiable in ``w``, ``s`` and ``h``."""
         with torch.enable_grad():
@@ -142,8 +120,11 @@ class _Stepper:
             if create_graph and self.track_first and self.first_loss is None:
                 self.first_loss = loss              # for the check that every hparam is used
             gl = list(torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True))
-            if world_size(self.group) > 1:   # the global batch's gradient: differentiable when unrolled
-                gl, loss = self._all_ranks(gl, loss, w, create_graph)
+            # the global batch's gradient and loss (differentiable when unrolled); no-op in one process
+            dt = next(iter(w.values())).dtype
+            *gl, mean = all_reduce_mean_grads([*gl, loss.detach().reshape(1).to(dt)], [*w.values(), loss],
+                                              self.group, differentiable=create_graph)
+            loss = mean.reshape(()).to(loss.dtype)
         g = dict(zip(w, gl))
         self.last_loss = loss.detach()
         self.last_gnorm = self._norm({k: None if v is None else v.detach() for k, v in g.items()}, loss)
@@ -151,7 +132,7 @@ class _Stepper:
             return self.opt.step(w, g, s, h)
         with torch.no_grad():
             w2, s2 = self.opt.step(tree_detach(w), g, s, tree_detach(h))
-        return tree_detach(w2), _detach_state(s2)
+        return tree_detach(w2), detach_state(s2)
 
     def find_unused(self, w: Tree, h: Tree, t: int) -> None:
         """Forward mode: record the keys of ``w`` that the inner loss at step ``t`` does not reach.
@@ -165,7 +146,6 @@ class _Stepper:
         norm of the gradients it dropped, and forward mode refuses a nonzero one. (A parameter used
         at the first step and unused later gets zeros, as before: indistinguishable there.)
         """
-        from ._forward_ad import CallsMseLoss
 
         rng = get_rng()
         with torch.enable_grad(), CallsMseLoss() as calls:
@@ -190,18 +170,11 @@ def _outer(outer_loss: Callable[..., Tensor], w: Tree, h: Tree, outer_args: tupl
     return check_scalar(outer_loss(w, h, *outer_args), fn, "outer_loss")
 
 
-def _grads_or_zeros(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-    if not out.requires_grad:
-        return [torch.zeros_like(x) for x in inputs]
-    gs = torch.autograd.grad(out, inputs, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gs)]
-
-
 # -- the modes ------------------------------------------------------------------------------------
 def _reverse(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn):
     step.track_first = True
     w = tree_detach(w, requires_grad=True)
-    s = _detach_state(s)
+    s = detach_state(s)
     with torch.enable_grad():
         for t in range(t0, T):
             w, s = step.autograd(w, s, h, t, create_graph=True)
@@ -213,15 +186,15 @@ def _reverse(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
                 f"{fn}: expected every hyperparameter to reach the losses or the optimizer, got {unused} reaching "
                 f"neither (their hypergradient would be zero forever). Fix: remove them from hparams, or read "
                 f"them as hparams[key] inside a loss / name them in the optimizer (e.g. lr='lr').")
-        hg = _grads_or_zeros(lv, list(h.values()))
-    return dict(zip(h, hg)), tree_detach(w), _detach_state(s), lv.detach()
+        hg = grads_or_zeros(lv, list(h.values()))
+    return dict(zip(h, hg)), tree_detach(w), detach_state(s), lv.detach()
 
 
 def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
                 every: int):
     # Forward: run without graph, keep (w, s, rng) every `every` steps.
     ckpts: dict[int, tuple] = {}
-    w, s = tree_detach(w), _detach_state(s)
+    w, s = tree_detach(w), detach_state(s)
     for t in range(t0, T):
         if (t - t0) % every == 0:
             ckpts[t] = (w, s, get_rng())
@@ -233,7 +206,7 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
     with torch.enable_grad():
         wl = tree_detach(w, requires_grad=True)
         lv = _outer(outer_loss, wl, h, outer_args, fn)
-        g = _grads_or_zeros(lv, list(wl.values()) + hl)
+        g = grads_or_zeros(lv, list(wl.values()) + hl)
     a_w = g[: len(wl)]
     hg = g[len(wl):]
     s_leaves, s_spec = pytree.tree_flatten(s)
@@ -253,7 +226,7 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
             w_t, s_t, rng_t = seg.pop()
             set_rng(rng_t)
             wl = tree_detach(w_t, requires_grad=True)
-            sl = _detach_state(s_t, requires_grad=True)
+            sl = detach_state(s_t, requires_grad=True)
             with torch.enable_grad():
                 w1, s1 = step.autograd(wl, sl, h, t, create_graph=True)
                 s1_leaves = pytree.tree_flatten(s1)[0]
@@ -278,10 +251,9 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
 
 def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
              chunk: Optional[int]):
-    from ._forward_ad import fixes_for   # forward mode only
 
     w0 = tree_detach(w)
-    s0 = _detach_state(s)
+    s0 = detach_state(s)
     hd = tree_detach(h)
     fl = Flat(hd)
     step.find_unused(w0, hd, t0)
@@ -337,7 +309,7 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
     sT = pytree.tree_unflatten([next(it) if x is None else x for x in meta["static"]], meta["spec"])
     hg = {k: v.clone() for k, v in fl.unflatten(dl).items()}
     step.last_loss, step.last_gnorm = loss.detach(), gnorm.detach()
-    return hg, tree_detach(wT), _detach_state(sT), lv.detach()
+    return hg, tree_detach(wT), detach_state(sT), lv.detach()
 
 
 # -- public -----------------------------------------------------------------------------------------
@@ -438,7 +410,7 @@ def unrolled_hypergrad(
     K = steps if truncate is None else truncate
     step = _Stepper(inner_loss, optimizer, inner_args, fn, group)
     w = tree_detach(params)
-    s = optimizer.init(w) if state is None else _detach_state(state)
+    s = optimizer.init(w) if state is None else detach_state(state)
     h = tree_detach(hparams, requires_grad=True)
     for t in range(steps - K):                       # the undifferentiated prefix
         w, s = step.autograd(w, s, h, t, create_graph=False)
@@ -452,9 +424,9 @@ def unrolled_hypergrad(
         hg, w, s, lv = _checkpoint(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, every)
     else:
         hg, w, s, lv = _forward(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, forward_chunk)
-    if world_size(group) > 1:            # mean over ranks of the per-rank outer losses' hypergradients
-        red = all_reduce_mean_list([*hg.values(), lv], group)
-        hg, lv = dict(zip(hg, red[:-1])), red[-1]
+    # mean over ranks of the per-rank outer losses' hypergradients (no-op in one process)
+    *red, lv = all_reduce_mean_list([*hg.values(), lv], group)
+    hg = dict(zip(hg, red))
     if check_finite:
         check_finite_tree(w, fn, "the final params (the inner optimization diverged; lower the learning rate)")
         check_finite_scalar(lv, fn, "outer_loss at the final params")
@@ -488,26 +460,28 @@ def finite_difference_hypergrad(
     """
     fn = "bilevel.Unrolled(second_order='finite_difference')"
     w = tree_detach(params)
-    s = optimizer.init(w) if state is None else _detach_state(state)
+    s = optimizer.init(w) if state is None else detach_state(state)
     h = tree_detach(hparams, requires_grad=True)
     hl = list(h.values())
     rng = get_rng()
     with torch.enable_grad():
         wl = tree_detach(w, requires_grad=True)
         lt = check_scalar(inner_loss(wl, h, *inner_args), fn, "inner_loss")
-        g = dict(zip(wl, torch.autograd.grad(lt, list(wl.values()), allow_unused=True)))
-        g = {k: torch.zeros_like(wl[k]) if v is None else v for k, v in g.items()}
-        gl = tree_detach(g, requires_grad=True)
+        gs = torch.autograd.grad(lt, list(wl.values()), allow_unused=True)
+        # None: no gradient, the optimizer leaves that parameter (and its state) alone, as torch.optim
+        gl = {k: None if gk is None else gk.detach().requires_grad_() for k, gk in zip(wl, gs)}
         w1, s1 = optimizer.step(w, gl, s, h)
         w1l = tree_detach(w1, requires_grad=True)
         lv = _outer(outer_loss, w1l, h, outer_args, fn)
-        gv = _grads_or_zeros(lv, list(w1l.values()) + hl)
-        v, direct = gv[: len(w1l)], gv[len(w1l):]
-        outs = [o for o in w1.values()]
-        ins = list(gl.values()) + [x for x in hl]
-        pulled = torch.autograd.grad(outs, ins, v, allow_unused=True)
-    u = {k: torch.zeros_like(gl[k]) if pk is None else pk for k, pk in zip(gl, pulled[: len(gl)])}
-    hg = [d if p is None else d + p for d, p in zip(direct, pulled[len(gl):])]
+        gv = grads_or_zeros(lv, list(w1l.values()) + hl)
+        v, direct = dict(zip(w1l, gv[: len(w1l)])), gv[len(w1l):]
+        moved = [k for k, o in w1.items() if o.requires_grad]
+        live = [k for k, gk in gl.items() if gk is not None]
+        pulled = torch.autograd.grad([w1[k] for k in moved], [gl[k] for k in live] + hl, [v[k] for k in moved],
+                                     allow_unused=True) if moved else [None] * (len(live) + len(hl))
+    u = {k: torch.zeros_like(w[k]) for k in w}
+    u.update({k: pk for k, pk in zip(live, pulled[: len(live)]) if pk is not None})
+    hg = [d if p is None else d + p for d, p in zip(direct, pulled[len(live):])]
     unorm = float(tree_norm(u))
     if unorm > 0 and math.isfinite(unorm):
         eps = radius / unorm
@@ -516,12 +490,12 @@ def finite_difference_hypergrad(
             set_rng(rng)                                   # the same dropout masks as the step itself
             with torch.enable_grad():
                 ws = {k: w[k] + sign * eps * u[k] for k in w}
-                return _grads_or_zeros(inner_loss(ws, h, *inner_args), hl)
+                return grads_or_zeros(inner_loss(ws, h, *inner_args), hl)
 
         plus, minus = dl_dh(1.0), dl_dh(-1.0)
         hg = [a + (p - m) / (2 * eps) for a, p, m in zip(hg, plus, minus)]
     out = dict(zip(h, hg))
     check_finite_tree(out, fn, "the hypergradient")
     info = UnrollInfo("finite_difference", 1, 1, float(lv.detach()), float(lt.detach()),
-                      float(tree_norm(g)), _detach_state(s1))
+                      float(tree_norm({k: gk for k, gk in gl.items() if gk is not None} or u)), detach_state(s1))
     return Hypergrad(out, info), tree_detach(w1)
