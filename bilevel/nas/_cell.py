@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._mixed import MixedOp
-from ._ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, batch_norm, check_dim, conv, make_op
+from ._ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, batch_norm, check_dim, conv_class, make_op
 
 __all__ = ["Cell", "Network", "edge_name"]
 
@@ -174,7 +174,7 @@ class Network(nn.Module):
             reductions = (layers // 3, 2 * layers // 3) if layers >= 3 else ()
         self.dim = dim
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(conv(dim)(in_channels, C_curr, stem_kernel, padding=stem_kernel // 2,
+        self.stem = nn.Sequential(conv_class(dim)(in_channels, C_curr, stem_kernel, padding=stem_kernel // 2,
                                               bias=False), batch_norm(dim)(C_curr))
         C_pp, C_p, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()

@@ -30,7 +30,7 @@ def check_dim(dim: int, fn: str) -> None:
         raise ValueError(f"{fn}: expected dim 1 (sequences, (N, C, L)) or 2 (images, (N, C, H, W)), got {dim!r}.")
 
 
-def conv(dim: int) -> type:
+def conv_class(dim: int) -> type:
     return nn.Conv1d if dim == 1 else nn.Conv2d
 
 
@@ -90,7 +90,7 @@ class ReLUConvBN(nn.Module):
                  affine: bool = True) -> None:
         super().__init__()
         self.op = nn.Sequential(nn.ReLU(inplace=False),
-                                conv(dim)(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
+                                conv_class(dim)(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
                                 batch_norm(dim)(C_out, affine=affine))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -112,7 +112,7 @@ class DilConv(nn.Module):
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int, *,
                  dim: int = 2, affine: bool = True) -> None:
         super().__init__()
-        conv = conv(dim)
+        conv = conv_class(dim)
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
             conv(C_in, C_in, kernel, stride=stride, padding=padding, dilation=dilation, groups=C_in, bias=False),
@@ -157,7 +157,7 @@ class FactorizedReduce(nn.Module):
         super().__init__()
         if C_out % 2:
             raise ValueError(f"bilevel.nas.FactorizedReduce: expected an even C_out, got {C_out}.")
-        conv = conv(dim)
+        conv = conv_class(dim)
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = conv(C_in, C_out // 2, 1, stride=2, bias=False)
         self.conv_2 = conv(C_in, C_out // 2, 1, stride=2, bias=False)
