@@ -224,12 +224,80 @@ def test_fused_cg_matches_dense_solve_and_torch_cg(dtype):
     assert info_f.converged and info_f.extra["backend"] == "triton"
     assert rel_err(xf, x_ref) < (1e-9 if dtype == torch.float64 else 1e-4)
     assert rel_err(xf, xt) < (1e-9 if dtype == torch.float64 else 1e-4)
-    assert info_f.matvecs == info_f.iterations <= 60
+    assert info_f.iterations == info_t.iterations <= info_f.matvecs <= info_f.iterations + 5
     # the minimum Rayleigh quotient lies in [λ_min, λ_max] of A
     assert 0.5 - 1e-6 <= info_f.extra["min_rayleigh_quotient"] <= 10.5
     # warm start from the solution: converged at once
     x0, info0 = bl.CG(maxiter=5, tol=1e-3, backend="triton").solve_flat(A, b, x0=xt)
     assert info0.iterations == 0 and info0.matvecs == 1
+
+
+def _cg_runs(A, b, backend, thresh=0.0):
+    """The textbook CG of bl.CG and its Chronopoulos–Gear form on ``backend``, side by side."""
+    from bilevel import solvers as S
+
+    eps = torch.finfo(b.dtype).eps
+    t = torch.tensor(thresh, dtype=b.dtype)
+    plain = S._HestenesStiefelCG(A, b, None, t, S._FLAT_EPS * eps, keep_best=False)
+    fused = S._ChronopoulosGearCG(A, b, None, t, S._FLAT_EPS * eps, backend)
+    return plain, fused
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chronopoulos_gear_iterates_equal_textbook_cg(backend, dtype):
+    """Every iterate of the fused form (Triton kernels, or their torch references) equals textbook
+    CG's to rounding, on the same SPD system; and both equal the dense solve at the end."""
+    A, M = _spd(1003, 12, dtype)
+    b = torch.randn(1003, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    plain, fused = _cg_runs(A, b, backend, thresh=float(rtol * b.norm()) ** 2)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    for k in range(1, 17):          # 13 distinct eigenvalues: converged, then frozen, by k = 16
+        plain.step()
+        fused.step()
+        assert rel_err(fused.x, plain.x) < tol, k
+        assert abs(float(fused.residual_sq()) - float(plain.residual_sq())) <= tol * float(b @ b) + 1e-30, k
+    ref = torch.linalg.solve(M.double(), b.double())
+    assert rel_err(fused.x, ref) < (1e-9 if dtype == torch.float64 else 1e-4)
+    out_p, out_f = plain.outcome(16), fused.outcome(16)
+    # float32 reaches the threshold at the rounding level, where the two forms may cross it one step apart
+    assert abs(out_f.steps - out_p.steps) <= (0 if dtype == torch.float64 else 1) and out_p.steps <= 14
+    assert out_f.status == out_p.status == 0
+    rq_tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert math.isclose(out_f.min_rq, out_p.min_rq, rel_tol=rq_tol)
+    if out_f.steps == out_p.steps:     # a step at the rounding level sees other Rayleigh quotients
+        assert math.isclose(out_f.scale, out_p.scale, rel_tol=rq_tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_chronopoulos_gear_solve_keeps_cg_behaviour(backend):
+    """Through bl.CG: convergence and warm start, negative curvature (raise / stop), a non-symmetric
+    operator, and a singular PSD operator solved to its rounding floor without a false alarm."""
+    A, M = _spd(301, 10, torch.float64)
+    b = torch.randn(301, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x, info = bl.CG(maxiter=60, tol=1e-10)._solve(A, b, None, backend)
+    assert info.converged and info.extra["backend"] == backend
+    x_t, info_t = bl.CG(maxiter=60, tol=1e-10)._solve(A, b, None, None)       # textbook CG
+    assert info.iterations == info_t.iterations and info.matvecs == info_t.matvecs <= info.iterations + 5
+    assert rel_err(x, torch.linalg.solve(M, b)) < 1e-9 and rel_err(x, x_t) < 1e-9
+    x0, info0 = bl.CG(maxiter=5, tol=1e-3)._solve(A, b, x, backend)
+    assert info0.iterations == 0 and info0.matvecs == 1
+    A_neg, _ = _spd(301, 10, torch.float64, shift=-1.0)
+    with pytest.raises(bl.DivergenceError, match="positive definite"):
+        bl.CG(maxiter=30)._solve(A_neg, b, None, backend)
+    x, info = bl.CG(maxiter=30, on_indefinite="stop")._solve(A_neg, b, None, backend)
+    assert info.extra["indefinite"] and not info.converged and torch.isfinite(x).all()
+    G = torch.randn(301, 301, generator=torch.Generator().manual_seed(5), dtype=torch.float64) / 301 ** 0.5
+    with pytest.raises(bl.DivergenceError, match="not symmetric"):
+        bl.CG(maxiter=30)._solve(lambda v: M @ v + (G - G.T) @ v, b, None, backend)
+    # singular PSD (A with a zero eigenvalue, b in its range), tol=0: stops at the rounding floor
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    ev = torch.cat([torch.zeros(3, dtype=torch.float64), torch.linspace(0.1, 1.0, 37, dtype=torch.float64)])
+    S = (Q * ev) @ Q.T
+    bs = S @ torch.randn(40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x, info = bl.CG(maxiter=80, tol=0.0)._solve(lambda v: S @ v, bs, None, backend)
+    assert info.converged and rel_err(x, torch.linalg.pinv(S, hermitian=True, rtol=1e-10) @ bs) < 1e-10
 
 
 @needs_triton
