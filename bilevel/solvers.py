@@ -110,7 +110,10 @@ def _use_triton(backend: str, b: Tensor, fn: str) -> bool:
 class Solver:
     """Base class: subclasses implement :meth:`solve_flat`.
 
-    ``damping`` turns every solve into ``(H + damping·I) x = b``.
+    ``damping`` turns every solve into ``(H + damping·I) x = b``. ``warm_startable`` (a class
+    attribute, ``False`` here) says whether :meth:`solve_flat` takes a starting point ``x0``;
+    :class:`CG` and :class:`Neumann` set it ``True``, and a subclass whose ``solve_flat`` takes
+    ``x0`` should too (implicit differentiation reads it to warm-start solves).
 
     Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
     returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
@@ -217,11 +220,14 @@ class _SymmetryProbe:
         self._first: Optional[tuple[Tensor, Tensor]] = None
         self.gap: Optional[Tensor] = None     # relative asymmetry, 0-dim on the device
 
-    def see(self, v: Tensor, Av: Tensor) -> None:
+    def see(self, v: Tensor, Av: Tensor, v_kept: Optional[Tensor] = None) -> None:
+        """Record ``(v, A v)``; on the second call compute :attr:`gap`. ``v_kept``: a tensor equal
+        to ``v`` that nobody modifies (saves a copy)."""
         if self.gap is not None:
             return
         if self._first is None:
-            self._first = (v.clone(), Av.clone())   # v is updated in place; matvec may reuse its output
+            # v is updated in place by CG; matvec may reuse its output buffer
+            self._first = (v.clone() if v_kept is None else v_kept, Av.clone())
             return
         u, Au = self._first
         self._first = None
@@ -270,8 +276,11 @@ class _HestenesStiefelCG:
         self.pp = self.rs
         scalar = lambda v, dt=b.dtype: torch.full((), v, dtype=dt, device=b.device)
         self.status, self.steps = scalar(_RUNNING, torch.long), scalar(0, torch.long)
+        self.negative_code, self.flat_code = scalar(_NEGATIVE, torch.long), scalar(_FLAT, torch.long)
+        self.tiny = torch.finfo(b.dtype).tiny
         self.min_rq, self.scale, self.zero = scalar(math.inf), scalar(0.0), scalar(0.0)
         self.probe = _SymmetryProbe()
+        self.b0 = b if x0 is None else None      # the first direction p equals b then
         # NOTE: with on_indefinite="stop" the operator may be indefinite, where CG's residual is not
         # monotone and iterates before the detected negative curvature can be poor: keep the
         # iterate of smallest residual (never worse than the start).
@@ -284,16 +293,21 @@ class _HestenesStiefelCG:
         p, r, x = self.p, self.r, self.x
         Ap = self.A(p)
         self.matvecs += 1
-        self.probe.see(p, Ap)
+        self.probe.see(p, Ap, self.b0)
         pAp = torch.dot(p, Ap)
-        rq = pAp / torch.where(self.pp > 0, self.pp, 1.0)    # the curvature along p, on H's eigenvalue scale
+        # the curvature along p (Rayleigh quotient), on the scale of H's eigenvalues
+        rq = pAp / self.pp.clamp_min(self.tiny)
+        # every Rayleigh quotient of a symmetric A is at most ‖A‖, so scale needs no mask (fmax skips NaN)
+        self.scale = torch.fmax(self.scale, rq.abs())
+        rq = torch.nan_to_num(rq, nan=-math.inf)
+        tol = self.flat_tol * self.scale
+        negative = rq < -tol                                    # NaN too (now −inf)
+        flat = rq.abs() <= tol
         active = (self.status == _RUNNING) & (self.rs > self.thresh)
-        self.scale = torch.where(active & ~rq.isnan(), torch.maximum(self.scale, rq.abs()), self.scale)
-        negative = ~(rq >= -self.flat_tol * self.scale)         # NaN too
-        flat = rq.abs() <= self.flat_tol * self.scale
-        self.status = torch.where(active & negative, _NEGATIVE, torch.where(active & flat, _FLAT, self.status))
-        self.min_rq = torch.where(active, torch.minimum(self.min_rq, torch.nan_to_num(rq, nan=-math.inf)), self.min_rq)
-        ok = active & ~negative & ~flat
+        self.status = torch.where(active, torch.where(negative, self.negative_code,
+                                                      torch.where(flat, self.flat_code, self.status)), self.status)
+        self.min_rq = torch.where(active, torch.minimum(self.min_rq, rq), self.min_rq)
+        ok = active & ~(negative | flat)
         alpha = torch.where(ok, self.rs / torch.where(ok, pAp, 1.0), self.zero)
         # NOTE: fused in-place updates (one kernel each, no temporaries). A frozen solve has
         # alpha = 0, so x and r stay put; p is then never used again, so it needs no mask.
@@ -333,6 +347,7 @@ class _ChronopoulosGearCG:
         self.gamma_parts = partial_dot(self.r, self.r, backend=backend)
         self.state: Optional[Tensor] = None
         self.probe = _SymmetryProbe()
+        self.b0 = b if x0 is None else None      # the first residual r equals b then
         self._status = CG_STATE_FIELDS.index("status")
 
     def residual_sq(self) -> Tensor:
@@ -347,7 +362,7 @@ class _ChronopoulosGearCG:
     def step(self) -> None:
         w = self.A(self.r)
         self.matvecs += 1
-        self.probe.see(self.r, w)
+        self.probe.see(self.r, w, self.b0)
         self.gamma_parts, self.state = cg_update(
             self.x, self.r, self.p, self.s, w, self.gamma_parts, partial_dot(w, self.r, backend=self.backend),
             self.state, thresh=self.thresh, flat_tol=self.flat_tol, backend=self.backend)

@@ -152,7 +152,7 @@ def cg_update_kernel(x, r, p, s, w, gin, gout, dpart, sin, sout, N, thresh, flat
     rq = kappa / tl.where(pnorm2 > 0, pnorm2, 1.0)
     active = (status == 0) & (gamma > thresh)
     rq_abs = tl.abs(rq)
-    scale = tl.where(active & (rq == rq), tl.where(rq_abs > scale_prev, rq_abs, scale_prev), scale_prev)
+    scale = tl.where(rq_abs > scale_prev, rq_abs, scale_prev)   # NaN keeps scale_prev (fmax)
     negative = ~(rq >= -flat_tol * scale)                 # NaN too
     flat = rq_abs <= flat_tol * scale
     ok = active & ~negative & ~flat

@@ -190,7 +190,7 @@ def cg_update_reference(x: Tensor, r: Tensor, p: Tensor, s: Tensor, w: Tensor, g
     pnorm2 = gamma + beta * beta * pnorm2_prev
     rq = kappa / torch.where(pnorm2 > 0, pnorm2, 1.0)
     active = (status == 0) & (gamma > thresh)
-    scale = torch.where(active & ~torch.isnan(rq), torch.maximum(scale_prev, rq.abs()), scale_prev)
+    scale = torch.fmax(scale_prev, rq.abs())       # any Rayleigh quotient is at most ‖A‖; NaN skipped
     negative = ~(rq >= -flat_tol * scale)                  # NaN too
     flat = rq.abs() <= flat_tol * scale
     ok = active & ~negative & ~flat
