@@ -47,6 +47,23 @@ def test_backend_resolution_and_errors(monkeypatch):
         bl.CG(backend="gpu")
 
 
+def test_importing_bilevel_does_not_import_triton():
+    """The modules import bilevel.kernels at the top; triton itself loads at the first Triton launch."""
+    import subprocess
+    import sys
+
+    code = "import bilevel, sys; print('triton' in sys.modules, 'bilevel.kernels' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+
+
+def test_kernels_hold_no_solver_loop():
+    """Solver loops live in bilevel.solvers (DESIGN.md §2): kernels export update steps only."""
+    assert not any("FusedCG" in n for n in K.__all__)
+    assert {"cg_update", "cg_update_reference", "partial_dot", "partial_dot_reference"} <= set(K.__all__)
+
+
 def test_backend_without_triton_falls_back(monkeypatch):
     monkeypatch.setattr("bilevel.kernels._backend.triton_available", lambda: False)
     X, w, v = torch.randn(6, 3), torch.randn(3), torch.randn(3)
