@@ -372,7 +372,7 @@ class _ChronopoulosGearCG:
         rs = self.residual_sq()
         gap = self.probe.gap if self.probe.gap is not None else torch.full((), math.nan, device=rs.device)
         if self.state is None:
-            st = dict(zip(CG_STATE_FIELDS, [0.0, 0.0, 1.0, 0.0, math.inf, 0.0, 0.0, 0.0]))
+            st = {"status": _RUNNING, "steps": 0, "min_rayleigh_quotient": math.inf, "scale": 0.0}
             rs_h, asym = float(rs), math.nan
         else:
             vals = torch.cat([self.state, rs.reshape(1), gap.to(self.state.dtype).reshape(1)]).tolist()

@@ -121,7 +121,7 @@ def partial_dot_kernel(a, b, part, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def cg_update_kernel(x, r, p, s, w, gin, gout, dpart, sin, sout, N, thresh, flat_tol, BLOCK: tl.constexpr,
+def cg_update_kernel(x, r, p, s, w, gin, gout, dpart, sin, sout, N, BLOCK: tl.constexpr,
                      G_BLOCK: tl.constexpr, ACC: tl.constexpr):
     """One fused Chronopoulos–Gear CG iteration, with no host sync (``cg_update_reference`` in torch).
 
@@ -146,6 +146,8 @@ def cg_update_kernel(x, r, p, s, w, gin, gout, dpart, sin, sout, N, thresh, flat
     status = tl.load(sin + 3)
     pnorm2_prev = tl.load(sin + 5)
     scale_prev = tl.load(sin + 6)
+    thresh = tl.load(sin + 8)
+    flat_tol = tl.load(sin + 9)
     beta = tl.where(first, 0.0, gamma / tl.where(gamma_prev > 0, gamma_prev, 1.0))
     kappa = tl.where(first, delta, delta - beta * gamma / tl.where(alpha_prev != 0, alpha_prev, 1.0))
     pnorm2 = gamma + beta * beta * pnorm2_prev            # ‖p‖² = ‖r‖² + β²‖p_prev‖² (r ⊥ p_prev)
@@ -185,6 +187,8 @@ def cg_update_kernel(x, r, p, s, w, gin, gout, dpart, sin, sout, N, thresh, flat
         tl.store(sout + 5, tl.where(ok, pnorm2, pnorm2_prev))
         tl.store(sout + 6, scale)
         tl.store(sout + 7, tl.load(sin + 7) + tl.where(ok, 1.0, 0.0))
+        tl.store(sout + 8, thresh)
+        tl.store(sout + 9, flat_tol)
 
 
 @triton.jit

@@ -141,13 +141,16 @@ def partial_dot(a: Tensor, b: Tensor, *, backend: str = "auto") -> Tensor:
 #: first step), ``status`` (0 running, 1 negative curvature or NaN, 2 curvature zero to rounding:
 #: breakdown; the iteration that sets it takes no step and all later ones are no-ops),
 #: ``min_rayleigh_quotient`` (smallest ``pᵀAp/pᵀp`` seen), ``pnorm2`` (``‖p‖²``), ``scale``
-#: (largest ``|pᵀAp|/pᵀp`` seen) and ``steps`` (steps taken).
-CG_STATE_FIELDS = ("gamma", "alpha", "first", "status", "min_rayleigh_quotient", "pnorm2", "scale", "steps")
+#: (largest ``|pᵀAp|/pᵀp`` seen), ``steps`` (steps taken), and the constants ``thresh`` and
+#: ``flat_tol`` of the first call (kept here in the vectors' precision: a float64 threshold such as
+#: 1e-42 would underflow as a float32 kernel argument).
+CG_STATE_FIELDS = ("gamma", "alpha", "first", "status", "min_rayleigh_quotient", "pnorm2", "scale", "steps",
+                   "thresh", "flat_tol")
 
 
-def _initial_state(like: Tensor) -> Tensor:
-    return torch.tensor([0.0, 0.0, 1.0, 0.0, math.inf, 0.0, 0.0, 0.0], dtype=_reduction_dtype(like.dtype),
-                        device=like.device)
+def _initial_state(like: Tensor, thresh: float, flat_tol: float) -> Tensor:
+    return torch.tensor([0.0, 0.0, 1.0, 0.0, math.inf, 0.0, 0.0, 0.0, thresh, flat_tol],
+                        dtype=_reduction_dtype(like.dtype), device=like.device)
 
 
 def cg_update_reference(x: Tensor, r: Tensor, p: Tensor, s: Tensor, w: Tensor, gamma_parts: Tensor,
@@ -180,19 +183,19 @@ def cg_update_reference(x: Tensor, r: Tensor, p: Tensor, s: Tensor, w: Tensor, g
         >>> x
         tensor([0.5000, 0.2500])
     """
-    state = _initial_state(r) if state is None else state
+    state = _initial_state(r, thresh, flat_tol) if state is None else state
     gamma, delta = gamma_parts.sum(), delta_parts.sum()
-    gamma_prev, alpha_prev, first, status, min_rq, pnorm2_prev, scale_prev, steps = state.unbind()
+    gamma_prev, alpha_prev, first, status, min_rq, pnorm2_prev, scale_prev, steps, thresh_t, flat_tol_t = state.unbind()
     first_b = first > 0
     zero = torch.zeros_like(gamma)
     beta = torch.where(first_b, zero, gamma / torch.where(gamma_prev > 0, gamma_prev, 1.0))
     kappa = torch.where(first_b, delta, delta - beta * gamma / torch.where(alpha_prev != 0, alpha_prev, 1.0))
     pnorm2 = gamma + beta * beta * pnorm2_prev
     rq = kappa / torch.where(pnorm2 > 0, pnorm2, 1.0)
-    active = (status == 0) & (gamma > thresh)
+    active = (status == 0) & (gamma > thresh_t)
     scale = torch.fmax(scale_prev, rq.abs())       # any Rayleigh quotient is at most ‖A‖; NaN skipped
-    negative = ~(rq >= -flat_tol * scale)                  # NaN too
-    flat = rq.abs() <= flat_tol * scale
+    negative = ~(rq >= -flat_tol_t * scale)                # NaN too
+    flat = rq.abs() <= flat_tol_t * scale
     ok = active & ~negative & ~flat
     alpha = torch.where(ok, gamma / torch.where(ok, kappa, 1.0), zero)
     beta = torch.where(ok, beta, zero)
@@ -206,7 +209,7 @@ def cg_update_reference(x: Tensor, r: Tensor, p: Tensor, s: Tensor, w: Tensor, g
     new_state = torch.stack([
         torch.where(ok, gamma, gamma_prev), torch.where(ok, alpha, alpha_prev), torch.where(ok, zero, first),
         new_status, torch.where(active, torch.minimum(min_rq, rq_seen), min_rq), torch.where(ok, pnorm2, pnorm2_prev),
-        scale, steps + ok.to(steps.dtype)])
+        scale, steps + ok.to(steps.dtype), thresh_t, flat_tol_t])
     return partial_dot_reference(r, r), new_state
 
 
@@ -223,6 +226,7 @@ def cg_update(x: Tensor, r: Tensor, p: Tensor, s: Tensor, w: Tensor, gamma_parts
         w: ``(N,)`` the product ``A r``. gamma_parts, delta_parts: ``(G,)`` partials of ``<r, r>``
             and ``<w, r>`` (:func:`partial_dot`). state: the previous call's state, ``None`` at first.
         thresh: no step once ``<r, r> ≤ thresh``. flat_tol: relative width of "zero curvature".
+            Both are read on the first call (``state=None``) and carried in the state after it.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``.
 
     Returns:
@@ -250,9 +254,9 @@ def cg_update(x: Tensor, r: Tensor, p: Tensor, s: Tensor, w: Tensor, gamma_parts
                          f"(one per program, as partial_dot(backend='triton') returns), got "
                          f"{gamma_parts.numel()} and {delta_parts.numel()}. Fix: compute both with partial_dot "
                          f"on the same backend.")
-    state = _initial_state(r) if state is None else state
+    state = _initial_state(r, thresh, flat_tol) if state is None else state
     gout = torch.empty_like(gamma_parts)
     sout = torch.empty_like(state)
-    _tl.cg_update_kernel[(g,)](x, r, p, s, w, gamma_parts, gout, delta_parts, state, sout, n, thresh, flat_tol,
+    _tl.cg_update_kernel[(g,)](x, r, p, s, w, gamma_parts, gout, delta_parts, state, sout, n,
                                BLOCK=BLOCK, G_BLOCK=max(16, triton.next_power_of_2(g)), ACC=_acc(x.dtype))
     return gout, sout

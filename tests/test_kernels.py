@@ -301,6 +301,9 @@ def test_chronopoulos_gear_solve_keeps_cg_behaviour(backend):
     x_t, info_t = bl.CG(maxiter=60, tol=1e-10)._solve(A, b, None, None)       # textbook CG
     assert info.iterations == info_t.iterations and info.matvecs == info_t.matvecs <= info.iterations + 5
     assert rel_err(x, torch.linalg.solve(M, b)) < 1e-9 and rel_err(x, x_t) < 1e-9
+    # a tiny right-hand side: thresholds like 1e-60 travel in the state (float64), not as float32 arguments
+    x_s, info_s = bl.CG(maxiter=60, tol=1e-10)._solve(A, 1e-30 * b, None, backend)
+    assert info_s.iterations == info_t.iterations and rel_err(x_s, 1e-30 * x_t) < 1e-9
     x0, info0 = bl.CG(maxiter=5, tol=1e-3)._solve(A, b, x, backend)
     assert info0.iterations == 0 and info0.matvecs == 1
     A_neg, _ = _spd(301, 10, torch.float64, shift=-1.0)

@@ -58,6 +58,9 @@ def test_gpu_cg_auto_uses_fused_path():
     # the fused Chronopoulos–Gear loop against textbook CG on the same system
     x_t, info_t = bl.CG(maxiter=100, tol=1e-12, backend="torch").solve_flat(lambda z: d * z, b)
     assert rel_err(x, x_t) < 1e-10 and info.iterations == info_t.iterations
+    # thresholds far below float32's range (here ~1e-60) must still freeze converged solves on the device
+    x_s, info_s = bl.CG(maxiter=100, tol=1e-12).solve_flat(lambda z: d * z, 1e-30 * b)
+    assert info_s.iterations == info_t.iterations and rel_err(x_s, 1e-30 * x_t) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
