@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._errors import ShapeError
+from .kernels import decay_mixed
 
 __all__ = [
     "positive",
@@ -160,8 +161,6 @@ class WeightDecay:
 
         For ``kind="exp"`` this is ``e^raw ⊙ w ⊙ u`` (DESIGN.md §3), one pass, no autograd.
         """
-        from .kernels import decay_mixed
-
         out: dict[str, Tensor] = {}
         for name, key in self.keys.items():
             raw = hparams[key]

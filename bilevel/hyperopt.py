@@ -61,7 +61,7 @@ class HyperStepStats:
         >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
         >>> stats = hopt.hyper_step(batch, batch)
         >>> stats.skipped, stats.solver_iterations, sorted(stats.as_dict())[:3]
-        (False, 5, ['error', 'hypergrad_norm', 'inner_grad_norm'])
+        (False, 4, ['error', 'hypergrad_norm', 'inner_grad_norm'])
     """
 
     hypergrad_norm: float = math.nan

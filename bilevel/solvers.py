@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._errors import DivergenceError, NonFiniteError, ShapeError, all_finite, check_tree
 from ._tree import Flat, Tree
+from .kernels import CG_STATE_FIELDS, cg_update, neumann_step, partial_dot, resolve_backend
 
 __all__ = ["Solver", "SolverInfo", "Solution", "CG", "Neumann", "Nystrom", "Identity", "Exact"]
 
@@ -103,15 +104,16 @@ def _use_triton(backend: str, b: Tensor, fn: str) -> bool:
     """Whether a solver runs its fused Triton updates on ``b`` (``"auto"``: CUDA vectors only)."""
     if backend == "torch" or (backend == "auto" and not b.is_cuda):
         return False
-    from .kernels import resolve_backend
-
     return resolve_backend(backend, b, name=fn) == "triton"
 
 
 class Solver:
     """Base class: subclasses implement :meth:`solve_flat`.
 
-    ``damping`` turns every solve into ``(H + damping·I) x = b``.
+    ``damping`` turns every solve into ``(H + damping·I) x = b``. ``warm_startable`` (a class
+    attribute, ``False`` here) says whether :meth:`solve_flat` takes a starting point ``x0``;
+    :class:`CG` and :class:`Neumann` set it ``True``, and a subclass whose ``solve_flat`` takes
+    ``x0`` should too (implicit differentiation reads it to warm-start solves).
 
     Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
     returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
@@ -126,7 +128,8 @@ class Solver:
     """
 
     damping: float = 0.0
-    #: whether :meth:`solve_flat` takes a starting point ``x0`` (warm starts across hyper steps)
+    #: Whether :meth:`solve_flat` takes a starting point ``x0`` (a warm start, e.g. the previous
+    #: hyper step's solution). ``True`` on :class:`CG` and :class:`Neumann`.
     warm_startable: ClassVar[bool] = False
 
     @property
@@ -177,28 +180,269 @@ class Solver:
         return float(torch.linalg.vector_norm(A(x) - b))
 
 
+# -- conjugate gradients -----------------------------------------------------------------------------
+# NOTE: rounding-aware curvature tests. The Rayleigh quotient ρ = pᵀAp/pᵀp of an SPD operator lies
+# in [λ_min, λ_max]; computed in floating point it carries an error of a few eps·‖A‖. On a singular
+# positive semi-definite operator (softmax logits are invariant to a shared shift), CG drives the
+# residual down to rounding, and the rounding left in p then lies partly in the null space, where ρ
+# is 0 ± rounding: −5e-18 in float64, −1e-9 in float32 on a 20-parameter softmax regression. A test
+# `ρ ≤ 0` calls that negative curvature, and a tiny positive ρ gives a step α = ‖r‖²/pᵀAp that
+# throws x far along the null space (errors of 300–1100 % there). Two tests fix it:
+# - the residual test never asks for less than ‖r‖ ≤ _FLOOR_EPS·eps·‖b‖: below that the range part
+#   of r is gone and what is left is rounding in the null space, which no step can reduce (this
+#   alone stops the softmax solves at 16 steps with x equal to the pseudo-inverse solution);
+# - curvature is judged against `scale`, the largest |ρ| seen so far (a lower bound of ‖A‖):
+#   ρ < −_FLAT_EPS·eps·scale is negative curvature, |ρ| ≤ _FLAT_EPS·eps·scale is zero to rounding
+#   (no step is taken). Zero curvature with the residual under _FLOOR_EPS·eps·(‖b‖ + scale·‖x‖)
+#   is the breakdown of a converged solve and returns x as converged; anywhere else (e.g. b with a
+#   component in the null space) it is a failure like negative curvature.
+_FLAT_EPS = 64.0
+_FLOOR_EPS = 8.0
+_RUNNING, _NEGATIVE, _FLAT = 0, 1, 2     # the status codes of bilevel.kernels.CG_STATE_FIELDS
+
+
+def _symmetry_tol(dtype: torch.dtype) -> float:
+    """Largest relative asymmetry ``|uᵀAv − vᵀAu| / (‖u‖‖Av‖ + ‖v‖‖Au‖)`` taken as rounding."""
+    # NOTE: √eps (1.5e-8 in float64, 3.5e-4 in float32). Measured in float32 on random vectors:
+    # double-backward HVPs are symmetric to 1e-8 relative on softmax regression and 4e-9 on a
+    # tanh MLP (22k weights), so rounding is far below; a non-symmetric operator (a fixed-point
+    # Jacobian, SPD plus a comparable antisymmetric part) is off by O(0.1–1). Between the two,
+    # CG's error grows only like asymmetry·κ, which is not what this check exists for.
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+class _SymmetryProbe:
+    """Compares ``uᵀ(A v)`` with ``vᵀ(A u)`` on the first two vectors whose products CG takes anyway.
+
+    Free of extra products: at most two copies and four dot products (with norms) once per solve.
+    """
+
+    def __init__(self) -> None:
+        self._first: Optional[tuple[Tensor, Tensor]] = None
+        self.gap: Optional[Tensor] = None     # relative asymmetry, 0-dim on the device
+
+    def see(self, v: Tensor, Av: Tensor, v_kept: Optional[Tensor] = None) -> None:
+        """Record ``(v, A v)``; on the second call compute :attr:`gap`. ``v_kept``: a tensor equal
+        to ``v`` that nobody modifies (saves a copy)."""
+        if self.gap is not None:
+            return
+        if self._first is None:
+            # v is updated in place by CG; matvec may reuse its output buffer
+            self._first = (v.clone() if v_kept is None else v_kept, Av.clone())
+            return
+        u, Au = self._first
+        self._first = None
+        num = (torch.dot(v, Au) - torch.dot(u, Av)).abs()
+        nrm = torch.linalg.vector_norm
+        den = nrm(u) * nrm(Av) + nrm(v) * nrm(Au)
+        self.gap = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+@dataclass
+class _CGOutcome:
+    """What one CG run found, read on the host once at the end."""
+
+    x: Tensor
+    rs: float                 # ‖r‖² of x (recursive residual)
+    steps: int                # steps taken: the iteration at which the residual test passed, if it did
+    loop_iterations: int
+    matvecs: int
+    status: int               # _RUNNING, _NEGATIVE or _FLAT
+    min_rq: float
+    scale: float
+    asymmetry: float          # nan when not probed (fewer than 2 iterations)
+
+
+def _cg_start(A: FlatMatvec, b: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """``(x, r, matvecs)`` at the start of a CG solve: from 0, or from ``x0`` (one product)."""
+    if x0 is None:
+        return torch.zeros_like(b), b.clone(), 0
+    x = x0.clone()
+    return x, b - A(x), 1
+
+
+class _HestenesStiefelCG:
+    """Textbook CG (``x += αp; r −= αAp; p = r + βp``) with device-side masks and no host sync.
+
+    ``keep_best``: also keep the iterate of smallest residual (for ``on_indefinite="stop"``).
+    """
+
+    def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: Tensor, flat_tol: float,
+                 keep_best: bool) -> None:
+        self.A, self.thresh, self.flat_tol = A, thresh, flat_tol
+        self.x, self.r, self.matvecs = _cg_start(A, b, x0)
+        self.p = self.r.clone()
+        self.rs = torch.dot(self.r, self.r)
+        # ‖p‖² by the recurrence ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖² (r_{k+1} ⊥ p_k): saves a pass per iteration.
+        self.pp = self.rs
+        scalar = lambda v, dt=b.dtype: torch.full((), v, dtype=dt, device=b.device)
+        self.status, self.steps = scalar(_RUNNING, torch.long), scalar(0, torch.long)
+        self.negative_code, self.flat_code = scalar(_NEGATIVE, torch.long), scalar(_FLAT, torch.long)
+        self.tiny = torch.finfo(b.dtype).tiny
+        self.min_rq, self.scale, self.zero = scalar(math.inf), scalar(0.0), scalar(0.0)
+        self.probe = _SymmetryProbe()
+        self.b0 = b if x0 is None else None      # the first direction p equals b then
+        # NOTE: with on_indefinite="stop" the operator may be indefinite, where CG's residual is not
+        # monotone and iterates before the detected negative curvature can be poor: keep the
+        # iterate of smallest residual (never worse than the start).
+        self.best = (self.x.clone(), self.rs) if keep_best else None
+
+    def residual_sq(self) -> Tensor:
+        return self.rs
+
+    def step(self) -> None:
+        p, r, x = self.p, self.r, self.x
+        Ap = self.A(p)
+        self.matvecs += 1
+        self.probe.see(p, Ap, self.b0)
+        pAp = torch.dot(p, Ap)
+        # the curvature along p (Rayleigh quotient), on the scale of H's eigenvalues
+        rq = pAp / self.pp.clamp_min(self.tiny)
+        # every Rayleigh quotient of a symmetric A is at most ‖A‖, so scale needs no mask (fmax skips NaN)
+        self.scale = torch.fmax(self.scale, rq.abs())
+        rq = torch.nan_to_num(rq, nan=-math.inf)
+        tol = self.flat_tol * self.scale
+        negative = rq < -tol                                    # NaN too (now −inf)
+        flat = rq.abs() <= tol
+        active = (self.status == _RUNNING) & (self.rs > self.thresh)
+        self.status = torch.where(active, torch.where(negative, self.negative_code,
+                                                      torch.where(flat, self.flat_code, self.status)), self.status)
+        self.min_rq = torch.where(active, torch.minimum(self.min_rq, rq), self.min_rq)
+        ok = active & ~(negative | flat)
+        alpha = torch.where(ok, self.rs / torch.where(ok, pAp, 1.0), self.zero)
+        # NOTE: fused in-place updates (one kernel each, no temporaries). A frozen solve has
+        # alpha = 0, so x and r stay put; p is then never used again, so it needs no mask.
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, Ap, value=-1.0)
+        rs_new = torch.where(ok, torch.dot(r, r), self.rs)
+        beta = torch.where(ok, rs_new / torch.where(self.rs > 0, self.rs, 1.0), self.zero)
+        torch.addcmul(r, beta, p, out=p)   # in place: no 4-byte-per-weight allocation per iteration
+        self.pp = rs_new + beta * beta * self.pp
+        self.rs = rs_new
+        self.steps = self.steps + ok
+        if self.best is not None:
+            better = rs_new < self.best[1]
+            self.best = (torch.where(better, x, self.best[0]), torch.where(better, rs_new, self.best[1]))
+
+    def outcome(self, loop_iterations: int) -> _CGOutcome:
+        x, rs = self.best if self.best is not None else (self.x, self.rs)
+        gap = self.probe.gap if self.probe.gap is not None else torch.full_like(rs, math.nan)
+        rs_h, status, steps, min_rq, scale, asym = torch.stack(
+            [rs, self.status.to(rs.dtype), self.steps.to(rs.dtype), self.min_rq, self.scale, gap]).tolist()
+        return _CGOutcome(x, rs_h, int(steps), loop_iterations, self.matvecs, int(status), min_rq, scale, asym)
+
+
+class _ChronopoulosGearCG:
+    """CG in the Chronopoulos–Gear form: product ``w = A r``, both reductions in one fused update.
+
+    The same iterates as :class:`_HestenesStiefelCG` in exact arithmetic; each iteration is one
+    product, :func:`bilevel.kernels.partial_dot` and :func:`bilevel.kernels.cg_update` (Triton,
+    or their torch references with ``backend="torch"``), and every scalar stays on the device.
+    """
+
+    def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: Tensor, flat_tol: float,
+                 backend: str) -> None:
+        self.A, self.thresh, self.flat_tol, self.backend = A, float(thresh), flat_tol, backend
+        self.x, self.r, self.matvecs = _cg_start(A, b, x0)
+        self.p, self.s = torch.zeros_like(b), torch.zeros_like(b)
+        self.gamma_parts = partial_dot(self.r, self.r, backend=backend)
+        self.state: Optional[Tensor] = None
+        self.probe = _SymmetryProbe()
+        self.b0 = b if x0 is None else None      # the first residual r equals b then
+        self._status = CG_STATE_FIELDS.index("status")
+
+    def residual_sq(self) -> Tensor:
+        return self.gamma_parts.sum()
+
+    @property
+    def status(self) -> Tensor:
+        if self.state is None:
+            return torch.zeros((), dtype=self.gamma_parts.dtype, device=self.gamma_parts.device)
+        return self.state[self._status]
+
+    def step(self) -> None:
+        w = self.A(self.r)
+        self.matvecs += 1
+        self.probe.see(self.r, w, self.b0)
+        self.gamma_parts, self.state = cg_update(
+            self.x, self.r, self.p, self.s, w, self.gamma_parts, partial_dot(w, self.r, backend=self.backend),
+            self.state, thresh=self.thresh, flat_tol=self.flat_tol, backend=self.backend)
+
+    def outcome(self, loop_iterations: int) -> _CGOutcome:
+        rs = self.residual_sq()
+        gap = self.probe.gap if self.probe.gap is not None else torch.full((), math.nan, device=rs.device)
+        if self.state is None:
+            st = {"status": _RUNNING, "steps": 0, "min_rayleigh_quotient": math.inf, "scale": 0.0}
+            rs_h, asym = float(rs), math.nan
+        else:
+            vals = torch.cat([self.state, rs.reshape(1), gap.to(self.state.dtype).reshape(1)]).tolist()
+            st = dict(zip(CG_STATE_FIELDS, vals))
+            rs_h, asym = vals[-2], vals[-1]
+        return _CGOutcome(self.x, rs_h, int(st["steps"]), loop_iterations, self.matvecs, int(st["status"]),
+                          st["min_rayleigh_quotient"], st["scale"], asym)
+
+
+def _iterate_cg(run: Union[_HestenesStiefelCG, _ChronopoulosGearCG], maxiter: int, check_every: int,
+                thresh: Tensor, sym_tol: float) -> int:
+    """The CG loop: steps until the residual test, a curvature stop or an asymmetric operator is seen.
+
+    The state is read on the host only every ``check_every`` iterations (one sync); iterations
+    after a stop are no-ops on the device. Returns the number of loop iterations run.
+    """
+    it = 0
+    if bool(run.residual_sq() <= thresh):
+        return it
+    while it < maxiter:
+        run.step()
+        it += 1
+        if it % check_every == 0 or it == maxiter:
+            stop = (run.residual_sq() <= thresh) | (run.status != _RUNNING)
+            if run.probe.gap is not None:
+                stop = stop | (run.probe.gap > sym_tol)
+            if bool(stop):
+                break
+    return it
+
+
 @dataclass(frozen=True)
 class CG(Solver):
-    """Conjugate gradient on ``(H + damping·I) x = b``; ``H`` must be symmetric positive definite.
+    """Conjugate gradient on ``(H + damping·I) x = b``; ``H`` must be symmetric positive (semi-)definite.
 
     Error shrinks like ``((√κ−1)/(√κ+1))^k``. The accurate default.
 
     Args:
         maxiter: at most this many iterations (= Hessian-vector products).
-        tol: stop when ``‖r‖ ≤ tol·‖b‖ + atol`` (relative residual).
+        tol: stop when ``‖r‖ ≤ max(tol·‖b‖ + atol, 8·eps·‖b‖)`` (relative residual; the second
+            term is the rounding floor, below which steps only amplify rounding). ``tol=0`` runs
+            the whole budget (benchmarks use it) unless the residual reaches that floor.
         damping: added to the diagonal; makes an indefinite or singular ``H`` solvable.
         atol: absolute residual tolerance.
         check_every: test convergence on the host every this many iterations.
-        on_indefinite: ``"raise"`` (default): a direction with ``pᵀAp ≤ 0`` or NaN
+        on_indefinite: ``"raise"`` (default): a direction of negative curvature or NaN
             raises :class:`DivergenceError`; ``"stop"``: stop there (Steihaug truncation) and
             return the iterate of smallest residual so far (never worse than ``x0``), with
             ``info.converged = False`` and ``info.extra["indefinite"] = True``.
-        x0: ignored unless given to :meth:`solve_flat` (warm start).
         backend: ``"auto"`` (fused Triton updates for CUDA vectors when Triton is installed,
             torch otherwise), ``"torch"``, or ``"triton"`` (see :mod:`bilevel.kernels`). The
             fused path runs the Chronopoulos–Gear form of CG (the same iterates in exact
             arithmetic) with every reduction on the device; ``on_indefinite="stop"`` there
             returns the iterate from before the direction of non-positive curvature.
+
+    Curvature is judged relative to the operator's scale and to rounding: with ``ρ = pᵀAp/pᵀp``
+    and ``scale`` the largest ``|ρ|`` seen so far, ``ρ < −64·eps·scale`` (or NaN) is negative
+    curvature; ``|ρ| ≤ 64·eps·scale`` is zero curvature, where CG cannot step. Zero curvature
+    once the residual is at rounding level (the usual end of a solve on a singular positive
+    semi-definite ``H``, e.g. softmax regression) returns that iterate with ``converged=True``;
+    anywhere else it counts as negative curvature. ``info.extra`` holds
+    ``min_rayleigh_quotient`` and ``indefinite``.
+
+    The operator must be symmetric: on the second iteration CG compares ``uᵀ(Av)`` with
+    ``vᵀ(Au)`` for the two vectors whose products it already has (no extra product) and raises
+    :class:`DivergenceError` when they differ by more than ``√eps`` relative, which rounding of a
+    Hessian-vector product never reaches. For a non-symmetric system use a solver for
+    non-symmetric systems, or symmetrize the operator; :class:`Exact` solves any non-singular one.
+
+    ``solve_flat(matvec, b, x0)`` takes a warm start ``x0`` (``warm_startable = True``).
 
     Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
     returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
@@ -212,6 +456,7 @@ class CG(Solver):
     """
 
     warm_startable: ClassVar[bool] = True
+
     maxiter: int = 100
     tol: float = 1e-10
     damping: float = 0.0
@@ -240,98 +485,59 @@ class CG(Solver):
             f"use on_indefinite='stop', or solve the inner problem further."
         )
 
-    def _solve_fused(self, A: FlatMatvec, b: Tensor, bnorm: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, SolverInfo]:
-        from .kernels import FusedCG
-
-        thresh = float((self.tol * bnorm + self.atol) ** 2)
-        res = FusedCG(self.maxiter, thresh, self.check_every).solve(A, b, x0)
-        if res.indefinite and self.on_indefinite == "raise":
-            raise self._indefinite_error(res.min_rayleigh_quotient, res.iterations)
-        rnorm = math.sqrt(res.residual_sq) if math.isfinite(res.residual_sq) else math.nan
-        if not math.isfinite(rnorm) or not all_finite(res.x):
-            raise DivergenceError(f"bilevel.CG: the iterate became non-finite after {res.iterations} iterations. "
-                                  f"Fix: check matvec for NaN/Inf, or add damping.")
-        return res.x, SolverInfo("CG", res.iterations, res.matvecs, rnorm, float(bnorm), res.converged,
-                                 {"min_rayleigh_quotient": res.min_rayleigh_quotient, "indefinite": res.indefinite,
-                                  "backend": "triton"})
+    def _asymmetric_error(self, gap: float, tol: float) -> DivergenceError:
+        return DivergenceError(
+            f"bilevel.CG: expected a symmetric operator (H + damping·I), but the operator is not symmetric: "
+            f"uᵀ(Av) and vᵀ(Au) differ by {gap:.3e} relative to ‖u‖‖Av‖ + ‖v‖‖Au‖ (rounding stays below "
+            f"{tol:.1e}). CG needs a symmetric positive definite operator, e.g. a Hessian; the Jacobian of a "
+            f"root or fixed-point map is not symmetric. Fix: use a solver for non-symmetric systems, or "
+            f"symmetrize the operator; bl.Exact() solves any non-singular system densely."
+        )
 
     def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
+        """As :meth:`Solver.solve_flat`; ``x0`` (shape ``(P,)``) is the starting point (one more product)."""
+        fused = "triton" if _use_triton(self.backend, b, "bilevel.CG") else None
+        return self._solve(matvec, b, x0, fused)
+
+    def _solve(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str]
+               ) -> tuple[Tensor, SolverInfo]:
+        """The solve; ``fused``: run the Chronopoulos–Gear form on that kernel backend, else textbook CG."""
         A = self._damped(matvec)
         bnorm = self._check_b(b)
-        if _use_triton(self.backend, b, "bilevel.CG"):
-            return self._solve_fused(A, b, bnorm, x0)
-        matvecs = 0
-        if x0 is None:
-            x = torch.zeros_like(b)
-            r = b.clone()
+        eps = torch.finfo(b.dtype).eps
+        # the residual test, never below the rounding floor of the recursive residual
+        thresh = torch.maximum((self.tol * bnorm + self.atol) ** 2, (_FLOOR_EPS * eps * bnorm) ** 2)
+        flat_tol = _FLAT_EPS * eps
+        if fused is not None:
+            run: Union[_HestenesStiefelCG, _ChronopoulosGearCG] = _ChronopoulosGearCG(A, b, x0, thresh, flat_tol,
+                                                                                      fused)
         else:
-            x = x0.clone()
-            r = b - A(x)
-            matvecs += 1
-        p = r.clone()
-        rs = torch.dot(r, r)
-        # ‖p‖² by the recurrence ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖² (r_{k+1} ⊥ p_k): saves a pass per iteration.
-        pp = rs
-        thresh = (self.tol * bnorm + self.atol) ** 2
-        bad = torch.zeros((), dtype=torch.bool, device=b.device)
-        min_curv = torch.full((), math.inf, dtype=b.dtype, device=b.device)
-        zero = torch.zeros((), dtype=b.dtype, device=b.device)
-        it = 0
-        converged = bool(rs <= thresh)
-        done_at = torch.full((), -1, dtype=torch.long, device=b.device)
-        indefinite = False
-        # NOTE: with on_indefinite="stop" the operator may be indefinite, where CG's residual is not
-        # monotone and iterates before the detected negative curvature can be poor: keep the
-        # iterate of smallest residual (never worse than the start).
-        keep_best = self.on_indefinite == "stop"
-        x_best, rs_best = (x.clone(), rs) if keep_best else (None, None)
-        while not converged and it < self.maxiter:
-            Ap = A(p)
-            matvecs += 1
-            pAp = torch.dot(p, Ap)
-            active = (rs > thresh) & ~bad
-            curv_ok = pAp > 0  # False for NaN too
-            # Rayleigh quotient pᵀAp/pᵀp: the curvature along p, on the scale of H's eigenvalues
-            rq = pAp / pp.clamp_min(torch.finfo(b.dtype).tiny)
-            min_curv = torch.where(active, torch.minimum(min_curv, torch.nan_to_num(rq, nan=-math.inf)), min_curv)
-            bad = bad | (active & ~curv_ok)
-            step = active & curv_ok
-            alpha = torch.where(step, rs / torch.where(curv_ok, pAp, 1.0), zero)
-            # NOTE: fused in-place updates (one kernel each, no temporaries). A frozen solve has
-            # alpha = 0, so x and r stay put; p is then never used again, so it needs no mask.
-            x.addcmul_(alpha, p)
-            r.addcmul_(alpha, Ap, value=-1.0)
-            rs_new = torch.where(step, torch.dot(r, r), rs)
-            beta = torch.where(step, rs_new / torch.where(rs > 0, rs, 1.0), zero)
-            torch.addcmul(r, beta, p, out=p)   # in place: no 4-byte-per-weight allocation per iteration
-            pp = rs_new + beta * beta * pp
-            rs = rs_new
-            it += 1
-            if keep_best:
-                better = rs < rs_best
-                x_best = torch.where(better, x, x_best)
-                rs_best = torch.where(better, rs, rs_best)
-            # the iteration at which the residual test first passed (iterations after it are frozen no-ops)
-            done_at = torch.where((done_at < 0) & (rs <= thresh), it, done_at)
-            if it % self.check_every == 0 or it == self.maxiter:
-                if bool(bad):
-                    indefinite = True
-                    break
-                converged = bool(rs <= thresh)
-        if not indefinite and bool(bad):
-            indefinite = True
+            run = _HestenesStiefelCG(A, b, x0, thresh, flat_tol, keep_best=self.on_indefinite == "stop")
+        it = _iterate_cg(run, self.maxiter, self.check_every, thresh, _symmetry_tol(b.dtype))
+        return self._result(run.outcome(it), b, bnorm, float(thresh), fused)
+
+    def _result(self, out: _CGOutcome, b: Tensor, bnorm: Tensor, thresh: float, fused: Optional[str]
+                ) -> tuple[Tensor, SolverInfo]:
+        """Turn a run's outcome into ``(x, info)``, or the error it calls for."""
+        eps = torch.finfo(b.dtype).eps
+        if out.asymmetry > _symmetry_tol(b.dtype):
+            raise self._asymmetric_error(out.asymmetry, _symmetry_tol(b.dtype))
+        x, rs = out.x, out.rs
+        converged = rs <= thresh
+        if out.status == _FLAT:
+            floor = _FLOOR_EPS * eps * (float(bnorm) + out.scale * float(torch.linalg.vector_norm(x)))
+            converged = rs <= floor * floor     # breakdown of a solve already at its rounding floor
+        indefinite = out.status == _NEGATIVE or (out.status == _FLAT and not converged)
         if indefinite and self.on_indefinite == "raise":
-            raise self._indefinite_error(float(min_curv), it)
-        if keep_best:
-            x, rs = x_best, rs_best
-        rnorm = float(torch.sqrt(rs)) if bool(torch.isfinite(rs)) else math.nan
+            raise self._indefinite_error(out.min_rq, out.loop_iterations)
+        rnorm = math.sqrt(rs) if math.isfinite(rs) else math.nan
         if not math.isfinite(rnorm) or not all_finite(x):
-            raise DivergenceError(f"bilevel.CG: the iterate became non-finite after {it} iterations. "
-                                  f"Fix: check matvec for NaN/Inf, or add damping.")
-        first = int(done_at)
-        info = SolverInfo("CG", first if first >= 0 else it, matvecs, rnorm, float(bnorm), converged and not indefinite,
-                          {"min_rayleigh_quotient": float(min_curv), "indefinite": indefinite})
-        return x, info
+            raise DivergenceError(f"bilevel.CG: the iterate became non-finite after {out.loop_iterations} "
+                                  f"iterations. Fix: check matvec for NaN/Inf, or add damping.")
+        extra: Dict[str, Any] = {"min_rayleigh_quotient": out.min_rq, "indefinite": indefinite}
+        if fused is not None:
+            extra["backend"] = fused
+        return x, SolverInfo("CG", out.steps, out.matvecs, rnorm, float(bnorm), converged and not indefinite, extra)
 
 
 def power_iteration(matvec: FlatMatvec, like: Tensor, *, iters: int = 20, seed: int = 0) -> Tensor:
@@ -397,6 +603,7 @@ class Neumann(Solver):
     """
 
     warm_startable: ClassVar[bool] = True
+
     steps: int = 20
     alpha: Optional[float] = None
     damping: float = 0.0
@@ -438,8 +645,6 @@ class Neumann(Solver):
             alpha = 1.0 / lam_max
         else:
             alpha = float(self.alpha)
-        from .kernels import neumann_step
-
         backend = "triton" if _use_triton(self.backend, b, "bilevel.Neumann") else "torch"
         r0 = b
         if x0 is not None:

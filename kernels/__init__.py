@@ -14,7 +14,8 @@ the kernels under ``TRITON_INTERPRET=1`` (slowly; that is how CI tests them).
 - :func:`logistic_hvp`: closed-form ``H v`` of L2-regularized logistic regression.
 - :func:`linear_ce_hvp`: ``H v`` of a linear softmax cross-entropy head, in row chunks.
 - :func:`decay_mixed`: the per-weight decay mixed term ``−decay'(λ) ⊙ w ⊙ u`` in one pass.
-- :class:`FusedCG`, :func:`neumann_step`: solver vector updates on flat buffers, no host sync.
+- :func:`neumann_step`, :func:`partial_dot`, :func:`cg_update`: solver vector updates on flat buffers,
+  no host sync. The solver loops themselves live in ``bilevel.solvers``; this package holds no loop.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ._backend import BACKENDS, interpreting, resolve_backend, triton_available,
 from .decay import decay_mixed, decay_mixed_reference
 from .linear_ce import linear_ce_hvp, linear_ce_hvp_reference
 from .logistic import logistic_curvature, logistic_hvp, logistic_hvp_reference
-from .solver_updates import FusedCG, neumann_step, neumann_step_reference
+from .solver_updates import (CG_STATE_FIELDS, cg_update, cg_update_reference, neumann_step, neumann_step_reference,
+                             partial_dot, partial_dot_reference)
 
 __all__ = [
     "BACKENDS",
@@ -38,7 +40,11 @@ __all__ = [
     "linear_ce_hvp_reference",
     "decay_mixed",
     "decay_mixed_reference",
-    "FusedCG",
     "neumann_step",
     "neumann_step_reference",
+    "partial_dot",
+    "partial_dot_reference",
+    "cg_update",
+    "cg_update_reference",
+    "CG_STATE_FIELDS",
 ]

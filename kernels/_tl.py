@@ -123,15 +123,16 @@ def partial_dot_kernel(a, b, part, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def cg_update_kernel(x, r, p, s, w, gin, gout, dpart, sin, sout, N, BLOCK: tl.constexpr,
                      G_BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """One fused Chronopoulos–Gear CG iteration, with no host sync.
+    """One fused Chronopoulos–Gear CG iteration, with no host sync (``cg_update_reference`` in torch).
 
     ``w = A r`` was just computed; ``gin`` holds the per-program partials of γ = <r, r> (from
     the previous launch) and ``dpart`` those of δ = <w, r>. Every program sums them itself and
     forms β = γ/γ_prev and the curvature κ = δ − βγ/α_prev = <p, A p> (first iteration: β = 0,
-    κ = δ), α = γ/κ; then updates its blocks ``p = r + βp; s = w + βs; x += αp; r −= αs`` and
-    writes its partial of the new γ to ``gout``. ``sin`` / ``sout`` = [γ, α, first, bad, min
-    Rayleigh quotient, ‖p‖²] before / after (program 0 writes ``sout``). Once κ ≤ 0 (or NaN)
-    has been seen, ``bad`` stays set and α = β = 0: x and r no longer move.
+    κ = δ), its Rayleigh quotient ρ = κ/‖p‖² and α = γ/κ; then updates its blocks
+    ``p = r + βp; s = w + βs; x += αp; r −= αs`` and writes its partial of the new γ to ``gout``.
+    ``sin`` / ``sout``: the state (``CG_STATE_FIELDS``) before / after (program 0 writes ``sout``).
+    ρ < −flat_tol·scale (or NaN) sets status 1, |ρ| ≤ flat_tol·scale status 2 (scale: the largest
+    |ρ| so far); once the status is set, or γ ≤ thresh, α = β = 0 and x, r no longer move.
     """
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -142,11 +143,21 @@ def cg_update_kernel(x, r, p, s, w, gin, gout, dpart, sin, sout, N, BLOCK: tl.co
     gamma_prev = tl.load(sin + 0)
     alpha_prev = tl.load(sin + 1)
     first = tl.load(sin + 2) > 0
-    clean = tl.load(sin + 3) == 0                        # no bad curvature seen so far
+    status = tl.load(sin + 3)
+    pnorm2_prev = tl.load(sin + 5)
+    scale_prev = tl.load(sin + 6)
+    thresh = tl.load(sin + 8)
+    flat_tol = tl.load(sin + 9)
     beta = tl.where(first, 0.0, gamma / tl.where(gamma_prev > 0, gamma_prev, 1.0))
     kappa = tl.where(first, delta, delta - beta * gamma / tl.where(alpha_prev != 0, alpha_prev, 1.0))
-    curv_ok = kappa > 0                                   # False for NaN too
-    ok = curv_ok & clean & (gamma > 0)
+    pnorm2 = gamma + beta * beta * pnorm2_prev            # ‖p‖² = ‖r‖² + β²‖p_prev‖² (r ⊥ p_prev)
+    rq = kappa / tl.where(pnorm2 > 0, pnorm2, 1.0)
+    active = (status == 0) & (gamma > thresh)
+    rq_abs = tl.abs(rq)
+    scale = tl.where(rq_abs > scale_prev, rq_abs, scale_prev)   # NaN keeps scale_prev (fmax)
+    negative = ~(rq >= -flat_tol * scale)                 # NaN too
+    flat = rq_abs <= flat_tol * scale
+    ok = active & ~negative & ~flat
     alpha = tl.where(ok, gamma / tl.where(ok, kappa, 1.0), 0.0)
     beta = tl.where(ok, beta, 0.0)
     acc = tl.zeros([BLOCK], dtype=ACC)
@@ -166,16 +177,18 @@ def cg_update_kernel(x, r, p, s, w, gin, gout, dpart, sin, sout, N, BLOCK: tl.co
         acc += rr * rr
     tl.store(gout + pid, tl.sum(acc, axis=0))
     if pid == 0:
-        pnorm2 = gamma + beta * beta * tl.load(sin + 5)       # ‖p‖² = ‖r‖² + β²‖p_prev‖² (r ⊥ p_prev)
-        rq = kappa / tl.where(pnorm2 > 0, pnorm2, 1.0)
-        rq = tl.where(kappa == kappa, rq, -float("inf"))     # NaN curvature counts as -inf
-        active = clean & (gamma > 0)
+        rq_seen = tl.where(rq == rq, rq, -float("inf"))     # NaN curvature counts as -inf
+        min_prev = tl.load(sin + 4)
         tl.store(sout + 0, tl.where(ok, gamma, gamma_prev))
         tl.store(sout + 1, tl.where(ok, alpha, alpha_prev))
         tl.store(sout + 2, tl.where(ok, 0.0, tl.load(sin + 2)))
-        tl.store(sout + 3, tl.where(clean & (curv_ok | (gamma <= 0)), 0.0, 1.0))
-        tl.store(sout + 4, tl.where(active, tl.minimum(tl.load(sin + 4), rq), tl.load(sin + 4)))
-        tl.store(sout + 5, tl.where(ok, pnorm2, tl.load(sin + 5)))
+        tl.store(sout + 3, tl.where(active & negative, 1.0, tl.where(active & flat, 2.0, status)))
+        tl.store(sout + 4, tl.where(active, tl.where(rq_seen < min_prev, rq_seen, min_prev), min_prev))
+        tl.store(sout + 5, tl.where(ok, pnorm2, pnorm2_prev))
+        tl.store(sout + 6, scale)
+        tl.store(sout + 7, tl.load(sin + 7) + tl.where(ok, 1.0, 0.0))
+        tl.store(sout + 8, thresh)
+        tl.store(sout + 9, flat_tol)
 
 
 @triton.jit

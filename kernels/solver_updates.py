@@ -1,11 +1,12 @@
 """Fused solver vector updates on flat buffers, with reductions kept on the device.
 
 - :func:`neumann_step`: ``v ← v − α A v``, ``acc ← acc + v`` and ``‖v‖²`` in one launch.
-- :class:`FusedCG`: conjugate gradients in the Chronopoulos–Gear form. Per iteration:
-  the product ``w = A r``, one launch for the partials of ``<w, r>``, and one launch
-  that every program finishes the reductions in (it sums the partials itself), then
-  updates ``p, s, x, r`` and writes the partials of the next ``<r, r>``. No host sync
-  until the convergence check every ``check_every`` iterations.
+- :func:`partial_dot` and :func:`cg_update`: one iteration of conjugate gradients in the
+  Chronopoulos–Gear form, whose loop is ``bilevel.solvers`` (CG with ``backend="triton"``).
+  Per iteration: the product ``w = A r`` (the caller's), one launch for the partials of
+  ``<w, r>``, and one launch that every program finishes the reductions in (it sums the
+  partials itself), then updates ``p, s, x, r`` and writes the partials of the next
+  ``<r, r>``. No host sync: the scalars stay in a small state vector on the device.
 
 Why two launches and not one: the curvature ``<p, A p>`` needs the product just taken,
 and a reduction over the whole vector must finish before any update can use it. A
@@ -17,15 +18,15 @@ hypergradient that is the wrong trade.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ._backend import resolve_backend
 
-__all__ = ["neumann_step", "neumann_step_reference", "FusedCG", "FusedCGResult"]
+__all__ = ["neumann_step", "neumann_step_reference", "partial_dot", "partial_dot_reference", "cg_update",
+           "cg_update_reference", "CG_STATE_FIELDS"]
 
 BLOCK = 1024
 
@@ -92,85 +93,170 @@ def neumann_step(v: Tensor, av: Tensor, acc: Tensor, alpha: Tensor, *, backend: 
     return part.sum().to(v.dtype)
 
 
-@dataclass
-class FusedCGResult:
-    """What :meth:`FusedCG.solve` found (host values, read once at the end)."""
-
-    x: Tensor
-    iterations: int
-    matvecs: int
-    residual_sq: float
-    converged: bool
-    indefinite: bool
-    min_rayleigh_quotient: float
+def _reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class FusedCG:
-    """CG on ``A x = b`` (flat buffers) with Triton-fused updates and device-side reductions.
+def partial_dot_reference(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` as a ``(1,)`` vector of partial sums (float64 for float64 inputs, float32 otherwise).
 
-    Args:
-        maxiter: at most this many iterations (= products). thresh: stop once ``‖r‖² ≤ thresh``.
-        check_every: read the residual and the curvature flag on the host every this many
-            iterations (the only host syncs).
-
-    Shapes: :meth:`solve` takes ``b`` (and ``x0``) of shape ``(P,)`` on a CUDA device (or on the
-    CPU under ``TRITON_INTERPRET=1``) and ``matvec: (P,) -> (P,)``; the result's ``x`` is ``(P,)``.
+    Shapes: ``a``, ``b`` of shape ``(N,)``; returns ``(1,)``.
 
     Example:
-        >>> cg = bl.kernels.FusedCG(maxiter=10, thresh=1e-20)      # building it needs no GPU
-        >>> A = torch.diag(torch.arange(1., 6., device="cuda"))    # doctest: +SKIP
-        >>> res = cg.solve(lambda v: A @ v, torch.ones(5, device="cuda"))  # doctest: +SKIP
-        >>> torch.allclose(res.x, 1 / A.diagonal()), res.converged  # doctest: +SKIP
-        (True, True)
+        >>> bl.kernels.partial_dot_reference(torch.ones(3), torch.arange(3.))
+        tensor([3.])
     """
+    red = _reduction_dtype(a.dtype)
+    return torch.dot(a.to(red), b.to(red)).reshape(1)
 
-    def __init__(self, maxiter: int, thresh: float, check_every: int = 5) -> None:
-        self.maxiter, self.thresh, self.check_every = maxiter, thresh, check_every
 
-    def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Optional[Tensor] = None) -> FusedCGResult:
-        """Solve ``A x = b`` for flat ``b`` of shape ``(P,)`` (CUDA, Triton); ``matvec(v) -> A v``,
-        shape ``(P,)``; ``x0`` a warm start (zeros by default)."""
-        resolve_backend("triton", b, name="bilevel.kernels.FusedCG")
-        import triton
+def partial_dot(a: Tensor, b: Tensor, *, backend: str = "auto") -> Tensor:
+    """Partial sums of ``<a, b>`` (one per Triton program), without a host sync: ``.sum()`` is the dot.
 
-        from . import _tl
+    Args:
+        a, b: ``(N,)`` flat vectors. backend: ``"auto"`` | ``"torch"`` | ``"triton"``.
 
-        n = b.numel()
-        dev, dt = b.device, b.dtype
-        red = torch.float64 if dt == torch.float64 else torch.float32
-        g = _grid(n, dev)
-        gblock = max(16, triton.next_power_of_2(g))
-        acc = _acc(dt)
-        matvecs = 0
-        if x0 is None:
-            x, r = torch.zeros_like(b), b.clone()
-        else:
-            x = x0.clone()
-            r = b - matvec(x)
-            matvecs += 1
-        p, s = torch.zeros_like(b), torch.zeros_like(b)
-        gin, gout, dpart = (torch.empty(g, dtype=red, device=dev) for _ in range(3))
-        _tl.partial_dot_kernel[(g,)](r, r, gin, n, BLOCK=BLOCK, ACC=acc)
-        # [γ, α, first, bad, min Rayleigh quotient, ‖p‖²]
-        sin = torch.tensor([0.0, 0.0, 1.0, 0.0, math.inf, 0.0], dtype=red, device=dev)
-        sout = sin.clone()
-        it = 0
-        converged = float(gin.sum()) <= self.thresh
-        bad = False
-        while not converged and it < self.maxiter:
-            w = matvec(r)
-            matvecs += 1
-            _tl.partial_dot_kernel[(g,)](w, r, dpart, n, BLOCK=BLOCK, ACC=acc)
-            _tl.cg_update_kernel[(g,)](x, r, p, s, w, gin, gout, dpart, sin, sout, n,
-                                       BLOCK=BLOCK, G_BLOCK=gblock, ACC=acc)
-            gin, gout = gout, gin
-            sin, sout = sout, sin
-            it += 1
-            if it % self.check_every == 0 or it == self.maxiter:
-                flags = torch.stack([gin.sum(), sin[3]]).tolist()      # one host sync
-                bad = flags[1] > 0
-                if bad:
-                    break
-                converged = flags[0] <= self.thresh
-        rs = float(gin.sum())
-        return FusedCGResult(x, it, matvecs, rs, converged and not bad, bad, float(sin[4]))
+    Returns:
+        ``(G,)`` partial sums (``G`` programs; ``G = 1`` for the torch reference) in float64 for
+        float64 inputs, float32 otherwise. :func:`cg_update` sums them inside its launch.
+
+    Example:
+        >>> float(bl.kernels.partial_dot(torch.ones(5), torch.arange(5.)).sum())
+        10.0
+    """
+    be = resolve_backend(backend, a, b, name="bilevel.kernels.partial_dot")
+    if be == "torch":
+        return partial_dot_reference(a, b)
+    from . import _tl
+
+    n = a.numel()
+    g = _grid(n, a.device)
+    part = torch.empty(g, dtype=_reduction_dtype(a.dtype), device=a.device)
+    _tl.partial_dot_kernel[(g,)](a, b, part, n, BLOCK=BLOCK, ACC=_acc(a.dtype))
+    return part
+
+
+#: Fields of the state vector that :func:`cg_update` carries between iterations, in order:
+#: ``gamma`` (the last accepted ``<r, r>``), ``alpha`` (the last step), ``first`` (1 until the
+#: first step), ``status`` (0 running, 1 negative curvature or NaN, 2 curvature zero to rounding:
+#: breakdown; the iteration that sets it takes no step and all later ones are no-ops),
+#: ``min_rayleigh_quotient`` (smallest ``pᵀAp/pᵀp`` seen), ``pnorm2`` (``‖p‖²``), ``scale``
+#: (largest ``|pᵀAp|/pᵀp`` seen), ``steps`` (steps taken), and the constants ``thresh`` and
+#: ``flat_tol`` of the first call (kept here in the vectors' precision: a float64 threshold such as
+#: 1e-42 would underflow as a float32 kernel argument).
+CG_STATE_FIELDS = ("gamma", "alpha", "first", "status", "min_rayleigh_quotient", "pnorm2", "scale", "steps",
+                   "thresh", "flat_tol")
+
+
+def _initial_state(like: Tensor, thresh: float, flat_tol: float) -> Tensor:
+    return torch.tensor([0.0, 0.0, 1.0, 0.0, math.inf, 0.0, 0.0, 0.0, thresh, flat_tol],
+                        dtype=_reduction_dtype(like.dtype), device=like.device)
+
+
+def cg_update_reference(x: Tensor, r: Tensor, p: Tensor, s: Tensor, w: Tensor, gamma_parts: Tensor,
+                        delta_parts: Tensor, state: Optional[Tensor] = None, *, thresh: float = 0.0,
+                        flat_tol: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One Chronopoulos–Gear CG iteration with torch ops: what :func:`cg_update` does in one launch.
+
+    ``w = A r`` was just computed; ``gamma_parts`` sum to ``γ = <r, r>`` and ``delta_parts`` to
+    ``δ = <w, r>``. Forms ``β = γ/γ_prev`` and the curvature ``κ = δ − βγ/α_prev = <p, A p>``
+    (first iteration: ``β = 0``, ``κ = δ``) and its Rayleigh quotient ``ρ = κ/‖p‖²``; with
+    ``scale`` the largest ``|ρ|`` so far, ``ρ < −flat_tol·scale`` (or NaN) is negative curvature
+    and ``|ρ| ≤ flat_tol·scale`` zero curvature (``status`` 1 and 2, see
+    :data:`CG_STATE_FIELDS`). Otherwise, while ``γ > thresh`` and ``status`` is 0, it steps with
+    ``α = γ/κ``: in place ``p = r + βp; s = w + βs; x += αp; r −= αs``; else ``x`` and ``r``
+    stay put.
+
+    Shapes: ``x, r, p, s, w`` of shape ``(N,)``; ``gamma_parts``, ``delta_parts`` of shape ``(G,)``;
+    ``state`` of shape ``(len(CG_STATE_FIELDS),)`` or ``None`` before the first iteration.
+
+    Returns:
+        ``(gamma_parts, state)`` after the update: the partials of the new ``<r, r>`` and the new state.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([2., 4.]))             # CG on a 2x2 system: 2 iterations
+        >>> b = torch.ones(2); x, r, p, s = torch.zeros(2), b.clone(), torch.zeros(2), torch.zeros(2)
+        >>> K, g, state = bl.kernels, bl.kernels.partial_dot_reference(b, b), None
+        >>> for _ in range(2):
+        ...     w = A @ r
+        ...     g, state = K.cg_update_reference(x, r, p, s, w, g, K.partial_dot_reference(w, r), state)
+        >>> x
+        tensor([0.5000, 0.2500])
+    """
+    state = _initial_state(r, thresh, flat_tol) if state is None else state
+    gamma, delta = gamma_parts.sum(), delta_parts.sum()
+    gamma_prev, alpha_prev, first, status, min_rq, pnorm2_prev, scale_prev, steps, thresh_t, flat_tol_t = state.unbind()
+    first_b = first > 0
+    zero = torch.zeros_like(gamma)
+    beta = torch.where(first_b, zero, gamma / torch.where(gamma_prev > 0, gamma_prev, 1.0))
+    kappa = torch.where(first_b, delta, delta - beta * gamma / torch.where(alpha_prev != 0, alpha_prev, 1.0))
+    pnorm2 = gamma + beta * beta * pnorm2_prev
+    rq = kappa / torch.where(pnorm2 > 0, pnorm2, 1.0)
+    active = (status == 0) & (gamma > thresh_t)
+    scale = torch.fmax(scale_prev, rq.abs())       # any Rayleigh quotient is at most ‖A‖; NaN skipped
+    negative = ~(rq >= -flat_tol_t * scale)                # NaN too
+    flat = rq.abs() <= flat_tol_t * scale
+    ok = active & ~negative & ~flat
+    alpha = torch.where(ok, gamma / torch.where(ok, kappa, 1.0), zero)
+    beta = torch.where(ok, beta, zero)
+    # NOTE: same order of operations as the Triton kernel (p and s before x and r).
+    p.mul_(beta.to(p.dtype)).add_(r)
+    s.mul_(beta.to(s.dtype)).add_(w)
+    x.addcmul_(alpha.to(x.dtype), p)
+    r.addcmul_(alpha.to(r.dtype), s, value=-1.0)
+    new_status = torch.where(active & negative, 1.0, torch.where(active & flat, 2.0, status))
+    rq_seen = torch.where(torch.isnan(rq), -math.inf, rq)
+    new_state = torch.stack([
+        torch.where(ok, gamma, gamma_prev), torch.where(ok, alpha, alpha_prev), torch.where(ok, zero, first),
+        new_status, torch.where(active, torch.minimum(min_rq, rq_seen), min_rq), torch.where(ok, pnorm2, pnorm2_prev),
+        scale, steps + ok.to(steps.dtype), thresh_t, flat_tol_t])
+    return partial_dot_reference(r, r), new_state
+
+
+def cg_update(x: Tensor, r: Tensor, p: Tensor, s: Tensor, w: Tensor, gamma_parts: Tensor, delta_parts: Tensor,
+              state: Optional[Tensor] = None, *, thresh: float = 0.0, flat_tol: float = 0.0,
+              backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """One fused Chronopoulos–Gear CG iteration on flat buffers, in place, with no host sync.
+
+    Does what :func:`cg_update_reference` does (read it for the update and the curvature tests)
+    in one launch: every program sums the partials itself, so no reduction leaves the device.
+
+    Args:
+        x, r, p, s: ``(N,)`` iterate, residual, direction and ``s = A p``, updated in place.
+        w: ``(N,)`` the product ``A r``. gamma_parts, delta_parts: ``(G,)`` partials of ``<r, r>``
+            and ``<w, r>`` (:func:`partial_dot`). state: the previous call's state, ``None`` at first.
+        thresh: no step once ``<r, r> ≤ thresh``. flat_tol: relative width of "zero curvature".
+            Both are read on the first call (``state=None``) and carried in the state after it.
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"``.
+
+    Returns:
+        ``(gamma_parts, state)``: the partials of the new ``<r, r>`` and the new state
+        (:data:`CG_STATE_FIELDS`), both on the device.
+
+    Example:
+        >>> b = torch.ones(3); x, r, p, s = torch.zeros(3), b.clone(), torch.zeros(3), torch.zeros(3)
+        >>> w = 2 * r                                          # A = 2 I: one step solves it
+        >>> g, state = bl.kernels.cg_update(x, r, p, s, w, bl.kernels.partial_dot(r, r), bl.kernels.partial_dot(w, r))
+        >>> x, float(g.sum())
+        (tensor([0.5000, 0.5000, 0.5000]), 0.0)
+    """
+    be = resolve_backend(backend, x, r, p, s, w, name="bilevel.kernels.cg_update")
+    if be == "torch":
+        return cg_update_reference(x, r, p, s, w, gamma_parts, delta_parts, state, thresh=thresh, flat_tol=flat_tol)
+    import triton
+
+    from . import _tl
+
+    n = x.numel()
+    g = _grid(n, x.device)
+    if gamma_parts.numel() != g or delta_parts.numel() != g:
+        raise ValueError(f"bilevel.kernels.cg_update: expected {g} partial sums in gamma_parts and delta_parts "
+                         f"(one per program, as partial_dot(backend='triton') returns), got "
+                         f"{gamma_parts.numel()} and {delta_parts.numel()}. Fix: compute both with partial_dot "
+                         f"on the same backend.")
+    state = _initial_state(r, thresh, flat_tol) if state is None else state
+    gout = torch.empty_like(gamma_parts)
+    sout = torch.empty_like(state)
+    _tl.cg_update_kernel[(g,)](x, r, p, s, w, gamma_parts, gout, delta_parts, state, sout, n,
+                               BLOCK=BLOCK, G_BLOCK=max(16, triton.next_power_of_2(g)), ACC=_acc(x.dtype))
+    return gout, sout

@@ -47,6 +47,23 @@ def test_backend_resolution_and_errors(monkeypatch):
         bl.CG(backend="gpu")
 
 
+def test_importing_bilevel_does_not_import_triton():
+    """The modules import bilevel.kernels at the top; triton itself loads at the first Triton launch."""
+    import subprocess
+    import sys
+
+    code = "import bilevel, sys; print('triton' in sys.modules, 'bilevel.kernels' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+
+
+def test_kernels_hold_no_solver_loop():
+    """Solver loops live in bilevel.solvers (DESIGN.md §2): kernels export update steps only."""
+    assert not any("FusedCG" in n for n in K.__all__)
+    assert {"cg_update", "cg_update_reference", "partial_dot", "partial_dot_reference"} <= set(K.__all__)
+
+
 def test_backend_without_triton_falls_back(monkeypatch):
     monkeypatch.setattr("bilevel.kernels._backend.triton_available", lambda: False)
     X, w, v = torch.randn(6, 3), torch.randn(3), torch.randn(3)
@@ -224,12 +241,86 @@ def test_fused_cg_matches_dense_solve_and_torch_cg(dtype):
     assert info_f.converged and info_f.extra["backend"] == "triton"
     assert rel_err(xf, x_ref) < (1e-9 if dtype == torch.float64 else 1e-4)
     assert rel_err(xf, xt) < (1e-9 if dtype == torch.float64 else 1e-4)
-    assert info_f.matvecs == info_f.iterations <= 60
+    assert info_f.iterations == info_t.iterations <= info_f.matvecs <= info_f.iterations + 5
     # the minimum Rayleigh quotient lies in [λ_min, λ_max] of A
     assert 0.5 - 1e-6 <= info_f.extra["min_rayleigh_quotient"] <= 10.5
     # warm start from the solution: converged at once
     x0, info0 = bl.CG(maxiter=5, tol=1e-3, backend="triton").solve_flat(A, b, x0=xt)
     assert info0.iterations == 0 and info0.matvecs == 1
+
+
+def _cg_runs(A, b, backend, thresh=0.0):
+    """The textbook CG of bl.CG and its Chronopoulos–Gear form on ``backend``, side by side."""
+    from bilevel import solvers as S
+
+    eps = torch.finfo(b.dtype).eps
+    t = torch.tensor(thresh, dtype=b.dtype)
+    plain = S._HestenesStiefelCG(A, b, None, t, S._FLAT_EPS * eps, keep_best=False)
+    fused = S._ChronopoulosGearCG(A, b, None, t, S._FLAT_EPS * eps, backend)
+    return plain, fused
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chronopoulos_gear_iterates_equal_textbook_cg(backend, dtype):
+    """Every iterate of the fused form (Triton kernels, or their torch references) equals textbook
+    CG's to rounding, on the same SPD system; and both equal the dense solve at the end."""
+    A, M = _spd(1003, 12, dtype)
+    b = torch.randn(1003, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    plain, fused = _cg_runs(A, b, backend, thresh=float(rtol * b.norm()) ** 2)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    for k in range(1, 17):          # 13 distinct eigenvalues: converged, then frozen, by k = 16
+        plain.step()
+        fused.step()
+        assert rel_err(fused.x, plain.x) < tol, k
+        assert abs(float(fused.residual_sq()) - float(plain.residual_sq())) <= tol * float(b @ b) + 1e-30, k
+    ref = torch.linalg.solve(M.double(), b.double())
+    assert rel_err(fused.x, ref) < (1e-9 if dtype == torch.float64 else 1e-4)
+    out_p, out_f = plain.outcome(16), fused.outcome(16)
+    # float32 reaches the threshold at the rounding level, where the two forms may cross it one step apart
+    assert abs(out_f.steps - out_p.steps) <= (0 if dtype == torch.float64 else 1) and out_p.steps <= 14
+    assert out_f.status == out_p.status == 0
+    rq_tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert math.isclose(out_f.min_rq, out_p.min_rq, rel_tol=rq_tol)
+    # scale: the largest Rayleigh quotient seen (frozen iterations at the rounding level see other
+    # vectors in the two forms), within [λ_min, λ_max] of A
+    lam = torch.linalg.eigvalsh(M.double())
+    for out in (out_p, out_f):
+        assert float(lam[0]) * (1 - 1e-6) <= out.min_rq <= out.scale <= float(lam[-1]) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_chronopoulos_gear_solve_keeps_cg_behaviour(backend):
+    """Through bl.CG: convergence and warm start, negative curvature (raise / stop), a non-symmetric
+    operator, and a singular PSD operator solved to its rounding floor without a false alarm."""
+    A, M = _spd(301, 10, torch.float64)
+    b = torch.randn(301, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x, info = bl.CG(maxiter=60, tol=1e-10)._solve(A, b, None, backend)
+    assert info.converged and info.extra["backend"] == backend
+    x_t, info_t = bl.CG(maxiter=60, tol=1e-10)._solve(A, b, None, None)       # textbook CG
+    assert info.iterations == info_t.iterations and info.matvecs == info_t.matvecs <= info.iterations + 5
+    assert rel_err(x, torch.linalg.solve(M, b)) < 1e-9 and rel_err(x, x_t) < 1e-9
+    # a tiny right-hand side: thresholds like 1e-60 travel in the state (float64), not as float32 arguments
+    x_s, info_s = bl.CG(maxiter=60, tol=1e-10)._solve(A, 1e-30 * b, None, backend)
+    assert info_s.iterations == info_t.iterations and rel_err(x_s, 1e-30 * x_t) < 1e-9
+    x0, info0 = bl.CG(maxiter=5, tol=1e-3)._solve(A, b, x, backend)
+    assert info0.iterations == 0 and info0.matvecs == 1
+    A_neg, _ = _spd(301, 10, torch.float64, shift=-1.0)
+    with pytest.raises(bl.DivergenceError, match="positive definite"):
+        bl.CG(maxiter=30)._solve(A_neg, b, None, backend)
+    x, info = bl.CG(maxiter=30, on_indefinite="stop")._solve(A_neg, b, None, backend)
+    assert info.extra["indefinite"] and not info.converged and torch.isfinite(x).all()
+    G = torch.randn(301, 301, generator=torch.Generator().manual_seed(5), dtype=torch.float64) / 301 ** 0.5
+    with pytest.raises(bl.DivergenceError, match="not symmetric"):
+        bl.CG(maxiter=30)._solve(lambda v: M @ v + (G - G.T) @ v, b, None, backend)
+    # singular PSD (A with a zero eigenvalue, b in its range), tol=0: stops at the rounding floor
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    ev = torch.cat([torch.zeros(3, dtype=torch.float64), torch.linspace(0.1, 1.0, 37, dtype=torch.float64)])
+    S = (Q * ev) @ Q.T
+    bs = S @ torch.randn(40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x, info = bl.CG(maxiter=80, tol=0.0)._solve(lambda v: S @ v, bs, None, backend)
+    assert info.converged and rel_err(x, torch.linalg.pinv(S, hermitian=True, rtol=1e-10) @ bs) < 1e-10
 
 
 @needs_triton

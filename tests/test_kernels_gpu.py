@@ -55,3 +55,28 @@ def test_gpu_cg_auto_uses_fused_path():
     x, info = bl.CG(maxiter=100, tol=1e-12).solve_flat(lambda z: d * z, b)
     assert info.extra.get("backend") == "triton" and info.converged
     assert rel_err(x, b / d) < 1e-10
+    # the fused Chronopoulos–Gear loop against textbook CG on the same system
+    x_t, info_t = bl.CG(maxiter=100, tol=1e-12, backend="torch").solve_flat(lambda z: d * z, b)
+    assert rel_err(x, x_t) < 1e-10 and info.iterations == info_t.iterations
+    # thresholds far below float32's range (here ~1e-60) must still freeze converged solves on the device
+    x_s, info_s = bl.CG(maxiter=100, tol=1e-12).solve_flat(lambda z: d * z, 1e-30 * b)
+    assert info_s.iterations == info_t.iterations and rel_err(x_s, 1e-30 * x_t) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_cg_update_iterates_equal_textbook_cg(dtype):
+    from bilevel import solvers as S
+
+    n = 100_003
+    g = torch.Generator(device=DEV).manual_seed(1)
+    d = torch.linspace(0.5, 20.0, n, device=DEV, dtype=dtype)[torch.randperm(n, device=DEV, generator=g)]
+    b = torch.randn(n, device=DEV, generator=g, dtype=dtype)
+    A = lambda z: d * z
+    eps = torch.finfo(dtype).eps
+    t = torch.zeros((), device=DEV, dtype=dtype)
+    plain = S._HestenesStiefelCG(A, b, None, t, S._FLAT_EPS * eps, keep_best=False)
+    fused = S._ChronopoulosGearCG(A, b, None, t, S._FLAT_EPS * eps, "triton")
+    for k in range(1, 11):
+        plain.step()
+        fused.step()
+        assert rel_err(fused.x, plain.x) < (1e-10 if dtype == torch.float64 else 1e-4), k

@@ -1,5 +1,6 @@
 """Linear solvers against dense float64 solves (torch.linalg.solve) on random SPD systems."""
 
+import inspect
 import math
 
 import pytest
@@ -246,3 +247,105 @@ def test_neumann_residual_bound_holds_for_any_step(alpha):
     expected = float((torch.linalg.matrix_power(torch.eye(2, dtype=DT) - alpha * A, 3) @ b).norm())
     assert math.isclose(x.info.residual_norm, expected, rel_tol=1e-12)
     assert true_res <= x.info.residual_norm * (1 + 1e-12)
+
+
+# -- CG: rounding, singular PSD operators, symmetry ---------------------------------------------------
+def softmax_regression(dtype, seed, n=60, d=4, classes=5):
+    """A linear softmax model: its Hessian is PSD and singular (logits invariant to a shared shift).
+
+    Returns ``(matvec on trees by bl.hvp, b, x_ref)`` with ``b`` a validation gradient (in the
+    range of H) and ``x_ref = H⁺ b`` from the float64 Hessian (the minimum-norm solution, which CG
+    started from 0 converges to).
+    """
+    g = torch.Generator().manual_seed(seed)
+    X, Xv = (torch.randn(n, d, generator=g, dtype=DT) for _ in range(2))
+    y, yv = (torch.randint(0, classes, (n,), generator=g) for _ in range(2))
+    W = 0.3 * torch.randn(classes, d, generator=g, dtype=DT)
+    Wr = W.clone().requires_grad_(True)
+    b = torch.autograd.grad(torch.nn.functional.cross_entropy(Xv @ Wr.T, yv), Wr)[0]
+    H = torch.autograd.functional.hessian(
+        lambda w: torch.nn.functional.cross_entropy(X @ w.reshape(classes, d).T, y), W.reshape(-1))
+    x_ref = (torch.linalg.pinv(H, hermitian=True, rtol=1e-10) @ b.reshape(-1)).reshape(classes, d)
+    X, W = X.to(dtype), W.to(dtype)
+    loss = lambda p: torch.nn.functional.cross_entropy(X @ p["W"].T, y)
+    return (lambda v: bl.hvp(loss, {"W": W}, v)), {"W": b.to(dtype)}, x_ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(4))
+def test_cg_on_singular_softmax_hessian_returns_minimum_norm_solution(dtype, seed):
+    """tol=0 runs until the rounding floor; rounding-level curvature there is neither negative
+    curvature (no DivergenceError) nor a step (which would throw x along the null space)."""
+    mv, b, x_ref = softmax_regression(dtype, seed)
+    x = bl.CG(maxiter=30, tol=0.0)(mv, b)
+    assert x.info.converged and not x.info.extra["indefinite"]
+    assert rel_err(x["W"], x_ref) < (1e-12 if dtype == DT else 1e-5)
+    assert x.info.iterations <= x.info.matvecs <= 30
+
+
+def test_cg_zero_curvature_at_the_rounding_floor_is_a_converged_breakdown():
+    # x* = (1e-6, 1, 0); b has a rounding-size (1e-17) component in the null space of A.
+    A = torch.diag(torch.tensor([1.0, 1e-6, 0.0], dtype=DT))
+    b = torch.tensor([1e-6, 1e-6, 1e-17], dtype=DT)
+    x = solve(bl.CG(maxiter=10, tol=0.0), A, b)
+    assert x.info.converged and not x.info.extra["indefinite"]
+    assert rel_err(x["x"], torch.tensor([1e-6, 1.0, 0.0], dtype=DT)) < 1e-9
+
+
+def test_cg_zero_curvature_before_convergence_is_an_error():
+    # b = (1, 1e-9) has a null-space component far above rounding: the system has no solution.
+    A = torch.diag(torch.tensor([1.0, 0.0], dtype=DT))
+    b = torch.tensor([1.0, 1e-9], dtype=DT)
+    with pytest.raises(bl.DivergenceError, match="positive definite"):
+        solve(bl.CG(maxiter=10, tol=0.0), A, b)
+    x = solve(bl.CG(maxiter=10, tol=0.0, on_indefinite="stop"), A, b)
+    assert x.info.extra["indefinite"] and not x.info.converged
+    assert rel_err(x["x"], torch.tensor([1.0, 0.0], dtype=DT)) < 1e-8      # stopped before the blow-up
+
+
+def non_symmetric(n: int, seed: int, dtype) -> torch.Tensor:
+    """SPD part plus an antisymmetric part of comparable size: eigenvalues in the right half plane."""
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, n, generator=g, dtype=DT)
+    return (spd(n, 10.0, seed) + (G - G.T) / math.sqrt(n)).to(dtype)
+
+
+nsettings = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@nsettings
+@given(st.integers(2, 12), st.integers(0, 10_000), st.sampled_from([torch.float32, torch.float64]))
+def test_cg_rejects_a_non_symmetric_operator(n, seed, dtype):
+    A = non_symmetric(n, seed, dtype)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype)
+    for on_indefinite in ("raise", "stop"):
+        with pytest.raises(bl.DivergenceError, match="not symmetric.*non-symmetric systems.*Exact"):
+            solve(bl.CG(maxiter=50, on_indefinite=on_indefinite), A, b)
+    # the solver the message points to solves it
+    ref = torch.linalg.solve(A.double(), b.double())
+    assert rel_err(solve(bl.Exact(), A, b)["x"], ref) < (1e-10 if dtype == DT else 1e-4)
+
+
+@nsettings
+@given(systems, st.sampled_from([torch.float32, torch.float64]))
+def test_cg_symmetry_check_never_fires_on_spd_operators(system, dtype):
+    n, cond, seed = system
+    A = spd(n, cond, seed, dtype=dtype)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype)
+    x = solve(bl.CG(maxiter=4 * n + 10, tol=1e-5 if dtype == torch.float32 else 1e-12), A, b)
+    assert x.info.converged
+    assert rel_err(x["x"], torch.linalg.solve(A.double(), b.double())) < (1e-3 if dtype == torch.float32 else 1e-9)
+
+
+def test_warm_startable_is_true_exactly_on_solvers_that_take_x0():
+    solvers = {cls: cls() for cls in (bl.CG, bl.Neumann, bl.Nystrom, bl.Identity, bl.Exact)}
+    assert {cls for cls, s in solvers.items() if s.warm_startable} == {bl.CG, bl.Neumann}
+    assert bl.Solver.warm_startable is False
+    for cls, s in solvers.items():     # the attribute says what the signature says
+        assert ("x0" in inspect.signature(s.solve_flat).parameters) == s.warm_startable, cls.__name__
+    A, b = spd(8, 5.0, 3), torch.randn(8, dtype=DT)
+    ref = torch.linalg.solve(A, b)
+    for solver in (bl.CG(), bl.Neumann(steps=5)):
+        # started at the solution, a solve stays there (one product for the starting residual)
+        x, info = solver.solve_flat(lambda v: A @ v, b, x0=ref.clone())
+        assert rel_err(x, ref) < 1e-12 and info.matvecs >= 1, type(solver).__name__
