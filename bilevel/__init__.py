@@ -14,7 +14,7 @@ from ._result import Hypergrad, HypergradInfo
 from ._tree import Tree
 from .operators import HessianOperator, hvp, mixed_vjp
 from .solvers import CG, Exact, Identity, Neumann, Nystrom, Solver, SolverInfo
-from .implicit import ImplicitSolution, implicit_diff, implicit_hypergrad
+from .implicit import ImplicitSolution, implicit_diff, implicit_fixed_point, implicit_hypergrad, implicit_root
 from .unroll import UnrollInfo, unrolled_hypergrad
 from .methods import FiniteDifference, FirstOrder, Implicit, Method, MethodResult, Problem, Unrolled
 from .hyperopt import HyperOptimizer, HyperStepStats
@@ -43,6 +43,8 @@ __all__ = [
     "ImplicitSolution",
     "implicit_diff",
     "implicit_hypergrad",
+    "implicit_root",
+    "implicit_fixed_point",
     "UnrollInfo",
     "unrolled_hypergrad",
     "HyperOptimizer",

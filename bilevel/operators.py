@@ -1,8 +1,8 @@
 """Curvature operators: ``H = ∇²_params f(params, hparams, *args)`` at one point, as small objects.
 
 Every operator has one interface (:class:`CurvatureOperator`): ``matvec_flat`` / ``matvec``
-(``H v``), ``mixed_vjp`` (``∇_hparams <∇_params f, u>``), and the point's ``loss``, ``grad``,
-``grad_norm``. The ways of taking the products are separate classes, and the two things that
+(``H v``), ``mixed_vjp`` (``∇_hparams <∇_params f, u>``), ``mixed_jvp`` (``∂²f/∂params∂hparams · t``,
+the forward-mode mixed product), and the point's ``loss``, ``grad``, ``grad_norm``. The ways of taking the products are separate classes, and the two things that
 modify any of them are wrappers, composed the way optax chains transforms::
 
     op = ReverseHessian(point)                 # or ForwardHessian, ClosedFormHessian, AutoHessian
@@ -133,6 +133,17 @@ class CurvatureOperator:
         """``∇_hparams <∇_params f, u>`` (keys of ``hparams``)."""
         raise NotImplementedError
 
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        """``d/dε ∇_params f(params, hparams + ε t)`` (keys of ``params``): forward-over-reverse at the point.
+
+        One evaluation of ``f`` per call (RNG replayed); subclasses that know a cheaper form override it.
+        """
+        p = tree_detach(self.params)
+        grad_w = torch.func.grad(lambda pp, hh: self.point(pp, hh))
+        with torch.enable_grad(), replay_rng(self.point.rng):
+            _, out = torch.func.jvp(lambda hh: grad_w(p, hh), (tree_detach(self.hparams),), (dict(t),))
+        return dict(out)
+
     def hparams_in_loss(self) -> set[str]:
         """Keys of the hyperparameters that the loss depends on at all (a graph walk)."""
         return {k for k, h in self.hparams.items() if id(h) in self.reach}
@@ -154,6 +165,23 @@ class CurvatureOperator:
             raise ValueError(f"{self.point.name}.mixed_vjp: this operator was built without hparams.")
         check_like(self.params, u, f"{self.point.name}.mixed_vjp", "params", "u")
         return self.mixed(dict(u))
+
+    def mixed_jvp(self, t: Mapping[str, Tensor]) -> Tree:
+        """``(∂²f/∂params∂hparams) t = d/dε ∇_params f(params, hparams + ε t)`` (keys of ``params``).
+
+        The transpose of :meth:`mixed_vjp`: ``<mixed_jvp(t), u> = <t, mixed_vjp(u)>``. ``t`` has the
+        layout of ``hparams``. Taken in forward mode (``torch.func.jvp`` over ``torch.func.grad``).
+
+        Example:
+            >>> op = bl.HessianOperator(lambda p, h: 0.5 * (h["l"] * p["w"] ** 2).sum(),
+            ...                         {"w": torch.tensor([1., 2.])}, {"l": torch.ones(2)})
+            >>> op.mixed_jvp({"l": torch.tensor([1., 0.])})["w"]              # t ⊙ w
+            tensor([1., 0.])
+        """
+        if not self.point.has_hparams:
+            raise ValueError(f"{self.point.name}.mixed_jvp: this operator was built without hparams.")
+        check_like(self.hparams, t, f"{self.point.name}.mixed_jvp", "hparams", "t")
+        return self.mixed_tangent(dict(t))
 
 
 class ReverseHessian(CurvatureOperator):
@@ -320,6 +348,9 @@ class _Wrapper(CurvatureOperator):
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return self.inner.mixed(u)
 
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        return self.inner.mixed_tangent(t)
+
     def hparams_in_loss(self) -> set[str]:
         return self.inner.hparams_in_loss()
 
@@ -336,6 +367,9 @@ class _Averaged(_Wrapper):
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return all_reduce_mean_tree(self.inner.mixed(u), self.group)
+
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        return all_reduce_mean_tree(self.inner.mixed_tangent(t), self.group)
 
 
 def averaged(op: CurvatureOperator, group: Any) -> CurvatureOperator:
@@ -433,6 +467,14 @@ class _SeparableTerm:
                                       grad_outputs=[u[k] for k, _ in self._g], retain_graph=True, allow_unused=True)
         return _zeros_for_none(out, self._hparams)
 
+    def mixed_jvp(self, t: Mapping[str, Tensor]) -> Tree:
+        """``d/dε ∇_params P(params, hparams + ε t)`` (keys of ``params``), forward over reverse."""
+        p = tree_detach(self._params)
+        grad_w = torch.func.grad(lambda pp, hh: self._penalty(self._all(pp), hh))
+        with torch.enable_grad():
+            _, out = torch.func.jvp(lambda hh: grad_w(p, hh), (tree_detach(self._hparams),), (dict(t),))
+        return dict(out)
+
 
 class _Penalized(_Wrapper):
     def __init__(self, inner: CurvatureOperator, penalty: Callable[..., Tensor],
@@ -449,6 +491,10 @@ class _Penalized(_Wrapper):
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         data, pen = self.inner.mixed(u), self.term.mixed_vjp(u)
+        return {k: d + pen[k] for k, d in data.items()}
+
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        data, pen = self.inner.mixed_tangent(t), self.term.mixed_jvp(t)
         return {k: d + pen[k] for k, d in data.items()}
 
     def hparams_in_loss(self) -> set[str]:
