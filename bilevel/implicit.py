@@ -333,49 +333,61 @@ def _check_residual(x: Mapping[str, Tensor], res: Any, fn: str, what: str) -> Tr
 class _RootJacobian:
     """``J_x = ∂F/∂x`` of a residual ``F(x, hparams, *args)`` at one point, by products only.
 
-    ``rmatvec_flat`` (``J_xᵀ v``) and ``mixed_vjp`` (``(∂F/∂λ)ᵀ u``) reuse one graph of ``F``;
-    ``matvec_flat`` (``J_x v``) and ``mixed_jvp`` (``(∂F/∂λ) t``) are forward-mode products.
+    All four products are reverse passes on one graph of ``F``: ``rmatvec_flat`` (``J_xᵀ v``) and
+    ``mixed_vjp`` (``(∂F/∂λ)ᵀ u``) directly; ``matvec_flat`` (``J_x v``) and ``mixed_jvp``
+    (``(∂F/∂λ) t``) as the derivative in a dummy cotangent ``z`` of ``J_xᵀ z`` (the double-vjp trick:
+    ``J v = ∇_z <Jᵀ z, v>``), so no forward-mode formulas are needed.
     """
 
     mode = "reverse"
 
     def __init__(self, F: Callable[..., Any], x: Tree, h: Tree, args: tuple, kwargs: dict, name: str) -> None:
-        self.F, self.args, self.kwargs, self.name = F, args, kwargs, name
         self.x, self.h = tree_detach(x, requires_grad=True), tree_detach(h, requires_grad=True)
         self.flat = Flat(self.x)
         with torch.enable_grad():
             res = _check_residual(self.x, F(self.x, self.h, *args, **kwargs), name, "F(x, hparams, *args)")
         self._live = [(k, r) for k, r in res.items() if r.requires_grad]
+        self._transposed: dict[str, tuple] = {}
         self.grad_norm = tree_norm({k: r.detach() for k, r in res.items()})
         self.loss = torch.tensor(float("nan"))
 
-    def _vjp(self, inputs: list[Tensor], cot: Mapping[str, Tensor]) -> tuple[Optional[Tensor], ...]:
-        if not self._live:
-            return (None,) * len(inputs)
-        with torch.enable_grad():
-            return torch.autograd.grad([r for _, r in self._live], inputs, grad_outputs=[cot[k] for k, _ in self._live],
-                                       retain_graph=True, allow_unused=True)
+    def _vjp(self, inputs: Tree, cot: Sequence[Tensor], create_graph: bool = False) -> Tree:
+        """``(∂F/∂inputs)ᵀ cot`` (keys of ``inputs``; zeros where F does not depend on one)."""
+        grads: Sequence[Optional[Tensor]] = [None] * len(inputs)
+        if self._live:
+            with torch.enable_grad():
+                grads = torch.autograd.grad([r for _, r in self._live], list(inputs.values()), grad_outputs=list(cot),
+                                            retain_graph=True, create_graph=create_graph, allow_unused=True)
+        return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(inputs.items(), grads)}
 
-    def _jvp(self, x: Tree, h: Tree, tangent: tuple) -> Tree:
-        with torch.enable_grad():
-            _, out = torch.func.jvp(lambda xx, hh: dict(self.F(xx, hh, *self.args, **self.kwargs)), (x, h), tangent)
-        return out
+    def _jvp(self, which: str, tangent: Mapping[str, Tensor]) -> Tree:
+        """``(∂F/∂which) tangent`` = ``∇_z <(∂F/∂which)ᵀ z, tangent>``; the graph of ``(∂F/∂which)ᵀ z`` is built once."""
+        inputs = self.x if which == "x" else self.h
+        if which not in self._transposed:
+            z = [torch.zeros_like(r, requires_grad=True) for _, r in self._live]
+            self._transposed[which] = (z, self._vjp(inputs, z, create_graph=True))
+        z, back = self._transposed[which]
+        pairs = [(b, tangent[k]) for k, b in back.items() if b.requires_grad]
+        out: Sequence[Optional[Tensor]] = [None] * len(z)
+        if pairs:
+            with torch.enable_grad():
+                out = torch.autograd.grad([b for b, _ in pairs], z, grad_outputs=[t for _, t in pairs],
+                                          retain_graph=True, allow_unused=True)
+        live = {k: o for (k, _), o in zip(self._live, out)}
+        return {k: torch.zeros_like(v) if live.get(k) is None else live[k] for k, v in self.x.items()}
 
     def rmatvec_flat(self, v: Tensor) -> Tensor:
-        return self.flat.flatten_list(self._vjp(list(self.x.values()), self.flat.unflatten(v)))
+        cot = self.flat.unflatten(v)
+        return self.flat.flatten(self._vjp(self.x, [cot[k] for k, _ in self._live]))
 
     def matvec_flat(self, v: Tensor) -> Tensor:
-        h = tree_detach(self.h)
-        out = self._jvp(tree_detach(self.x), h, (self.flat.unflatten(v), {k: torch.zeros_like(t) for k, t in h.items()}))
-        return self.flat.flatten(out)
+        return self.flat.flatten(self._jvp("x", self.flat.unflatten(v)))
 
     def mixed_vjp(self, u: Mapping[str, Tensor]) -> Tree:
-        grads = self._vjp(list(self.h.values()), u)
-        return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(self.h.items(), grads)}
+        return self._vjp(self.h, [u[k] for k, _ in self._live])
 
     def mixed_jvp(self, t: Mapping[str, Tensor]) -> Tree:
-        x = tree_detach(self.x)
-        return self._jvp(x, tree_detach(self.h), ({k: torch.zeros_like(v) for k, v in x.items()}, dict(t)))
+        return self._jvp("h", t)
 
 
 def _solve(solver: Any, flat: Flat, matvec_flat: Callable[[Tensor], Tensor], b: Mapping[str, Tensor],

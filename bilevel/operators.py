@@ -2,8 +2,9 @@
 
 Every operator has one interface (:class:`CurvatureOperator`): ``matvec_flat`` / ``matvec``
 (``H v``), ``mixed_vjp`` (``∇_hparams <∇_params f, u>``), ``mixed_jvp`` (``∂²f/∂params∂hparams · t``,
-the forward-mode mixed product), and the point's ``loss``, ``grad``, ``grad_norm``. The ways of taking the products are separate classes, and the two things that
-modify any of them are wrappers, composed the way optax chains transforms::
+the mixed product of forward mode), and the point's ``loss``, ``grad``, ``grad_norm``. The ways of
+taking the products are separate classes, and the two things that modify any of them are wrappers,
+composed the way optax chains transforms::
 
     op = ReverseHessian(point)                 # or ForwardHessian, ClosedFormHessian, AutoHessian
     op = averaged(op, group)                   # data parallelism: one place for every all-reduce
@@ -49,6 +50,25 @@ HVP_MODES = ("auto", "reverse", "forward")
 
 def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Mapping[str, Tensor]) -> Tree:
     return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(like.items(), grads)}
+
+
+def _mixed_jvp_reverse(f: Callable[[Tree, Tree], Tensor], params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
+                       t: Mapping[str, Tensor]) -> Tree:
+    """``(∂²f/∂params∂hparams) t = ∇_params <∇_hparams f, t>`` (symmetry of mixed partials).
+
+    NOTE: two reverse passes rather than forward over reverse (``torch.func.jvp`` of the gradient):
+    DESIGN.md §3 measures double backward as the cheaper one in eager mode, and it also runs inside a
+    ``torch.autograd.forward_ad.dual_level``, where a nested forward-mode pass is refused.
+    """
+    p, h = tree_detach(params, requires_grad=True), tree_detach(hparams, requires_grad=True)
+    with torch.enable_grad():
+        loss = f(p, h)
+        gh = torch.autograd.grad(loss, list(h.values()), create_graph=True, allow_unused=True) \
+            if loss.requires_grad else [None] * len(h)
+        terms = [(g * t[k]).sum() for k, g in zip(h, gh) if g is not None and g.requires_grad]
+        out = torch.autograd.grad(torch.stack(terms).sum(), list(p.values()), allow_unused=True) \
+            if terms else [None] * len(p)
+    return {k: v.detach() for k, v in _zeros_for_none(out, p).items()}
 
 
 class Point:
@@ -134,15 +154,13 @@ class CurvatureOperator:
         raise NotImplementedError
 
     def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
-        """``d/dε ∇_params f(params, hparams + ε t)`` (keys of ``params``): forward-over-reverse at the point.
+        """``d/dε ∇_params f(params, hparams + ε t)`` (keys of ``params``), as ``∇_params <∇_hparams f, t>``.
 
-        One evaluation of ``f`` per call (RNG replayed); subclasses that know a cheaper form override it.
+        One more evaluation of ``f`` (RNG replayed) and a double backward; subclasses that know a
+        cheaper form override it.
         """
-        p = tree_detach(self.params)
-        grad_w = torch.func.grad(lambda pp, hh: self.point(pp, hh))
-        with torch.enable_grad(), replay_rng(self.point.rng):
-            _, out = torch.func.jvp(lambda hh: grad_w(p, hh), (tree_detach(self.hparams),), (dict(t),))
-        return dict(out)
+        with replay_rng(self.point.rng):
+            return _mixed_jvp_reverse(self.point, self.params, self.hparams, t)
 
     def hparams_in_loss(self) -> set[str]:
         """Keys of the hyperparameters that the loss depends on at all (a graph walk)."""
@@ -170,7 +188,8 @@ class CurvatureOperator:
         """``(∂²f/∂params∂hparams) t = d/dε ∇_params f(params, hparams + ε t)`` (keys of ``params``).
 
         The transpose of :meth:`mixed_vjp`: ``<mixed_jvp(t), u> = <t, mixed_vjp(u)>``. ``t`` has the
-        layout of ``hparams``. Taken in forward mode (``torch.func.jvp`` over ``torch.func.grad``).
+        layout of ``hparams``. Taken as ``∇_params <∇_hparams f, t>`` (one evaluation of ``f``, a double
+        backward), so no forward-mode derivative formulas are needed.
 
         Example:
             >>> op = bl.HessianOperator(lambda p, h: 0.5 * (h["l"] * p["w"] ** 2).sum(),
@@ -468,12 +487,8 @@ class _SeparableTerm:
         return _zeros_for_none(out, self._hparams)
 
     def mixed_jvp(self, t: Mapping[str, Tensor]) -> Tree:
-        """``d/dε ∇_params P(params, hparams + ε t)`` (keys of ``params``), forward over reverse."""
-        p = tree_detach(self._params)
-        grad_w = torch.func.grad(lambda pp, hh: self._penalty(self._all(pp), hh))
-        with torch.enable_grad():
-            _, out = torch.func.jvp(lambda hh: grad_w(p, hh), (tree_detach(self._hparams),), (dict(t),))
-        return dict(out)
+        """``d/dε ∇_params P(params, hparams + ε t)`` (keys of ``params``), on the penalty's own small graph."""
+        return _mixed_jvp_reverse(lambda pp, hh: self._penalty(self._all(pp), hh), self._params, self._hparams, t)
 
 
 class _Penalized(_Wrapper):
