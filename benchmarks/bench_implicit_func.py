@@ -63,6 +63,16 @@ def ridge_fit(h: Dict[str, Tensor], X: Tensor, y: Tensor) -> Dict[str, Tensor]:
     return {"w": torch.linalg.solve(A, X.T @ y / X.shape[0])}
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """One torch thread: on a shared 2-core machine, intra-op threads of the batched ops spin against
+    other processes (a first run with 2 threads under load made the vmapped solve 25× slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 CASES: Dict[str, Tuple[Callable[..., Tensor], Callable[..., Dict[str, Tensor]]]] = {
     "gd": (logistic_inner, gd_fit), "closed": (ridge_inner, ridge_fit)}
 

@@ -610,7 +610,10 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
       ``(H + damping I) y = −(∂²inner_loss/∂params∂hparams) t``, the tangent of params (JAXopt's
       ``root_jvp``);
     - ``torch.func.vmap`` over hyperparameters or data: the solver is vmapped (it must be batchable:
-      fixed iteration counts, no ``.item()``), each derivative rule solves item by item.
+      fixed iteration counts, no ``.item()``; an unbatchable one raises ``RuntimeError`` saying so),
+      each derivative rule solves item by item. Semantics are per item: a solver cannot mix the
+      items of a vmapped batch. Pass batched data as arguments of the decorated function, never
+      captured by ``inner_loss`` (the rules run outside the vmap level, as torch.func requires).
 
     ``outer(solve(hparams)).backward()`` fills ``hparams[k].grad``.
 

@@ -189,7 +189,8 @@ class CurvatureOperator:
 
         The transpose of :meth:`mixed_vjp`: ``<mixed_jvp(t), u> = <t, mixed_vjp(u)>``. ``t`` has the
         layout of ``hparams``. Taken as ``∇_params <∇_hparams f, t>`` (one evaluation of ``f``, a double
-        backward), so no forward-mode derivative formulas are needed.
+        backward: no forward-mode formulas needed), or forward over reverse where the operator takes
+        its products that way (``mode="forward"``, and ``"auto"`` after its fallback).
 
         Example:
             >>> op = bl.HessianOperator(lambda p, h: 0.5 * (h["l"] * p["w"] ** 2).sum(),
@@ -265,6 +266,14 @@ class ForwardHessian(CurvatureOperator):
         grad_h = torch.func.grad(lambda p, hh: self.point(p, hh), argnums=1)
         with torch.enable_grad(), replay_rng(self.point.rng):
             _, out = torch.func.jvp(lambda p: grad_h(p, h), (tree_detach(self.params),), (dict(u),))
+        return dict(out)
+
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        # forward over reverse, like the products: right where double backward is missing or silent
+        p = tree_detach(self.params)
+        grad_w = torch.func.grad(lambda pp, hh: self.point(pp, hh))
+        with torch.enable_grad(), replay_rng(self.point.rng):
+            _, out = torch.func.jvp(lambda hh: grad_w(p, hh), (tree_detach(self.hparams),), (dict(t),))
         return dict(out)
 
 
@@ -347,6 +356,9 @@ class AutoHessian(CurvatureOperator):
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return self._run(lambda op: op.mixed(u))
+
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        return self._run(lambda op: op.mixed_tangent(t))
 
 
 class _Wrapper(CurvatureOperator):

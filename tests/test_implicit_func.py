@@ -230,6 +230,43 @@ def test_mixed_jvp_closed_form():
         op.mixed_jvp({"l": torch.ones(4, dtype=DT)})
 
 
+class OnceCube(torch.autograd.Function):
+    """x³ whose backward cannot be differentiated again; it has a forward-mode rule."""
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return 3 * ctx.saved_tensors[0] ** 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 3 * ctx.saved_tensors[0] ** 2 * t
+
+
+def test_rules_through_a_once_differentiable_op():
+    # ∇_w f = h ⊙ w² − 1 goes through a backward that cannot be differentiated again: hvp_mode="forward"
+    # takes every product, the mixed ones included, forward over reverse
+    f = lambda p, h: (h["h"] * OnceCube.apply(p["w"])).sum() / 3 - p["w"].sum()
+    hh = torch.tensor([0.5, 2.0], dtype=DT)
+    w_star = lambda h: h.rsqrt()                                              # H = 2 h w > 0
+    op = make_operator(f, {"w": w_star(hh)}, {"h": hh}, mode="forward")
+    t = torch.tensor([3.0, -1.0], dtype=DT)
+    assert rel_err(op.mixed_jvp({"h": t})["w"], w_star(hh) ** 2 * t) < 1e-14
+    fit = bl.implicit_diff(f, solver=bl.Exact(), hvp_mode="forward")(lambda h: {"w": w_star(h["h"])})
+    ref = torch.diag(-w_star(hh) / (2 * hh))                                  # dw*/dh by the IFT, by hand
+    for jac in (torch.func.jacfwd, torch.func.jacrev):
+        assert rel_err(jac(lambda h: fit({"h": h})["w"])(hh), ref) < TOL, jac.__name__
+
+
 # -- fixed point: T(z) = tanh(W z + U λ), ‖W‖ < 1 -------------------------------------------------------
 def fixed_point_problem(d=5, m=3, seed=4):
     g = torch.Generator().manual_seed(seed)
