@@ -10,7 +10,7 @@ import torch
 import bilevel as bl
 from bilevel.operators import make_operator
 
-from conftest import rel_err
+from conftest import cube_fn, rel_err
 
 DT = torch.float64
 TOL = 1e-8          # float64 oracles
@@ -230,26 +230,7 @@ def test_mixed_jvp_closed_form():
         op.mixed_jvp({"l": torch.ones(4, dtype=DT)})
 
 
-class OnceCube(torch.autograd.Function):
-    """x³ whose backward cannot be differentiated again; it has a forward-mode rule."""
-
-    @staticmethod
-    def forward(x):
-        return x ** 3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        return 3 * ctx.saved_tensors[0] ** 2 * g
-
-    @staticmethod
-    def jvp(ctx, t):
-        return 3 * ctx.saved_tensors[0] ** 2 * t
+OnceCube = cube_fn(with_jvp=True)      # x³ whose backward cannot be differentiated again; it has a jvp
 
 
 def test_rules_through_a_once_differentiable_op():
