@@ -77,21 +77,24 @@ def all_reduce_mean_list(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
-def all_reduce_mean_grads(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor], group: Any, *,
-                          differentiable: bool = False) -> list[Optional[Tensor]]:
-    """Mean over ranks of gradients where ``None`` means "this rank's loss does not reach the tensor".
+def all_reduce_mean_grads(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor], loss: Tensor, group: Any, *,
+                          differentiable: bool = False) -> tuple[list[Optional[Tensor]], Tensor]:
+    """Mean over ranks of one step's gradients and (detached) loss; ``None`` in ``grads`` means "this
+    rank's loss does not reach the tensor". Returns ``(grads, loss)``; in one process, as they came.
 
-    The result is ``None`` only where no rank's loss reaches it (DistributedDataParallel with
-    ``find_unused_parameters`` averages the zeros of the ranks where it is unused): the mask of
-    used entries travels in the same collective as the gradients. ``differentiable``: through
-    :func:`differentiable_mean` (an unrolled step). All tensors must share ``like[0]``'s dtype.
+    A mean gradient is ``None`` only where no rank's loss reaches the tensor (DistributedDataParallel
+    with ``find_unused_parameters`` averages the zeros of the ranks where it is unused): the mask of
+    used entries and the loss travel in the same collective as the gradients. ``differentiable``:
+    through :func:`differentiable_mean` (an unrolled step). The gradients share ``like[0]``'s dtype.
     """
     if world_size(group) <= 1:
-        return list(grads)
-    used = torch.tensor([g is not None for g in grads], dtype=like[0].dtype, device=like[0].device)
+        return list(grads), loss.detach()
+    dt = like[0].dtype
+    used = torch.tensor([g is not None for g in grads], dtype=dt, device=like[0].device)
     filled = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
-    *out, used = (differentiable_mean if differentiable else all_reduce_mean_list)([*filled, used], group)
-    return [g if u > 0 else None for g, u in zip(out, used.tolist())]
+    *out, mean, used = (differentiable_mean if differentiable else all_reduce_mean_list)(
+        [*filled, loss.detach().reshape(1).to(dt), used], group)
+    return [g if u > 0 else None for g, u in zip(out, used.tolist())], mean.reshape(()).to(loss.dtype)
 
 
 def broadcast_from_first_(tensors: Sequence[Tensor], group: Any) -> None:

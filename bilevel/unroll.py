@@ -121,10 +121,7 @@ class _Stepper:
                 self.first_loss = loss              # for the check that every hparam is used
             gl = list(torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True))
             # the global batch's gradient and loss (differentiable when unrolled); no-op in one process
-            dt = next(iter(w.values())).dtype
-            *gl, mean = all_reduce_mean_grads([*gl, loss.detach().reshape(1).to(dt)], [*w.values(), loss],
-                                              self.group, differentiable=create_graph)
-            loss = mean.reshape(()).to(loss.dtype)
+            gl, loss = all_reduce_mean_grads(gl, list(w.values()), loss, self.group, differentiable=create_graph)
         g = dict(zip(w, gl))
         self.last_loss = loss.detach()
         self.last_gnorm = self._norm({k: None if v is None else v.detach() for k, v in g.items()}, loss)
