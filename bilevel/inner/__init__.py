@@ -4,10 +4,10 @@
 numbers may name entries of ``hparams`` so that they are tuned (``SGD(lr="lr")``).
 """
 
-from ._base import InnerOptimizer
+from ._base import InnerOptimizer, Schedule
 from ._from_torch import Partitioned, check_convertible, from_torch
 from ._torchopt import TorchOpt
 from .adam import Adam, AdamState, AdamW
 from .sgd import SGD, SGDState
 
-__all__ = ["InnerOptimizer", "SGD", "SGDState", "Adam", "AdamW", "AdamState", "TorchOpt", "Partitioned", "from_torch", "check_convertible"]
+__all__ = ["InnerOptimizer", "Schedule", "SGD", "SGDState", "Adam", "AdamW", "AdamState", "TorchOpt", "Partitioned", "from_torch", "check_convertible"]

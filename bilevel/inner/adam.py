@@ -105,12 +105,12 @@ class Adam(InnerOptimizer):
 
     def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: AdamState,
              hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], AdamState]:
-        lr = self._value(self.lr, hparams)
-        b1 = self._value(self.betas[0], hparams)
-        b2 = self._value(self.betas[1], hparams)
-        eps = self._value(self.eps, hparams)
-        wd = self._value(self.weight_decay, hparams)
         steps = per_key_steps(state.step, params)
+        lr = self._value(self.lr, hparams, steps)
+        b1 = self._value(self.betas[0], hparams, steps)
+        b2 = self._value(self.betas[1], hparams, steps)
+        eps = self._value(self.eps, hparams, steps)
+        wd = self._value(self.weight_decay, hparams, steps)
         new_steps = dict(steps)
         corrections: dict[int, tuple] = {}           # step count -> (step size, √(1 − β2^t)), shared
         has_wd = not self._is_zero(self.weight_decay)

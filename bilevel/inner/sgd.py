@@ -89,11 +89,11 @@ class SGD(InnerOptimizer):
 
     def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: SGDState,
              hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], SGDState]:
-        lr = self._value(self.lr, hparams)
-        mom = self._value(self.momentum, hparams)
-        damp = self._value(self.dampening, hparams)
-        wd = self._value(self.weight_decay, hparams)
         steps = per_key_steps(state.step, params)
+        lr = self._value(self.lr, hparams, steps)
+        mom = self._value(self.momentum, hparams, steps)
+        damp = self._value(self.dampening, hparams, steps)
+        wd = self._value(self.weight_decay, hparams, steps)
         new_steps = dict(steps)
         new_p: dict[str, Tensor] = {}
         new_buf: dict[str, Tensor] = {}
