@@ -6,7 +6,7 @@ numbers may name entries of ``hparams`` so that they are tuned (``SGD(lr="lr")``
 NAdam, RAdam.
 """
 
-from ._base import InnerOptimizer
+from ._base import InnerOptimizer, Schedule
 from ._from_torch import Partitioned, check_convertible, from_torch
 from ._torchopt import TorchOpt
 from .adagrad import Adagrad, AdagradState
@@ -17,6 +17,6 @@ from .radam import RAdam
 from .rmsprop import RMSprop, RMSpropState
 from .sgd import SGD, SGDState
 
-__all__ = ["InnerOptimizer", "SGD", "SGDState", "Adam", "AdamW", "AdamState", "RMSprop", "RMSpropState",
+__all__ = ["InnerOptimizer", "Schedule", "SGD", "SGDState", "Adam", "AdamW", "AdamState", "RMSprop", "RMSpropState",
            "Adagrad", "AdagradState", "Adamax", "AdamaxState", "NAdam", "NAdamState", "RAdam",
            "TorchOpt", "Partitioned", "from_torch", "check_convertible"]

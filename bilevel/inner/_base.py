@@ -15,14 +15,62 @@ Any numeric option may instead be the *name* of a tensor in ``hparams``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
-Num = Union[float, int, str, Tensor]
 
-__all__ = ["InnerOptimizer", "Num", "PerParameterRule", "OptionValues", "axpy", "ema_sq", "safe_sqrt",
+
+@dataclass(frozen=True)
+class Schedule:
+    """A per-step hyperparameter: the value at step ``t`` is ``hparams[name][t // block]``.
+
+    Give it wherever an optimizer takes a number (``SGD(lr=Schedule("lr"))``): ``hparams[name]`` is
+    a 1-D tensor with one entry per step (``block=1``) or per block of ``block`` steps, and each
+    entry gets its own hypergradient (a learned learning-rate schedule). The step ``t`` is the
+    number of steps the optimizer has taken, read from its state (the largest per-parameter step
+    count), so a run continued from a saved state continues the schedule.
+
+    Shapes: ``hparams[name]`` is ``(n_blocks,)``; covers steps ``0 .. n_blocks·block − 1``.
+
+    Example:
+        >>> opt = bl.inner.SGD(lr=bl.inner.Schedule("lr", block=2))
+        >>> lrs = torch.tensor([0.5, 0.1])                    # steps 0-1 at 0.5, steps 2-3 at 0.1
+        >>> w, s = {"w": torch.ones(1)}, opt.init({"w": torch.ones(1)})
+        >>> for _ in range(3):
+        ...     w, s = opt.step(w, {"w": torch.ones(1)}, s, {"lr": lrs})
+        >>> w["w"], opt.hparam_names()                        # 1 − 0.5 − 0.5 − 0.1
+        (tensor([-0.1000]), ['lr'])
+    """
+
+    name: str
+    block: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"bilevel.inner.Schedule: expected the name of a hparams entry, got {self.name!r}.")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"Invalid block for bilevel.inner.Schedule: {self.block!r} (expected an int >= 1, "
+                             f"the number of steps that share one value).")
+
+    def at(self, hparams: Mapping[str, Tensor], t: int) -> Tensor:
+        """The value at step ``t`` (a 0-dim slice of ``hparams[name]``, differentiable)."""
+        v = hparams[self.name]
+        i = t // self.block
+        if v.dim() != 1 or i >= v.shape[0]:
+            raise ValueError(
+                f"bilevel.inner.Schedule({self.name!r}, block={self.block}): expected hparams[{self.name!r}] of "
+                f"shape (n_blocks,) covering step {t} (n_blocks > {i}), got shape {tuple(v.shape)}. Fix: give one "
+                f"value per block of {self.block} steps for every step run, e.g. torch.full((ceil(steps / "
+                f"{self.block}),), 0.1).")
+        return v[i]
+
+
+Num = Union[float, int, str, Tensor, Schedule]
+
+__all__ = ["InnerOptimizer", "Num", "Schedule", "PerParameterRule", "OptionValues", "axpy", "ema_sq", "safe_sqrt",
            "scalar_dtype", "zeros_tree", "per_key_steps"]
 
 
@@ -72,6 +120,8 @@ class InnerOptimizer:
             for item in (v if isinstance(v, tuple) else (v,)):
                 if isinstance(item, str):
                     names.append(item)
+                elif isinstance(item, Schedule):
+                    names.append(item.name)
         return names
 
     def check_hparams(self, hparams: Optional[Mapping[str, Tensor]], fn: str) -> None:
@@ -87,10 +137,14 @@ class InnerOptimizer:
             )
 
     @staticmethod
-    def _value(v: Num, hparams: Optional[Mapping[str, Tensor]]) -> Union[float, Tensor]:
+    def _value(v: Num, hparams: Optional[Mapping[str, Tensor]],
+               steps: Optional[Mapping[str, int]] = None) -> Union[float, Tensor]:
         if isinstance(v, str):
             assert hparams is not None  # checked by check_hparams
             return hparams[v]
+        if isinstance(v, Schedule):
+            assert hparams is not None
+            return v.at(hparams, max(steps.values(), default=0) if steps else 0)
         return v
 
     @staticmethod
@@ -99,6 +153,8 @@ class InnerOptimizer:
         if isinstance(v, str):
             if not v:
                 raise ValueError(f"{fn}: `{name}` names a hyperparameter, but the name is empty.")
+            return
+        if isinstance(v, Schedule):
             return
         if isinstance(v, Tensor):
             if v.is_floating_point():
@@ -114,7 +170,7 @@ class InnerOptimizer:
 
     @staticmethod
     def _is_zero(v: Num) -> bool:
-        return not isinstance(v, (str, Tensor)) and v == 0
+        return not isinstance(v, (str, Tensor, Schedule)) and v == 0
 
 
 def zeros_tree(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -237,18 +293,20 @@ class PerParameterRule(InnerOptimizer):
     def init(self, params: Mapping[str, Tensor]) -> Any:
         return self.state_type(*self.init_trees(params), dict.fromkeys(params, 0))
 
-    def values(self, hparams: Optional[Mapping[str, Tensor]]) -> OptionValues:
-        """The options' values for one step (names read from ``hparams``)."""
+    def values(self, hparams: Optional[Mapping[str, Tensor]],
+               steps: Optional[Mapping[str, int]] = None) -> OptionValues:
+        """The options' values for one step (names read from ``hparams``; schedules at ``steps``)."""
         values = {}
         for opt in self._numeric:
             v = getattr(self, opt)
-            values[opt] = tuple(self._value(b, hparams) for b in v) if isinstance(v, tuple) else self._value(v, hparams)
+            values[opt] = tuple(self._value(b, hparams, steps) for b in v) if isinstance(v, tuple) \
+                else self._value(v, hparams, steps)
         return OptionValues(values)
 
     def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: Any,
              hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], Any]:
-        h = self.values(hparams)
         steps = per_key_steps(state.step, params)
+        h = self.values(hparams, steps)
         trees = tuple(state)[:-1]
         new_trees: tuple[dict, ...] = tuple({} for _ in trees)
         new_steps = dict(steps)
