@@ -36,8 +36,10 @@ def solve_adjoint(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
     gets tree-valued ``matvec`` (the seam of API.md).
     """
     if isinstance(solver, Solver):
-        x0 = None if u0 is None else op.flat.flatten(u0)
-        x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b), **({} if x0 is None else {"x0": x0}))
+        kwargs: dict[str, Any] = {} if u0 is None else {"x0": op.flat.flatten(u0)}
+        if solver.uses_rmatvec:          # a Hessian (or its Gauss-Newton model) is its own transpose
+            kwargs["rmatvec"] = op.matvec_flat
+        x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b), **kwargs)
         return op.flat.unflatten(x), info
     if not callable(solver):
         raise TypeError(f"bilevel: expected `solver` to be a bl.Solver or a callable solver(matvec, b) -> tree, "
