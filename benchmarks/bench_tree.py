@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from bilevel import Flat
+from bilevel._tree import Flat
 from conftest import Measure, Tree
 
 GROUP = "tree"

@@ -128,6 +128,16 @@ class ModelFunctions:
         named = dict(self.model.named_parameters())
         return {n: named[n] for n in self.inner_names}
 
+    def leaves(self) -> list[Tensor]:
+        """The inner variables' Parameters, in order (cached: the hot path of every inner step; the
+        cache is rebuilt when a module's parameter was replaced rather than updated in place)."""
+        cached = getattr(self, "_leaves", None)
+        if cached is None or any(getattr(mod, attr) is not p for mod, attr, p in cached):
+            slots = [n.rpartition(".") for n in self.inner_names]
+            cached = [(self.model.get_submodule(m), a, getattr(self.model.get_submodule(m), a)) for m, _, a in slots]
+            self._leaves = cached
+        return [p for _, _, p in cached]
+
     def fixed(self) -> dict[str, Tensor]:
         """The model's other parameters (not inner variables), detached: constants of a hyper step."""
         inner = set(self.inner_names)

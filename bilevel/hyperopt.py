@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ._errors import BilevelError, NonFiniteError, all_finite, check_scalar
+from ._errors import BilevelError, NonFiniteError, all_finite, check_scalar, fresh_tensors_finite
 from ._io import atomic_save
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
@@ -225,10 +225,10 @@ class HyperOptimizer:
         self._broadcast_buffers()
         if self._closure_optimizer:
             return self._closure_inner_step(batch)
-        leaves = list(self._fns.params().values())
+        leaves = self._fns.leaves()
         self.inner_optimizer.zero_grad(set_to_none=True)
         loss, grads = self._loss_and_grads(batch, leaves)
-        if not all_finite(loss, *(g for g in grads if g is not None)):
+        if not fresh_tensors_finite([loss.reshape(1).clone(), *(g for g in grads if g is not None)]):
             check_weights(self.model)
             self._fail(nonfinite_inner(loss), "inner_step")
             return loss
@@ -250,12 +250,11 @@ class HyperOptimizer:
                 loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams), fn,
                                            "penalty")
             gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-        dt = leaves[0].dtype
-        *grads, mean = all_reduce_mean_grads([*gs, loss.detach().reshape(1).to(dt)], [*leaves, leaves[0]], self.group)
-        return mean.reshape(()).to(loss.dtype), grads
+        grads, loss = all_reduce_mean_grads(gs, leaves, loss, self.group)
+        return loss, grads
 
     def _closure_inner_step(self, batch: Any) -> Tensor:
-        leaves = list(self._fns.params().values())
+        leaves = self._fns.leaves()
         self.inner_optimizer.zero_grad(set_to_none=True)
         snapshot = Snapshot(leaves, self.inner_optimizer)
         losses: list[Tensor] = []

@@ -38,7 +38,8 @@ def solve_adjoint(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
     Built-in solvers run on flat buffers; any other callable ``solver(matvec, b) -> tree``
     gets tree-valued ``matvec`` (the seam of API.md).
     """
-    return _solve(solver, op.flat, op.matvec_flat, b, u0, matvec=op.matvec)
+    # a Hessian (or its Gauss-Newton model) is its own transpose
+    return _solve(solver, op.flat, op.matvec_flat, b, u0, matvec=op.matvec, rmatvec_flat=op.matvec_flat)
 
 
 def _root_vjp(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
@@ -391,12 +392,14 @@ class _RootJacobian:
 
 
 def _solve(solver: Any, flat: Flat, matvec_flat: Callable[[Tensor], Tensor], b: Mapping[str, Tensor],
-           u0: Optional[Mapping[str, Tensor]] = None,
-           matvec: Optional[Callable[[Tree], Tree]] = None) -> tuple[Tree, Optional[SolverInfo]]:
-    """``A x = b`` with ``A`` given by ``matvec_flat``: built-in solvers on flat buffers, any other
-    callable ``solver(matvec, b) -> tree`` on trees."""
+           u0: Optional[Mapping[str, Tensor]] = None, matvec: Optional[Callable[[Tree], Tree]] = None,
+           rmatvec_flat: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tree, Optional[SolverInfo]]:
+    """``A x = b`` with ``A`` given by ``matvec_flat`` (and ``Aᵀ`` by ``rmatvec_flat``, for solvers that
+    use it): built-in solvers on flat buffers, any other callable ``solver(matvec, b) -> tree`` on trees."""
     if isinstance(solver, Solver):
-        kw = {} if u0 is None else {"x0": flat.flatten(u0)}
+        kw: dict[str, Any] = {} if u0 is None else {"x0": flat.flatten(u0)}
+        if solver.uses_rmatvec and rmatvec_flat is not None:
+            kw["rmatvec"] = rmatvec_flat
         x, info = solver.solve_flat(matvec_flat, flat.flatten(b), **kw)
         return flat.unflatten(x), info
     if not callable(solver):
@@ -416,7 +419,8 @@ def _finite(tree: Tree, lin: Any, fn: str, what: str) -> Tree:
 
 def _adjoint_rule(problem: _Problem, lin: Any, cot: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """VJP: ``J_xᵀ u = cotangent`` (``(H + damping I) u`` for minimizers), then ``−(∂F/∂λ)ᵀ u``."""
-    u, sinfo = _solve(problem.solver, lin.flat, problem.products(lin)[1], dict(zip(problem.xkeys, cot)))
+    forward, transposed = problem.products(lin)
+    u, sinfo = _solve(problem.solver, lin.flat, transposed, dict(zip(problem.xkeys, cot)), rmatvec_flat=forward)
     mixed = _finite(lin.mixed_vjp(u), lin, problem.name, "implicit gradient")
     problem.record.info = HypergradInfo(float(lin.grad_norm), float(lin.loss), float("nan"), sinfo, lin.mode)
     return tuple(-mixed[k] for k in problem.hkeys)
@@ -425,7 +429,8 @@ def _adjoint_rule(problem: _Problem, lin: Any, cot: Sequence[Tensor]) -> tuple[T
 def _tangent_rule(problem: _Problem, lin: Any, tangent: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """JVP (JAXopt's ``root_jvp``): ``J_x y = −(∂F/∂λ) t``; ``y`` is the tangent of ``x*``."""
     rhs = lin.mixed_jvp(dict(zip(problem.hkeys, tangent)))
-    y, sinfo = _solve(problem.solver, lin.flat, problem.products(lin)[0], {k: -v for k, v in rhs.items()})
+    forward, transposed = problem.products(lin)
+    y, sinfo = _solve(problem.solver, lin.flat, forward, {k: -v for k, v in rhs.items()}, rmatvec_flat=transposed)
     y = _finite(y, lin, problem.name, "implicit tangent")
     problem.record.info = HypergradInfo(float(lin.grad_norm), float(lin.loss), float("nan"), sinfo, lin.mode)
     return tuple(y[k] for k in problem.xkeys)
@@ -667,7 +672,8 @@ def _root_solver(solver: Any, symmetric: bool, api: str) -> Any:
         raise ValueError(
             f"bilevel.{api}: expected a solver for non-symmetric systems, got bl.{solver.name}: the adjoint system "
             f"J_xᵀ u = b of a root or fixed point is not symmetric in general, and {solver.name} assumes it is "
-            f"(a wrong answer, not an error). Fix: solver=bl.Exact() for small problems, or pass symmetric=True if "
+            f"(a wrong answer, not an error). Fix: solver=bl.Exact() for small problems, bl.GMRES() or "
+            f"bl.BiCGSTAB() for large ones, or pass symmetric=True if "
             f"J_x = ∂F/∂x is symmetric positive definite (e.g. F is the gradient of a convex function).")
     return solver
 
@@ -687,8 +693,10 @@ def implicit_root(F: Callable[..., Mapping[str, Tensor]], *, solver: Any = None,
 
     Args:
         F: ``F(x, hparams, *args, **kwargs) -> tree`` with the keys and shapes of ``x`` (the residual).
-        solver: a linear solver for non-symmetric systems; ``bl.Exact()`` (dense, ``P`` products) by
-            default, for small problems. ``bl.CG`` and ``bl.Nystrom`` are refused unless ``symmetric``.
+        solver: a linear solver for non-symmetric systems: ``bl.Exact()`` (dense, ``P`` products) by
+            default, for small problems; ``bl.GMRES``, ``bl.BiCGSTAB`` or ``bl.NormalCG`` (which also
+            gets ``J_x`` products) for large ones. ``bl.CG`` and ``bl.Nystrom`` are refused unless
+            ``symmetric``.
         symmetric: assert ``J_x`` is symmetric (positive definite for CG): allows CG.
         has_aux: the solver returns ``(x, aux)``; ``aux`` is passed through, undifferentiated.
 
@@ -725,8 +733,9 @@ def implicit_fixed_point(T: Callable[..., Mapping[str, Tensor]], *, solver: Any 
 
     Args:
         T: ``T(x, hparams, *args, **kwargs) -> tree`` with the keys and shapes of ``x``.
-        solver: a linear solver for non-symmetric systems; ``bl.Exact()`` by default (small problems).
-            ``bl.CG``/``bl.Nystrom`` need ``symmetric=True`` (``∂T/∂x`` symmetric and ``I − ∂T/∂x``
+        solver: a linear solver for non-symmetric systems; ``bl.Exact()`` by default (small problems),
+            ``bl.GMRES``/``bl.BiCGSTAB``/``bl.NormalCG`` for large ones. ``bl.CG``/``bl.Nystrom`` need
+            ``symmetric=True`` (``∂T/∂x`` symmetric and ``I − ∂T/∂x``
             positive definite, as for a gradient step on a convex loss).
         symmetric: assert ``∂T/∂x`` is symmetric.
         has_aux: the solver returns ``(x, aux)``; ``aux`` is passed through, undifferentiated.

@@ -637,3 +637,22 @@ def test_a_run_without_any_hyper_step_warns_when_it_ends():
     msgs = run(hyper_every=20)
     assert len(msgs) == 1 and "called step() 5 times and took no hyper step" in msgs[0] and "hyper_every=20" in msgs[0]
     assert run(hyper_every=2) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_non_finite_gradient_under_a_finite_loss_changes_nothing(dtype):
+    """√|w| at w = 0: the loss is finite, its gradient is Inf. The inner step must not move anything."""
+    model = torch.nn.Linear(3, 1).to(dtype)
+    with torch.no_grad():
+        model.weight[0, 1] = 0.0
+    hp = {"c": torch.tensor(0.1, dtype=dtype, requires_grad=True)}
+    inner = lambda m, h, b: ((m(b) - h["c"]) ** 2).mean() + m.weight.abs().sqrt().sum()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=inner, inner_optimizer=opt,
+                             outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1), on_error="skip",
+                             method=bl.FirstOrder())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        loss = hopt.inner_step(torch.randn(4, 3, dtype=dtype))
+    assert math.isfinite(float(loss)) and hopt.skipped == 1 and hopt.inner_steps == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not opt.state

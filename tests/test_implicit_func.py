@@ -324,6 +324,16 @@ def test_root_with_a_non_symmetric_jacobian_against_the_dense_oracle():
     assert max(rel_err(gb[i], jacobian(lb[i]).T @ c) for i in range(5)) < TOL
 
 
+@pytest.mark.parametrize("solver", [bl.GMRES(maxiter=50, tol=1e-13), bl.BiCGSTAB(maxiter=50, tol=1e-13),
+                                    bl.NormalCG(maxiter=50, tol=1e-13)], ids=lambda s: s.name)
+def test_root_with_krylov_solvers_for_non_symmetric_systems(solver):
+    # NormalCG also needs the other product (J_x for the adjoint, J_xᵀ for the tangent): both directions run
+    F, newton, jacobian, A, lam = root_problem()
+    root = bl.implicit_root(F, solver=solver)(newton)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        assert rel_err(jac(lambda l: root({"l": l})["x"])(lam), jacobian(lam)) < 1e-9, jac.__name__
+
+
 def test_root_refuses_symmetric_only_solvers_unless_asserted():
     F, newton, *_ = root_problem()
     for solver in (bl.CG(), bl.Nystrom(rank=2)):
