@@ -25,7 +25,7 @@ from ._result import Hypergrad, HypergradInfo
 from ._tree import Flat, Tree, tree_detach, tree_norm
 from .distributed import all_reduce_mean_list, check_group
 from .operators import CurvatureOperator, make_operator
-from .solvers import CG, Exact, Nystrom, Solver, SolverInfo
+from .solvers import CG, GMRES, Nystrom, Solver, SolverInfo
 
 __all__ = ["implicit_hypergrad", "implicit_diff", "implicit_root", "implicit_fixed_point", "ImplicitSolution",
            "solve_adjoint"]
@@ -678,6 +678,11 @@ def _root_solver(solver: Any, symmetric: bool, api: str) -> Any:
     return solver
 
 
+def _default_root_solver() -> Solver:
+    """Roots and fixed points have non-symmetric Jacobians: restarted GMRES, any size."""
+    return GMRES(maxiter=200, restart=50)
+
+
 def implicit_root(F: Callable[..., Mapping[str, Tensor]], *, solver: Any = None, symmetric: bool = False,
                   has_aux: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: differentiate a solver of ``F(x, hparams, *args) = 0`` by the implicit function theorem.
@@ -693,9 +698,9 @@ def implicit_root(F: Callable[..., Mapping[str, Tensor]], *, solver: Any = None,
 
     Args:
         F: ``F(x, hparams, *args, **kwargs) -> tree`` with the keys and shapes of ``x`` (the residual).
-        solver: a linear solver for non-symmetric systems: ``bl.Exact()`` (dense, ``P`` products) by
-            default, for small problems; ``bl.GMRES``, ``bl.BiCGSTAB`` or ``bl.NormalCG`` (which also
-            gets ``J_x`` products) for large ones. ``bl.CG`` and ``bl.Nystrom`` are refused unless
+        solver: a linear solver for non-symmetric systems: ``bl.GMRES(maxiter=200, restart=50)`` by
+            default; ``bl.BiCGSTAB``, ``bl.NormalCG`` (which also gets ``J_x`` products), or ``bl.Exact()``
+            (dense, ``P`` products) for small problems. ``bl.CG`` and ``bl.Nystrom`` are refused unless
             ``symmetric``.
         symmetric: assert ``J_x`` is symmetric (positive definite for CG): allows CG.
         has_aux: the solver returns ``(x, aux)``; ``aux`` is passed through, undifferentiated.
@@ -719,7 +724,7 @@ def implicit_root(F: Callable[..., Mapping[str, Tensor]], *, solver: Any = None,
         >>> torch.allclose(b.grad, torch.linalg.solve(A.T, torch.ones(2)))
         True
     """
-    slv = _root_solver(Exact() if solver is None else solver, symmetric, "implicit_root")
+    slv = _root_solver(_default_root_solver() if solver is None else solver, symmetric, "implicit_root")
     return _decorator("root", F, "implicit_root", solver=slv, has_aux=has_aux, symmetric=symmetric)
 
 
@@ -733,8 +738,8 @@ def implicit_fixed_point(T: Callable[..., Mapping[str, Tensor]], *, solver: Any 
 
     Args:
         T: ``T(x, hparams, *args, **kwargs) -> tree`` with the keys and shapes of ``x``.
-        solver: a linear solver for non-symmetric systems; ``bl.Exact()`` by default (small problems),
-            ``bl.GMRES``/``bl.BiCGSTAB``/``bl.NormalCG`` for large ones. ``bl.CG``/``bl.Nystrom`` need
+        solver: a linear solver for non-symmetric systems; ``bl.GMRES(maxiter=200, restart=50)`` by
+            default, or ``bl.BiCGSTAB``/``bl.NormalCG``/``bl.Exact()`` (small problems). ``bl.CG``/``bl.Nystrom`` need
             ``symmetric=True`` (``∂T/∂x`` symmetric and ``I − ∂T/∂x``
             positive definite, as for a gradient step on a convex loss).
         symmetric: assert ``∂T/∂x`` is symmetric.
@@ -764,7 +769,7 @@ def implicit_fixed_point(T: Callable[..., Mapping[str, Tensor]], *, solver: Any 
         >>> torch.allclose(u.grad, torch.linalg.solve((torch.eye(2) - W).T, torch.ones(2)))
         True
     """
-    slv = _root_solver(Exact() if solver is None else solver, symmetric, "implicit_fixed_point")
+    slv = _root_solver(_default_root_solver() if solver is None else solver, symmetric, "implicit_fixed_point")
     return _decorator("root", functools.partial(_fixed_point_residual, T), "implicit_fixed_point", solver=slv,
                       has_aux=has_aux, symmetric=symmetric)
 
