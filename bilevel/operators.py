@@ -332,8 +332,9 @@ class GaussNewton(CurvatureOperator):
     (the "double-vjp trick": forward mode by two reverse passes, here on a graph built once). Then
     ``H_ℓ`` (closed form, or double backward of ``gz`` in ``z``: the small output graph) and one
     backward ``Jᵀ(·)`` through the retained forward graph. Against ``torch.func.jvp`` of the output
-    (a fresh forward with tangents each product) on the 1.07M MLP of benchmarks/ this was 1.26 vs 1.99
-    gradients per product (benchmarks/RESULTS.md, "Gauss–Newton curvature").
+    (a fresh forward with tangents each product) on the 1.07M MLP of benchmarks/ this was 1.25 vs 1.45
+    gradients per product, paired (1.29 vs 1.92 in an earlier run; both on a loaded 2-core machine;
+    benchmarks/RESULTS.md, "Gauss–Newton curvature"). The FLOP floor is about 1.11 gradients.
     """
 
     mode = "gauss_newton"
