@@ -11,11 +11,15 @@ What DESIGN.md §3 claims and this file checks:
 
 ``*_raw`` benchmarks are the same products written directly against torch,
 without the library, to expose its overhead.
+
+Gauss-Newton (``hvp_mode="gauss_newton"``, ``Jᵀ H_ℓ J``): one product on a built operator
+(target: at most 1.3 gradients), and the same product with ``J v`` by ``torch.func.jvp`` of the
+network output instead of the double-vjp trick on the retained gradient graph.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
@@ -26,15 +30,15 @@ from conftest import Measure, MLPProblem, Tree
 GROUP = "hvp"
 
 
-def test_gradient(problem: MLPProblem, measure: Measure) -> None:
-    """The unit: ``torch.autograd.grad`` of the loss (one forward, one backward)."""
+def _gradient_fn(problem: MLPProblem) -> Callable[[], Tuple[Tensor, ...]]:
     w = problem.leaves()
     leaves = list(w.values())
+    return lambda: torch.autograd.grad(problem.loss(w, problem.X, problem.y), leaves)
 
-    def grad() -> Tuple[Tensor, ...]:
-        return torch.autograd.grad(problem.loss(w, problem.X, problem.y), leaves)
 
-    measure(grad, group=GROUP, name="gradient (unit)", unit=True, hvps=0)
+def test_gradient(problem: MLPProblem, measure: Measure) -> None:
+    """The unit: ``torch.autograd.grad`` of the loss (one forward, one backward)."""
+    measure(_gradient_fn(problem), group=GROUP, name="gradient (unit)", unit=True, hvps=0)
 
 
 def test_hvp_reverse_from_scratch(problem: MLPProblem, measure: Measure) -> None:
@@ -114,3 +118,44 @@ def test_hvp_marginal(problem: MLPProblem, measure: Measure) -> None:
 
     measure(lambda: op.matvec_flat(v), group=GROUP, name="HessianOperator.matvec_flat (marginal)", hvps=1)
     assert op.mode == "reverse"
+
+
+def _ggn_operator(problem: MLPProblem) -> bl.HessianOperator:
+    return bl.HessianOperator(problem.output_loss, problem.params, problem.hparams, (problem.X, problem.y),
+                            mode="gauss_newton")
+
+
+def test_ggn_marginal(problem: MLPProblem, measure: Measure) -> None:
+    """``op.matvec_flat(v)`` with ``mode="gauss_newton"``: ``J v`` by the double-vjp trick on the retained
+    gradient graph, the closed-form softmax ``H_ℓ``, one backward ``Jᵀ(·)``."""
+    op = _ggn_operator(problem)
+    v = op.flat.flatten(problem.random_direction())
+    measure(lambda: op.matvec_flat(v), group=GROUP, name="Gauss-Newton matvec_flat (marginal)",
+            paired_with=_gradient_fn(problem), hvps=1, target_gradients=1.3)
+    assert op.mode == "gauss_newton"
+
+
+def test_ggn_marginal_func_jvp(problem: MLPProblem, measure: Measure) -> None:
+    """The alternative: ``J v`` by ``torch.func.jvp`` of the output (a fresh forward with tangents per
+    product), then the same ``H_ℓ`` and ``Jᵀ(·)`` on the retained forward graph."""
+    w = problem.leaves()
+    leaves = list(w.values())
+    logits = torch.func.functional_call(problem.model, w, (problem.X,))
+    p = torch.softmax(logits.detach(), 1)
+    v = problem.random_direction()
+    out = lambda q: torch.func.functional_call(problem.model, q, (problem.X,))  # noqa: E731
+
+    def run() -> Tuple[Tensor, ...]:
+        _, jv = torch.func.jvp(out, (problem.params,), (v,))
+        pu = p * jv
+        hjv = (pu - p * pu.sum(1, keepdim=True)) / jv.shape[0]
+        return torch.autograd.grad(logits, leaves, hjv, retain_graph=True)
+
+    measure(run, group=GROUP, name="Gauss-Newton, J v by torch.func.jvp (raw)", paired_with=_gradient_fn(problem),
+            hvps=1)
+
+
+def test_ggn_operator_build(problem: MLPProblem, measure: Measure) -> None:
+    """``HessianOperator(mode="gauss_newton")``: forward, ``∂ℓ/∂z``, the gradient with ``create_graph=True``."""
+    measure(lambda: _ggn_operator(problem), group=GROUP, name="Gauss-Newton operator build (once)",
+            paired_with=_gradient_fn(problem), hvps=0)

@@ -10,6 +10,9 @@ One hypergradient = outer gradient (1) + inner gradient graph built once
 product. With ``bl.CG(maxiter=10, tol=0.0)`` (exactly 10 products) the
 target is at most 16 gradients; DESIGN.md §3 predicts about 15. The component
 benchmarks at the end give that decomposition for this inner loss.
+
+With ``hvp_mode="gauss_newton"`` (data loss as ``bl.losses.cross_entropy``, the decay as
+``penalty=``) the products are ``(Jᵀ H_ℓ J + D) v``; target at most 15 gradients.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from conftest import Measure, MLPProblem, Tree
 
 GROUP = "ift"
 TARGET_GRADIENTS = 16.0  # the target for CG with 10 iterations
+TARGET_GAUSS_NEWTON = 15.0  # the same with Gauss-Newton products
 
 
 def _hypergrad(problem: MLPProblem, solver: Any, split: bool = False) -> bl.Hypergrad:
@@ -64,6 +68,22 @@ def test_ift_cg10_penalty(problem: MLPProblem, measure: Measure) -> None:
                  target_gradients=TARGET_GRADIENTS)
     info = hg.info.solver
     assert info is not None and info.matvecs == 10 and info.iterations == 10
+
+
+def test_ift_cg10_gauss_newton(problem: MLPProblem, measure: Measure) -> None:
+    """``implicit_hypergrad(hvp_mode="gauss_newton")``, ``CG(maxiter=10, tol=0.0)``, decay as ``penalty=``."""
+    solver = bl.CG(maxiter=10, tol=0.0)
+
+    def run() -> bl.Hypergrad:
+        return bl.implicit_hypergrad(problem.output_loss, problem.outer_loss, problem.params, problem.hparams,
+                                     solver=solver, inner_args=(problem.X, problem.y),
+                                     outer_args=(problem.X_val, problem.y_val), penalty=problem.penalty,
+                                     hvp_mode="gauss_newton")
+
+    hg = measure(run, group=GROUP, name="IFT, CG 10 iterations, Gauss-Newton, penalty=",
+                 paired_with=_gradient_fn(problem), hvps=10, target_gradients=TARGET_GAUSS_NEWTON)
+    info = hg.info.solver
+    assert hg.info.hvp_mode == "gauss_newton" and info is not None and info.matvecs == 10
 
 
 def test_ift_neumann10_fixed_alpha(problem: MLPProblem, neumann_alpha: float, measure: Measure) -> None:

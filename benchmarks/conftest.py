@@ -190,6 +190,10 @@ class MLPProblem:
         """The inner loss without its penalty: ``inner_loss = data_loss + penalty``."""
         return self.loss(params, X, y)
 
+    def output_loss(self, params: Tree, hparams: Tree, X: Tensor, y: Tensor) -> Tensor:
+        """``data_loss`` written with ``bl.losses.cross_entropy``: the seam of ``hvp_mode="gauss_newton"``."""
+        return bl.losses.cross_entropy(functional_call(self.model, params, (X,)), y)
+
     @property
     def penalty(self) -> WeightDecay:
         """``0.5 Σ exp(hparams) ⊙ params²`` as a declared separable penalty (``penalty=`` of the library)."""

@@ -23,7 +23,8 @@ class HypergradInfo:
         outer_loss: ``L_V`` at params (``nan`` for :func:`bilevel.implicit_diff`).
         solver: the linear solve's :class:`~bilevel.SolverInfo` (``None`` for
             a user solver that returns a plain tree).
-        hvp_mode: how the Hessian products were taken (``"reverse"``, ``"forward"``, ``"closed"``).
+        hvp_mode: how the Hessian products were taken (``"reverse"``, ``"forward"``, ``"closed"``,
+            ``"gauss_newton"``).
         adjoint: the adjoint ``u = (H + damping I)⁻¹ ∂_w L_V`` (keys of params, detached): pass it
             as the next call's ``u0`` to warm-start the solve when params and hparams moved little.
 

@@ -108,7 +108,14 @@ def implicit_hypergrad(
         solver: a linear solver (``bl.CG()`` by default, ``bl.Neumann``, ``bl.Nystrom``,
             ``bl.Identity``, ``bl.Exact``) or any ``solver(matvec, b) -> tree``.
         inner_args, outer_args: extra positional arguments (batches).
-        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"`` (see :mod:`bilevel.hvp`).
+        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"`` (exact Hessian products, see
+            :mod:`bilevel.hvp`) | ``"gauss_newton"``: the generalized Gauss-Newton ``Jᵀ H_ℓ J``
+            replaces ``H`` in the solve (positive semi-definite for a loss convex in the network
+            output, so CG never meets negative curvature: the usual choice on a non-convex net away
+            from a minimum). ``inner_loss`` must then return one output loss,
+            ``bl.losses.cross_entropy(logits, y)``, ``bl.losses.mse(out, y)`` or
+            ``bl.losses.OutputLoss(fn)(out, ...)``, with separable regularizers in ``penalty=``. The
+            mixed term ``∇_λ <∂_w L_T, u>`` stays exact.
         check_finite: check inputs and the result for NaN/Inf (a few host syncs).
         penalty: optional ``penalty(params, hparams) -> scalar`` that is separable in
             ``params`` (a diagonal Hessian, e.g. the penalty of
@@ -626,7 +633,8 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
         inner_loss: ``inner_loss(params, hparams, *args, **kwargs) -> scalar``, the objective
             ``solve`` minimizes (the same ``*args`` and ``**kwargs`` as ``solve``).
         solver: linear solver for the derivative rules (``bl.CG()`` by default).
-        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"``.
+        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"`` | ``"gauss_newton"`` (as in
+            :func:`implicit_hypergrad`).
         penalty: optional separable ``penalty(params, hparams)`` added to ``inner_loss``
             (see :func:`implicit_hypergrad`).
         has_aux: the solver returns ``(params, aux)``; ``aux`` is passed through, undifferentiated.

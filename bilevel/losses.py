@@ -20,11 +20,18 @@ implicit hypergradient runs without second-order autograd:
     ...                            penalty=pen, inner_args=(X, y), outer_args=(Xv, yv))
 
 Structured losses always take ``hparams`` (possibly unused), also through :func:`bilevel.hvp`.
+
+Output losses (:class:`OutputLoss`, :func:`cross_entropy`, :func:`mse`) are the other kind: a loss of
+a network's *output*, ``ℓ(z, *args)``, with its Hessian in ``z`` (closed form or autograd). Written
+as the last call of an inner loss, they tell ``hvp_mode="gauss_newton"`` where the network ends and
+the loss begins (the generalized Gauss-Newton ``Jᵀ H_ℓ J``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
+import contextlib
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +40,7 @@ from torch import Tensor
 from ._errors import ShapeError
 from .kernels import linear_ce_hvp, logistic_curvature, logistic_hvp
 
-__all__ = ["Structured", "declares", "Logistic", "LinearCrossEntropy"]
+__all__ = ["Structured", "declares", "Logistic", "LinearCrossEntropy", "OutputLoss", "cross_entropy", "mse"]
 
 
 @runtime_checkable
@@ -185,3 +192,152 @@ class LinearCrossEntropy:
                   *args: Any) -> dict[str, Tensor]:
         """Zero: the data loss does not depend on hyperparameters."""
         return {k: torch.zeros_like(h) for k, h in hparams.items()}
+
+
+# -- output losses: the seam of the generalized Gauss-Newton curvature --------------------------------
+class _Record(NamedTuple):
+    loss: "OutputLoss"
+    output: Tensor
+    args: tuple
+    kwargs: dict
+    value: Tensor
+
+
+#: the output losses called while ``OutputLoss.record()`` is active (``None``: not recording)
+_RECORDS: ContextVar[Optional[list[_Record]]] = ContextVar("bilevel_output_losses", default=None)
+
+
+class OutputLoss:
+    """A loss of a network's output, ``fn(output, *args, **kwargs) -> scalar``, that marks the output.
+
+    Called, it returns ``fn(output, ...)`` unchanged. Written as the value an inner loss returns,
+    it tells ``hvp_mode="gauss_newton"`` where the network ends: the operator evaluates the inner
+    loss once, finds the output ``z`` and this loss, and multiplies by ``Jᵀ H_ℓ J`` (``J = ∂z/∂params``,
+    ``H_ℓ = ∂²ℓ/∂z²``). ``fn`` should be convex in ``output`` (then ``H_ℓ`` and the curvature are
+    positive semi-definite); only the first argument is the output, the others (targets, weights) are
+    held constant in ``H_ℓ``.
+
+    Args:
+        fn: the loss of the output.
+        output_hessian: optional closed form, ``output_hessian(output, *args, **kwargs)`` returning
+            ``u -> H_ℓ u`` (``u`` shaped like ``output``) with the point's work done once, or ``None``
+            where it does not apply; autograd's double backward on the small output graph otherwise.
+
+    Shapes: ``output`` of any shape ``(B, ...)``; the value is 0-dim; ``H_ℓ u`` is shaped like ``output``.
+
+    Example:
+        >>> huber = bl.losses.OutputLoss(F.smooth_l1_loss)          # H_ℓ by autograd
+        >>> z, y = torch.tensor([0.2, 3.0]), torch.zeros(2)
+        >>> huber(z, y)                                            # the loss itself
+        tensor(1.2600)
+        >>> f = lambda p, x, y: huber(x @ p["w"], y)                # a linear model: GGN = H
+        >>> x = torch.randn(5, 3)
+        >>> p, v = {"w": 0.1 * torch.ones(3)}, {"w": torch.ones(3)}
+        >>> torch.allclose(bl.hvp(f, p, v, x, torch.zeros(5), mode="gauss_newton")["w"],
+        ...                bl.hvp(f, p, v, x, torch.zeros(5))["w"])
+        True
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], *,
+                 output_hessian: Optional[Callable[..., Optional[Callable[[Tensor], Tensor]]]] = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"bilevel.losses.OutputLoss: expected `fn` to be a callable fn(output, *args) -> scalar, "
+                            f"got {type(fn).__name__}.")
+        self.fn, self._output_hessian = fn, output_hessian
+
+    def __call__(self, output: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """``fn(output, *args, **kwargs)``; recorded when :meth:`record` is active."""
+        value = self.fn(output, *args, **kwargs)
+        records = _RECORDS.get()
+        if records is not None:
+            records.append(_Record(self, output, args, kwargs, value))
+        return value
+
+    def output_hessian(self, output: Tensor, *args: Any, **kwargs: Any) -> Optional[Callable[[Tensor], Tensor]]:
+        """``u -> H_ℓ u`` at ``output`` in closed form, or ``None`` (then autograd is used)."""
+        if self._output_hessian is None:
+            return None
+        return self._output_hessian(output.detach(), *args, **kwargs)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def record() -> Iterator[list]:
+        """Context in which every call of an output loss is recorded, in order, into the yielded list
+        (entries with ``.loss``, ``.output``, ``.args``, ``.kwargs``, ``.value``).
+
+        Example:
+            >>> with bl.losses.OutputLoss.record() as calls:
+            ...     _ = bl.losses.mse(torch.ones(3), torch.zeros(3))
+            >>> len(calls), calls[0].value
+            (1, tensor(1.))
+        """
+        token = _RECORDS.set([])
+        try:
+            yield _RECORDS.get()  # type: ignore[misc]
+        finally:
+            _RECORDS.reset(token)
+
+
+def _ce_output_hessian(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                       reduction: str = "mean", label_smoothing: float = 0.0) -> Optional[Callable[[Tensor], Tensor]]:
+    """Per row ``r_i (diag(p_i) − p_i p_iᵀ) u_i`` without forming the ``C × C`` blocks; ``r_i`` is 1/B
+    (mean over the rows not ignored) or 1 (sum). Label smoothing does not change the Hessian (the loss
+    is linear in the targets, whose rows sum to 1). Class weights and probability targets: autograd."""
+    if weight is not None or logits.dim() != 2 or target.is_floating_point() or reduction not in ("mean", "sum"):
+        return None
+    p = torch.softmax(logits, dim=1)
+    keep = (target != ignore_index).to(p.dtype)
+    row = (keep / keep.sum() if reduction == "mean" else keep).unsqueeze(1)
+
+    def hv(u: Tensor) -> Tensor:
+        pu = p * u
+        return row * (pu - p * pu.sum(1, keepdim=True))
+
+    return hv
+
+
+def _mse_output_hessian(output: Tensor, target: Tensor, *,
+                        reduction: str = "mean") -> Optional[Callable[[Tensor], Tensor]]:
+    """``2/N I`` (mean over the ``N`` entries) or ``2 I`` (sum); broadcasting targets: autograd."""
+    if output.shape != target.shape or reduction not in ("mean", "sum"):
+        return None
+    scale = 2.0 / output.numel() if reduction == "mean" else 2.0
+    return lambda u: scale * u
+
+
+_CROSS_ENTROPY = OutputLoss(F.cross_entropy, output_hessian=_ce_output_hessian)
+_MSE = OutputLoss(F.mse_loss, output_hessian=_mse_output_hessian)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """``F.cross_entropy`` as an :class:`OutputLoss`: the same value, and a closed-form output Hessian.
+
+    ``H_ℓ u = (P ⊙ U − P · rowsum(P ⊙ U)) / B`` with ``P = softmax(logits)`` (``B`` the rows not
+    ignored; no division for ``reduction="sum"``), so a Gauss-Newton product never forms a ``C × C``
+    block. Class ``weight`` and probability targets take ``H_ℓ`` by autograd.
+
+    Shapes: ``logits (B, C)``, ``target (B,)`` integer (or as ``F.cross_entropy`` accepts); 0-dim value.
+
+    Example:
+        >>> logits, y = torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])
+        >>> bl.losses.cross_entropy(logits, y)                     # log 3
+        tensor(1.0986)
+        >>> model = nn.Linear(5, 3)
+        >>> inner = lambda m, h, b: bl.losses.cross_entropy(m(b[0]), b[1])   # a HyperOptimizer inner loss
+    """
+    return _CROSS_ENTROPY(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                          label_smoothing=label_smoothing)
+
+
+def mse(output: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """``F.mse_loss`` as an :class:`OutputLoss`: the same value, and the output Hessian ``2/N · I``
+    (``N = output.numel()``; ``2 I`` for ``reduction="sum"``).
+
+    Shapes: ``output`` and ``target`` of one shape; 0-dim value.
+
+    Example:
+        >>> bl.losses.mse(torch.tensor([1.0, 3.0]), torch.zeros(2))
+        tensor(5.)
+    """
+    return _MSE(output, target, reduction=reduction)

@@ -134,7 +134,11 @@ class Implicit(Method):
 
     Args:
         solver: linear solver for ``H u = ∂_w L_V`` (default ``bl.Neumann(steps=10)``).
-        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"``.
+        hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"`` | ``"gauss_newton"``: the generalized
+            Gauss-Newton ``Jᵀ H_ℓ J`` in the solve (positive semi-definite, so CG is safe on a
+            non-convex net; the mixed term stays exact). Then ``inner_loss(model, hparams, batch)``
+            must return one output loss, e.g. ``bl.losses.cross_entropy(model(x), y)``, and a weight
+            decay goes in the HyperOptimizer's ``penalty=`` (see :func:`bilevel.implicit_hypergrad`).
         warm_start: start each solve from the previous hyper step's adjoint ``u`` (kept by the
             HyperOptimizer and in its checkpoints). Weights and hyperparameters move little
             between hyper steps, so the solver continues where it stopped and a fixed budget
