@@ -232,6 +232,12 @@ class ReverseHessian(CurvatureOperator):
         # Only gradient leaves that carry a graph have a non-zero Hessian row.
         self._live = [(keys[i], g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self.dead = [k for k, g in zip(keys, grads) if g is not None and not g.requires_grad]
+        # NOTE: a gradient can carry a graph through the hyperparameters alone (``h * f(w)`` with
+        # f's backward once-differentiable): then it reaches no parameter, its Hessian products would
+        # all come out zero, and it is as ambiguous as a gradient without a graph. One walk decides.
+        if self._live and not any(id(p) in reachable_leaves([g for _, g in self._live])
+                                  for p in point.params.values()):
+            self.dead, self._live = self.dead + [k for k, _ in self._live], []
 
     def _backward(self, inputs: list[Tensor], cotangents: Mapping[str, Tensor]) -> tuple[Optional[Tensor], ...]:
         return _pull_back(self._live, inputs, cotangents)

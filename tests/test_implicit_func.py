@@ -400,3 +400,17 @@ def test_has_aux_without_a_pair_and_second_derivatives_are_refused():
     fit = bl.implicit_diff(ridge_inner, solver=bl.Exact())(ridge_solve)
     with pytest.raises(NotImplementedError, match="second derivatives|again"):
         torch.func.jacrev(torch.func.jacrev(lambda c: fit({"lam": h["lam"], "c": c}, X, y)["b"]))(h["c"])
+
+
+def test_auto_mode_sees_a_gradient_whose_graph_reaches_only_the_hyperparameters():
+    """h ⊙ w³ with a once-differentiable cube: ∇_w f carries a graph through h only. Double backward
+    would give a zero Hessian silently; "auto" must notice and take the products forward over reverse."""
+    f = lambda p, h: (h["h"] * OnceCube.apply(p["w"])).sum() / 3 - p["w"].sum()
+    hh = torch.tensor([0.5, 2.0], dtype=DT)
+    w = hh.rsqrt()
+    op = make_operator(f, {"w": w}, {"h": hh}, mode="auto")
+    v = torch.tensor([1.0, -2.0], dtype=DT)
+    assert op.mode == "forward"
+    assert rel_err(op.matvec({"w": v})["w"], 2 * hh * w * v) < 1e-14          # H = diag(2 h w)
+    hg = bl.implicit_hypergrad(f, lambda p, h: (p["w"] ** 2).sum(), {"w": w}, {"h": hh}, solver=bl.Exact())
+    assert rel_err(hg["h"], 2 * w * (-w / (2 * hh))) < 1e-10                  # 2 w ⊙ dw*/dh
