@@ -16,9 +16,10 @@ from .operators import HessianOperator, hvp, mixed_vjp
 from .solvers import CG, Exact, Identity, Neumann, Nystrom, Solver, SolverInfo
 from .implicit import ImplicitSolution, implicit_diff, implicit_hypergrad
 from .unroll import UnrollInfo, unrolled_hypergrad
+from .meta import imaml_grad
 from .methods import FiniteDifference, FirstOrder, Implicit, Method, MethodResult, Problem, Unrolled
 from .hyperopt import HyperOptimizer, HyperStepStats
-from . import hparams, inner, kernels, losses, nas
+from . import hparams, inner, kernels, losses, meta, nas
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "implicit_hypergrad",
     "UnrollInfo",
     "unrolled_hypergrad",
+    "imaml_grad",
     "HyperOptimizer",
     "HyperStepStats",
     "Implicit",
@@ -58,5 +60,6 @@ __all__ = [
     "inner",
     "kernels",
     "losses",
+    "meta",
     "nas",
 ]

@@ -154,3 +154,82 @@ def test_init_grad_refusals():
         bl.unrolled_hypergrad(inner, outer, {"w": w0}, {}, **kw)
     with pytest.raises(ValueError, match=r"weights_jacobian=True needs mode='forward'"):
         bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, weights_jacobian=True, **kw)
+
+
+# -- implicit MAML ----------------------------------------------------------------------------------
+def _flat_hessian(f, params):
+    """Dense ``∇²f`` over the flattened tree (float64 oracle)."""
+    keys, shapes = list(params), [p.shape for p in params.values()]
+    sizes = [p.numel() for p in params.values()]
+
+    def g(x):
+        return f({k: c.reshape(s) for k, c, s in zip(keys, x.split(sizes), shapes)})
+
+    return torch.func.hessian(g)(torch.cat([p.reshape(-1) for p in params.values()]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("solver", [bl.CG(maxiter=200, tol=1e-14), bl.Exact()], ids=["cg", "exact"])
+def test_imaml_grad_matches_a_dense_solve(solver, dtype):
+    net, params, _, inner, _, _, val = mlp_problem()
+    params = {k: v for k, v in params.items() if k != "head"}
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(10, 3, generator=g, dtype=DT), torch.randn(10, 2, generator=g, dtype=DT)
+    task = lambda p, X, Y: ((functional_call(net, p, (X,)) - Y) ** 2).mean()
+    lam = 0.7
+    theta = params
+    # a few proximal gradient steps from θ: the formula holds at any point, stationary or not
+    w = {k: v.clone() for k, v in theta.items()}
+    for _ in range(20):
+        gr = torch.func.grad(lambda p: bl.meta.proximal_loss(task, lam)(p, theta, X, Y))(w)
+        w = {k: w[k] - 0.3 * gr[k] for k in w}
+    H = _flat_hessian(lambda p: task(p, X, Y), w)
+    b = torch.cat([v.reshape(-1) for v in torch.func.grad(lambda p: task(p, *val))(w).values()])
+    dense = torch.linalg.solve(torch.eye(len(b), dtype=DT) + H / lam, b)
+    net.to(dtype)
+    cast = lambda t: {k: v.to(dtype) for k, v in t.items()}
+    hg = bl.imaml_grad(task, task, cast(w), cast(theta), lam, solver=solver, inner_args=(X.to(dtype), Y.to(dtype)),
+                       outer_args=tuple(v.to(dtype) for v in val))
+    net.to(DT)
+    assert list(hg) == list(theta) and all(hg[k].dtype == dtype for k in hg)
+    assert rel_err(torch.cat([hg[k].reshape(-1) for k in theta]), dense) < EXACT_TOL[dtype]
+    assert hg.info.inner_grad_norm > 0                          # the proximal gradient norm at w, reported
+
+
+def test_imaml_grad_matches_finite_differences_of_exact_ridge_adaptation():
+    g = torch.Generator().manual_seed(4)
+    n, d, lam = 15, 4, 0.5
+    X, y = torch.randn(n, d, generator=g, dtype=DT), torch.randn(n, generator=g, dtype=DT)
+    Xq, yq = torch.randn(8, d, generator=g, dtype=DT), torch.randn(8, generator=g, dtype=DT)
+    task = lambda p, X, y: 0.5 * ((X @ p["w"] + p["b"] - y) ** 2).mean()
+    Z = torch.cat([X, torch.ones(n, 1, dtype=DT)], 1)
+
+    def adapt(theta):                 # argmin task + λ/2 ‖(w, b) − θ‖², exactly: a ridge toward θ
+        v = torch.linalg.solve(Z.T @ Z / n + lam * torch.eye(d + 1, dtype=DT),
+                               Z.T @ y / n + lam * torch.cat([theta["w"], theta["b"].reshape(1)]))
+        return {"w": v[:d], "b": v[d]}
+
+    theta = {"w": torch.randn(d, generator=g, dtype=DT), "b": torch.tensor(0.3, dtype=DT)}
+    hg = bl.imaml_grad(task, task, adapt(theta), theta, lam, solver=bl.CG(maxiter=50, tol=1e-14),
+                       inner_args=(X, y), outer_args=(Xq, yq))
+    assert hg.info.inner_grad_norm < 1e-12                    # adapt() is the exact proximal solution
+    eps = 1e-6
+    for k in theta:
+        for i in range(theta[k].numel()):
+            e = torch.zeros_like(theta[k]).reshape(-1)
+            e[i] = eps
+            shifted = lambda s: {**theta, k: theta[k] + s * e.reshape(theta[k].shape)}
+            fd = (task(adapt(shifted(1.0)), Xq, yq) - task(adapt(shifted(-1.0)), Xq, yq)) / (2 * eps)
+            assert abs(float(hg[k].reshape(-1)[i] - fd)) < FD_TOL * max(abs(float(fd)), 1e-3), (k, i)
+
+
+def test_imaml_grad_errors():
+    w = {"w": torch.zeros(3, dtype=DT)}
+    task = lambda p: (p["w"] ** 2).sum()
+    with pytest.raises(bl.ShapeError, match="theta"):
+        bl.imaml_grad(task, task, w, {"v": torch.zeros(3, dtype=DT)}, 1.0)
+    with pytest.raises(bl.ShapeError, match="theta"):
+        bl.imaml_grad(task, task, w, {"w": torch.zeros(2, dtype=DT)}, 1.0)
+    for bad in (0.0, -1.0, float("inf"), torch.ones(2)):
+        with pytest.raises(ValueError, match=r"imaml_grad: expected `lam`.*Fix"):
+            bl.imaml_grad(task, task, w, w, bad)
