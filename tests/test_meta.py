@@ -44,7 +44,8 @@ def mlp_problem(seed=0, dtype=DT):
     net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).to(DT)
     params = {k: (0.5 * torch.randn(v.shape, generator=g, dtype=DT)).to(dtype) for k, v in net.named_parameters()}
     params["head"] = torch.randn(2, generator=g, dtype=DT).to(dtype)
-    hparams = {k: torch.full((), -2.0 + 0.3 * i, dtype=dtype) for i, k in enumerate(("0.weight", "2.weight"))}
+    decayed = ("0.weight", "2.weight")
+    hparams = {k: torch.full((), -2.0 + 0.3 * i, dtype=dtype) for i, k in enumerate(decayed)}
     X, Y = torch.randn(30, 3, generator=g, dtype=DT).to(dtype), torch.randn(30, 2, generator=g, dtype=DT).to(dtype)
     Xv, Yv = torch.randn(12, 3, generator=g, dtype=DT).to(dtype), torch.randn(12, 2, generator=g, dtype=DT).to(dtype)
     net.to(dtype)
@@ -52,7 +53,7 @@ def mlp_problem(seed=0, dtype=DT):
 
     def inner(p, h, X, Y):
         mse = ((functional_call(net, body(p), (X,)) - Y) ** 2).mean()
-        return mse + 0.5 * sum(h[k].exp() * (p[k] ** 2).sum() for k in h)
+        return mse + 0.5 * sum(h[k].exp() * (p[k] ** 2).sum() for k in decayed)
 
     def outer(p, h, X, Y):
         return ((functional_call(net, body(p), (X,)) + p["head"] - Y) ** 2).mean()
@@ -233,3 +234,50 @@ def test_imaml_grad_errors():
     for bad in (0.0, -1.0, float("inf"), torch.ones(2)):
         with pytest.raises(ValueError, match=r"imaml_grad: expected `lam`.*Fix"):
             bl.imaml_grad(task, task, w, w, bad)
+
+
+# -- forward mode: the Jacobian of the trained weights ------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("truncate", [None, 4])
+def test_weights_jacobian_quadratic_closed_form(truncate, dtype):
+    A, B, t, lam, w0, inner, outer = quadratic(dtype=dtype)
+    eta, T = 0.1, 12
+    hg, w = bl.unrolled_hypergrad(inner, outer, {"w": w0}, {"l": lam}, optimizer=bl.inner.SGD(lr=eta), steps=T,
+                                  truncate=truncate, mode="forward", weights_jacobian=True)
+    A, B = A.double(), B.double()
+    K = T if truncate is None else truncate
+    J = (torch.eye(5, dtype=DT) - torch.linalg.matrix_power(torch.eye(5, dtype=DT) - eta * A, K)) @ torch.linalg.solve(A, B)
+    jac = hg.info.weights_jacobian
+    assert set(jac) == {"w"} and jac["w"].shape == (3, 5) and jac["w"].dtype == dtype
+    assert rel_err(jac["w"], J.T) < EXACT_TOL[dtype]                   # row i: dw_T/dλ_i
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_weights_jacobian_matches_finite_differences(chunk):
+    _, params, hparams, inner, outer, batches, val = mlp_problem()
+    hp = {**hparams, "lr": torch.tensor(0.1, dtype=DT), "mom": torch.tensor(0.5, dtype=DT)}
+    kw = dict(optimizer=bl.inner.SGD(lr="lr", momentum="mom"), steps=6, inner_args=batches, outer_args=val)
+    hg, w = bl.unrolled_hypergrad(inner, outer, params, hp, mode="forward", forward_chunk=chunk,
+                                  weights_jacobian=True, **kw)
+    jac = hg.info.weights_jacobian
+    m = sum(v.numel() for v in hp.values())
+    assert set(jac) == set(params) and all(jac[k].shape == (m, *params[k].shape) for k in params)
+    eps = 1e-6
+    flat = torch.cat([v.reshape(-1) for v in hp.values()])
+    for i in range(m):                                   # column i by central differences of w_T
+        def w_at(sign):
+            x = flat.clone()
+            x[i] += sign * eps
+            parts = dict(zip(hp, x.split([v.numel() for v in hp.values()])))
+            _, wT = bl.unrolled_hypergrad(inner, outer, params, {k: parts[k].reshape(v.shape) for k, v in hp.items()},
+                                          **kw)
+            return wT
+
+        plus, minus = w_at(1.0), w_at(-1.0)
+        fd = {k: (plus[k] - minus[k]) / (2 * eps) for k in params}
+        assert tree_rel_err({k: jac[k][i] for k in params}, fd) < FD_TOL, i
+    assert float(jac["head"].abs().max()) == 0.0         # never updated: no dependence on λ
+    # the hypergradient is the Jacobian's transpose applied to ∂L_V/∂w_T (no direct term here)
+    gw = torch.func.grad(lambda p: outer(p, hp, *val))(w)
+    chained = sum(jac[k].reshape(m, -1) @ gw[k].reshape(-1) for k in params)
+    assert rel_err(torch.cat([hg[k].reshape(-1) for k in hp]), chained) < 1e-10
