@@ -97,3 +97,13 @@ def test_closed_form_products_smoke():
     for r in out["rows"]:          # the declared-structure paths give autograd's hypergradient / product
         assert r["rel_diff"] < 1e-5, r
     # speedups are timings: measured and recorded by benchmarks/bench_kernels.py, never asserted here
+
+
+def test_maml_sinusoid_smoke():
+    out = _load("maml_sinusoid").main(smoke=True, verbose=False)
+    assert out["batching_rel_err"] < 1e-5          # a batch of tasks as one tree == one call per task
+    res = out["results"]
+    assert set(res) == {"MAML, 1 step", "MAML, 5 steps", "first-order MAML, 5 steps", "iMAML (CG, λ=1)",
+                        "joint training + 5 steps"}
+    for r in res.values():
+        assert math.isfinite(r["mse"]) and r["ci95"] > 0 and r["mse_before_adaptation"] > 0
