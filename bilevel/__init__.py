@@ -17,9 +17,10 @@ from .operators import HessianOperator, hvp, mixed_vjp
 from .solvers import CG, BiCGSTAB, Exact, GMRES, Identity, Neumann, NormalCG, Nystrom, Solver, SolverInfo
 from .implicit import ImplicitSolution, implicit_diff, implicit_fixed_point, implicit_hypergrad, implicit_root
 from .unroll import UnrollInfo, unrolled_hypergrad
+from .meta import imaml_grad
 from .methods import FiniteDifference, FirstOrder, Implicit, Method, MethodResult, Problem, Unrolled
 from .hyperopt import HyperOptimizer, HyperStepStats
-from . import hparams, inner, kernels, losses, nas
+from . import hparams, inner, kernels, losses, meta, nas
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "implicit_fixed_point",
     "UnrollInfo",
     "unrolled_hypergrad",
+    "imaml_grad",
     "HyperOptimizer",
     "HyperStepStats",
     "Implicit",
@@ -64,5 +66,6 @@ __all__ = [
     "inner",
     "kernels",
     "losses",
+    "meta",
     "nas",
 ]

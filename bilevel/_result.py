@@ -47,9 +47,11 @@ class Hypergrad(dict):
     """The hypergradient tree (keys of ``hparams``) plus diagnostics in ``.info``.
 
     ``.info`` is a :class:`HypergradInfo` for implicit hypergradients and a
-    :class:`bilevel.UnrollInfo` for unrolled ones.
+    :class:`bilevel.UnrollInfo` for unrolled ones. ``.init_grad`` is ``None`` unless
+    :func:`bilevel.unrolled_hypergrad` was asked for it (``init_grad=True``): then the gradient
+    of the outer loss with respect to the starting params (keys of ``params``), as MAML needs.
 
-    Shapes: the keys and shapes of ``hparams``.
+    Shapes: the keys and shapes of ``hparams`` (``.init_grad``: those of ``params``).
 
     Example:
         >>> f = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()          # w*(c) = c
@@ -59,7 +61,9 @@ class Hypergrad(dict):
     """
 
     info: Any
+    init_grad: Optional[Tree]
 
-    def __init__(self, tree: Mapping[str, Tensor], info: Any) -> None:
+    def __init__(self, tree: Mapping[str, Tensor], info: Any, init_grad: Optional[Tree] = None) -> None:
         super().__init__(tree)
         self.info = info
+        self.init_grad = init_grad

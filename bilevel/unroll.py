@@ -13,7 +13,9 @@ mode            memory                          cost
 ==============  ==============================  =====================================
 
 The optimizer state (momentum buffers, Adam moments) is carried, differentiated
-and cut by truncation like the parameters.
+and cut by truncation like the parameters. Two more derivatives of the same unroll:
+``init_grad=True`` (reverse, checkpoint) also gives ``dL_V/dw_0``, MAML's meta-gradient, and
+``weights_jacobian=True`` (forward) the Jacobian ``dw_T/dλ`` whose columns forward mode pushes anyway.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class UnrollInfo:
         forward_steps: inner steps evaluated in all (a differentiated step of reverse mode counts once;
             checkpoint and replay modes count the training run, the recomputations and the rebuilt
             one-step graphs: replay at most ``(1 + ⌈log_k K⌉)·K``; forward mode counts traced steps).
+        weights_jacobian: with ``weights_jacobian=True`` (forward mode), the Jacobian of the final
+            params with respect to the hyperparameters: ``{param key: Tensor (m, *param.shape)}``, row
+            ``i`` being ``dw_T/dλ · e_i`` for the ``i``-th of the ``m`` hyperparameter entries, counted
+            key by key in the order of ``hparams``, each flattened row-major (so
+            ``torch.cat([v.reshape(-1) for v in hparams.values()])[i]`` is entry ``i``). Else ``None``.
 
     Example:
         >>> inner = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()
@@ -81,6 +88,7 @@ class UnrollInfo:
     replay_k: Optional[int] = None
     stored_states_max: Optional[int] = None
     forward_steps: Optional[int] = None
+    weights_jacobian: Optional[Tree] = None
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -180,9 +188,11 @@ def _outer(outer_loss: Callable[..., Tensor], w: Tree, h: Tree, outer_args: tupl
 
 
 # -- the modes ------------------------------------------------------------------------------------
-def _reverse(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn):
+def _reverse(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
+             init_grad: bool = False):
     step.track_first = True
     w = tree_detach(w, requires_grad=True)
+    w0 = w
     s = detach_state(s)
     with torch.enable_grad():
         for t in range(t0, T):
@@ -195,12 +205,13 @@ def _reverse(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
                 f"{fn}: expected every hyperparameter to reach the losses or the optimizer, got {unused} reaching "
                 f"neither (their hypergradient would be zero forever). Fix: remove them from hparams, or read "
                 f"them as hparams[key] inside a loss / name them in the optimizer (e.g. lr='lr').")
-        hg = grads_or_zeros(lv, list(h.values()))
-    return dict(zip(h, hg)), tree_detach(w), detach_state(s), lv.detach()
+        g = grads_or_zeros(lv, [*h.values(), *(w0.values() if init_grad else ())])
+    extra = {"init_grad": dict(zip(w0, g[len(h):]))} if init_grad else {}
+    return dict(zip(h, g[:len(h)])), tree_detach(w), detach_state(s), lv.detach(), extra
 
 
 def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
-                every: int):
+                every: int, init_grad: bool = False):
     # Forward: run without graph, keep (w, s, rng) every `every` steps.
     ckpts: dict[int, tuple] = {}
     w, s = tree_detach(w), detach_state(s)
@@ -230,7 +241,9 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
     set_rng(rng_end)
     step.last_loss, step.last_gnorm = last_loss, last_gnorm
     step.stored_states_max = peak
-    return dict(zip(h, hg)), w_final, s_final, lv.detach()
+    # after the last pullback a_w is the adjoint of w_{t0}: dL_V/dw_0 (the initial state is a constant)
+    extra = {"init_grad": dict(zip(w_final, a_w))} if init_grad else {}
+    return dict(zip(h, hg)), w_final, s_final, lv.detach(), extra
 
 
 def _outer_adjoint(outer_loss, w: Tree, s: Any, h: Tree, outer_args, fn):
@@ -297,7 +310,7 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
     n = T - t0
     if n == 1:                                       # one step: its graph is the one stored state
         step.stored_states_max = 1
-        return _reverse(step, outer_loss, w, s, h, t0, T, outer_args, fn)
+        return _reverse(step, outer_loss, w, s, h, t0, T, outer_args, fn)[:4]
     store: dict[int, tuple] = {}                     # t -> (w_t, s_t, rng before step t)
     losses: dict[int, Tensor] = {}
     peak = [0]
@@ -372,7 +385,7 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
 
 
 def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
-             chunk: Optional[int]):
+             chunk: Optional[int], weights_jacobian: bool = False):
 
     w0 = tree_detach(w)
     s0 = detach_state(s)
@@ -393,22 +406,25 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
         # transforms return tensors only: the state's non-tensor leaves (step counts) travel aside
         leaves, meta["spec"] = pytree.tree_flatten(ss)
         meta["static"] = [None if isinstance(x, Tensor) else x for x in leaves]
-        return lv, (ww, [x for x in leaves if isinstance(x, Tensor)], lv, loss, gnorm, stray)
+        return (lv, ww), (ww, [x for x in leaves if isinstance(x, Tensor)], lv, loss, gnorm, stray)
 
     def directional(tvec: Tensor):
-        _, dlv, aux = torch.func.jvp(run, (hd,), (fl.unflatten(tvec),), has_aux=True)
-        return dlv, aux
+        # the tangent of w_T comes with that of L_V: the jvp carries it through every step anyway
+        _, (dlv, dw), aux = torch.func.jvp(run, (hd,), (fl.unflatten(tvec),), has_aux=True)
+        return dlv, dw, aux
 
     basis = torch.eye(fl.size, dtype=fl.dtype, device=fl.device)
     # NOTE: vmap's own chunk_size cannot concatenate unbatched (out_dims=None) outputs, so chunk here.
     n = fl.size if chunk is None else max(1, int(chunk))
-    parts = []
+    parts, jac_parts = [], []
     try:
         # exact rewrites of calls that PyTorch's forward-mode AD gets wrong (see _forward_ad)
         with fixes_for([*w0.values(), *hd.values(), *pytree.tree_leaves(s0)], step.calls_mse_loss):
             for i in range(0, fl.size, n):
-                d, aux = torch.func.vmap(directional, out_dims=(0, None))(basis[i:i + n])
+                d, dw, aux = torch.func.vmap(directional, out_dims=(0, 0, None))(basis[i:i + n])
                 parts.append(d)
+                if weights_jacobian:
+                    jac_parts.append(dw)
     except RuntimeError as err:
         if "ZeroTensors are immutable" not in str(err):
             raise
@@ -431,7 +447,9 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
     sT = pytree.tree_unflatten([next(it) if x is None else x for x in meta["static"]], meta["spec"])
     hg = {k: v.clone() for k, v in fl.unflatten(dl).items()}
     step.last_loss, step.last_gnorm = loss.detach(), gnorm.detach()
-    return hg, tree_detach(wT), detach_state(sT), lv.detach()
+    extra = {"weights_jacobian": {k: torch.cat([p[k] for p in jac_parts]).detach() for k in w0}} \
+        if weights_jacobian else {}
+    return hg, tree_detach(wT), detach_state(sT), lv.detach(), extra
 
 
 # -- public -----------------------------------------------------------------------------------------
@@ -453,6 +471,8 @@ def unrolled_hypergrad(
     forward_chunk: Optional[int] = None,
     check_finite: bool = True,
     group: Any = None,
+    init_grad: bool = False,
+    weights_jacobian: bool = False,
 ) -> tuple[Hypergrad, Tree]:
     """Hypergradient of ``outer_loss`` after ``steps`` differentiable optimizer steps on ``inner_loss``.
 
@@ -460,7 +480,8 @@ def unrolled_hypergrad(
         inner_loss: ``inner_loss(params, hparams, *inner_args) -> scalar``.
         outer_loss: ``outer_loss(params, hparams, *outer_args) -> scalar``.
         params: tree, the starting point ``w_0`` (treated as a constant of ``hparams``).
-        hparams: tree of floating hyperparameters (of the losses and/or named by ``optimizer``).
+        hparams: tree of floating hyperparameters (of the losses and/or named by ``optimizer``); may be
+            ``{}`` with ``init_grad=True`` (MAML: the starting point is the only thing learned).
         optimizer: a differentiable inner optimizer (:class:`bilevel.inner.SGD`, ``Adam``, ``AdamW``,
             :class:`bilevel.inner.TorchOpt`).
         steps: number of inner steps ``T``.
@@ -492,14 +513,27 @@ def unrolled_hypergrad(
             shard of every batch): each step's inner gradient is averaged over the ranks by a
             differentiable all-reduce, then the hypergradient; every rank gets the global-batch
             result (:mod:`bilevel.distributed`). Modes ``"reverse"``, ``"checkpoint"`` and ``"replay"``.
+        init_grad: also return ``dL_V/dparams``, the gradient with respect to the starting point
+            ``w_0`` (MAML's meta-gradient), in ``hypergrad.init_grad``; the initial optimizer state is
+            held constant (``optimizer.init`` gives zeros, whatever ``params``). Modes ``"reverse"``
+            and ``"checkpoint"`` (one more output of the same backward pass, no extra cost), without
+            ``truncate``: a truncated unroll differentiates from ``w_{T−K}``, not from ``params``, and
+            forward mode would need one pushed direction per weight.
+        weights_jacobian: forward mode only: also return the Jacobian ``dw_T/dλ`` of the final params in
+            ``hypergrad.info.weights_jacobian`` (one row per hyperparameter entry, see
+            :class:`UnrollInfo`). Forward mode pushes every direction anyway; keeping the rows costs
+            ``m·P`` memory (with ``forward_chunk``, more than the pushes themselves).
 
     Returns:
         ``(hypergrad, final_params)``: a :class:`bilevel.Hypergrad` tree (keys of ``hparams``) whose
         ``.info`` is an :class:`UnrollInfo` (losses, last inner gradient norm, final optimizer state),
-        and the final params tree (detached).
+        and the final params tree (detached). ``hypergrad.init_grad`` is ``None`` unless
+        ``init_grad=True``.
 
     Shapes: ``params`` and ``hparams`` are trees of any leaf shapes; the hypergradient has the keys
-    and shapes of ``hparams``, the final params those of ``params``. The losses return 0-dim tensors.
+    and shapes of ``hparams``, the final params and ``init_grad`` those of ``params``; the weights
+    Jacobian is ``{key: (m, *params[key].shape)}`` with ``m`` the number of hyperparameter entries.
+    The losses return 0-dim tensors.
 
     Example:
         >>> inner = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()         # w_T → c
@@ -509,10 +543,17 @@ def unrolled_hypergrad(
         ...                               {"c": torch.ones(2), "lr": torch.tensor(0.5)}, optimizer=opt, steps=20)
         >>> hg["c"].shape, hg["lr"].shape, torch.allclose(hg["c"], 2 * w["w"], atol=1e-4)
         (torch.Size([2]), torch.Size([]), True)
+        >>> shrink = lambda p, h: 0.5 * (p["w"] ** 2).sum()                     # one step: w_1 = w_0 / 2
+        >>> hg, _ = bl.unrolled_hypergrad(shrink, outer, {"w": torch.ones(2)}, {}, optimizer=bl.inner.SGD(lr=0.5),
+        ...                               steps=1, init_grad=True)           # MAML: no hparams, only w_0
+        >>> hg.init_grad["w"]                                                 # d‖w_1‖²/dw_0 = w_1
+        tensor([0.5000, 0.5000])
     """
     fn = "bilevel.unrolled_hypergrad"
     params = check_tree(params, fn, "params")
-    hparams = check_tree(hparams, fn, "hparams")
+    # MAML learns only the starting point: no hyperparameter at all is fine when init_grad is asked for
+    no_hparams = init_grad and isinstance(hparams, Mapping) and len(hparams) == 0
+    hparams = {} if no_hparams else check_tree(hparams, fn, "hparams")
     if not isinstance(optimizer, InnerOptimizer):
         raise TypeError(f"{fn}: expected `optimizer` to be a bilevel.inner optimizer (bl.inner.SGD, bl.inner.Adam, "
                         f"bl.inner.TorchOpt(...)), got {type(optimizer).__name__}. Fix: for a torchopt "
@@ -533,6 +574,25 @@ def unrolled_hypergrad(
         raise TypeError(f"{fn}: expected `inner_args` to be a tuple or a callable t -> tuple, "
                         f"got {type(inner_args).__name__}.")
     outer_args = _args_at(outer_args, 0)
+    if init_grad and mode == "forward":
+        raise ValueError(
+            f"{fn}: init_grad=True needs mode='reverse' or 'checkpoint', got mode='forward': forward mode pushes "
+            f"one tangent per hyperparameter entry through the whole unroll, and the gradient with respect to "
+            f"params would take one per weight ({sum(v.numel() for v in params.values())} of them), where a "
+            f"reverse pass gets it at no extra cost. Fix: mode='reverse', or mode='checkpoint' for long unrolls.")
+    if init_grad and mode == "replay":
+        raise ValueError(f"{fn}: init_grad=True is not available with mode='replay' yet. Fix: mode='checkpoint' "
+                         f"(O(√steps) stored states), or mode='reverse'.")
+    if init_grad and truncate is not None and truncate < steps:
+        raise ValueError(
+            f"{fn}: init_grad=True needs the whole unroll differentiated, got truncate={truncate} < "
+            f"steps={steps}: a truncated unroll differentiates from the params after {steps - truncate} steps, so "
+            f"its gradient is not the gradient with respect to `params`. Fix: truncate=None (with "
+            f"mode='checkpoint' if memory is short), or fewer steps.")
+    if weights_jacobian and mode != "forward":
+        raise ValueError(
+            f"{fn}: weights_jacobian=True needs mode='forward' (it pushes one tangent per hyperparameter entry "
+            f"and returns their values at the final params), got mode={mode!r}. Fix: mode='forward'.")
     if check_finite:
         check_finite_tree(params, fn, "params")
         check_finite_tree(hparams, fn, "hparams")
@@ -555,29 +615,35 @@ def unrolled_hypergrad(
     try:
         for t in range(steps - K):                   # the undifferentiated prefix
             w, s = step.autograd(w, s, h, t, create_graph=False)
+        extra: dict[str, Any] = {}
         if mode == "reverse":
-            hg, w, s, lv = _reverse(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn)
+            hg, w, s, lv, extra = _reverse(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, init_grad)
         elif mode == "checkpoint":
-            hg, w, s, lv = _checkpoint(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, every)
+            hg, w, s, lv, extra = _checkpoint(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, every,
+                                              init_grad)
         elif mode == "replay":
             hg, w, s, lv = _replay(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, replay_k)
         else:
-            hg, w, s, lv = _forward(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, forward_chunk)
+            hg, w, s, lv, extra = _forward(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn,
+                                           forward_chunk, weights_jacobian)
     except BaseException:
         set_rng(rng_start)                           # a failed call leaves the RNG as it found it
         raise
+    g0 = extra.get("init_grad", {})
     # mean over ranks of the per-rank outer losses' hypergradients (no-op in one process)
-    *red, lv = all_reduce_mean_list([*hg.values(), lv], group)
-    hg = dict(zip(hg, red))
+    *red, lv = all_reduce_mean_list([*hg.values(), *g0.values(), lv], group)
+    hg, g0 = dict(zip(hg, red[:len(hg)])), dict(zip(g0, red[len(hg):]))
     if check_finite:
         check_finite_tree(w, fn, "the final params (the inner optimization diverged; lower the learning rate)")
         check_finite_scalar(lv, fn, "outer_loss at the final params")
         check_finite_tree(hg, fn, "the hypergradient")
+        check_finite_tree(g0, fn, "the gradient with respect to params (init_grad)")
     last_loss = float(step.last_loss) if step.last_loss is not None else math.nan
     last_gn = float(step.last_gnorm) if step.last_gnorm is not None else math.nan
     info = UnrollInfo(mode, steps, K, float(lv), last_loss, last_gn, s, every,
-                      replay_k if mode == "replay" else None, step.stored_states_max, step.evaluated)
-    return Hypergrad(hg, info), w
+                      replay_k if mode == "replay" else None, step.stored_states_max, step.evaluated,
+                      weights_jacobian=extra.get("weights_jacobian"))
+    return Hypergrad(hg, info, init_grad=g0 if init_grad else None), w
 
 
 def finite_difference_hypergrad(

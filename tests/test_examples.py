@@ -117,3 +117,13 @@ def test_data_selection_smoke():
         assert 0.0 <= out[k][0] <= 1.0, k
     # each round is one replay metagradient: at most (1 + ⌈log2 12⌉) = 5 training runs' steps
     assert 2 <= out["training_runs_per_seed"] <= 2 * 5
+
+
+def test_maml_sinusoid_smoke():
+    out = _load("maml_sinusoid").main(smoke=True, verbose=False)
+    assert out["batching_rel_err"] < 1e-5          # a batch of tasks as one tree == one call per task
+    res = out["results"]
+    assert set(res) == {"MAML, 1 step", "MAML, 5 steps", "first-order MAML, 5 steps", "iMAML (CG, λ=1)",
+                        "joint training + 5 steps"}
+    for r in res.values():
+        assert math.isfinite(r["mse"]) and r["ci95"] > 0 and r["mse_before_adaptation"] > 0

@@ -16,7 +16,7 @@ LAYERS = {
     "losses": 4, "hparams": 5, "solvers": 4, "inner": 4,
     "operators": 6, "hvp": 7,
     "implicit": 8, "unroll": 8,
-    "methods": 9, "_training": 9,
+    "methods": 9, "_training": 9, "meta": 9,
     "hyperopt": 10,
     "nas": 11,
     "__init__": 12,
