@@ -10,29 +10,25 @@ collectives and bytes of those 10 steps. Figures (per hyper step, rank 0) are in
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from typing import Any, Dict
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import bilevel as bl
+from bilevel.distributed import spawn
 
 STEPS, WARMUP = 10, 2
 METHODS = {"implicit-cg10": lambda: bl.Implicit(solver=bl.CG(maxiter=10, tol=0.0, damping=1.0)),
            "unrolled-5": lambda: bl.Unrolled(steps=5)}
 
 
-def _worker(rank: int, world: int, init: str, method: str, out: str) -> None:
+def _worker(rank: int, world: int, method: str) -> Dict[str, Any]:
     import time
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     counts = {"calls": 0, "bytes": 0, "on": False}
     orig = dist.all_reduce
 
@@ -65,21 +61,14 @@ def _worker(rank: int, world: int, init: str, method: str, out: str) -> None:
             hopt.hyper_step(b, bv)
         seconds = (time.perf_counter() - t0) / STEPS
         counts["on"] = False
-        if rank == 0:
-            with open(out, "w") as fh:
-                json.dump({"seconds_per_hyper_step": seconds, "allreduces_per_step": counts["calls"] / STEPS,
-                           "bytes_per_step": counts["bytes"] / STEPS, "hyperparameters": sum(v.numel() for v in hp.values())}, fh)
+        return {"seconds_per_hyper_step": seconds, "allreduces_per_step": counts["calls"] / STEPS,
+                "bytes_per_step": counts["bytes"] / STEPS, "hyperparameters": sum(v.numel() for v in hp.values())}
     finally:
         dist.all_reduce = orig
-        dist.destroy_process_group()
 
 
 def run(world: int, method: str) -> Dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), method, out), nprocs=world)
-        with open(out) as fh:
-            return json.load(fh)
+    return spawn(_worker, world, world, method)[0]          # rank 0's figures
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -3,8 +3,9 @@
 ``import bilevel as bl``. The core is pure functions over parameter trees
 (``dict[str, Tensor]``): :func:`hvp`, :func:`mixed_vjp`, the linear solvers
 (:class:`CG`, :class:`Neumann`, :class:`Nystrom`, :class:`Identity`,
-:class:`Exact`), implicit differentiation (:func:`implicit_hypergrad`,
-:func:`implicit_diff`) and unrolled differentiation (:func:`unrolled_hypergrad`).
+:class:`Exact`; for non-symmetric systems :class:`GMRES`, :class:`BiCGSTAB`, :class:`NormalCG`),
+implicit differentiation (:func:`implicit_hypergrad`, :func:`implicit_diff`, :func:`implicit_root`,
+:func:`implicit_fixed_point`) and unrolled differentiation (:func:`unrolled_hypergrad`).
 The stateful edge is :class:`HyperOptimizer`, driven by a method object
 (:class:`Implicit`, :class:`Unrolled`, :class:`FiniteDifference`, :class:`FirstOrder`).
 """
@@ -13,8 +14,8 @@ from ._errors import BilevelError, DivergenceError, NonFiniteError, ShapeError
 from ._result import Hypergrad, HypergradInfo
 from ._tree import Tree
 from .operators import HessianOperator, hvp, mixed_vjp
-from .solvers import CG, Exact, Identity, Neumann, Nystrom, Solver, SolverInfo
-from .implicit import ImplicitSolution, implicit_diff, implicit_hypergrad
+from .solvers import CG, BiCGSTAB, Exact, GMRES, Identity, Neumann, NormalCG, Nystrom, Solver, SolverInfo
+from .implicit import ImplicitSolution, implicit_diff, implicit_fixed_point, implicit_hypergrad, implicit_root
 from .unroll import UnrollInfo, unrolled_hypergrad
 from .methods import FiniteDifference, FirstOrder, Implicit, Method, MethodResult, Problem, Unrolled
 from .hyperopt import HyperOptimizer, HyperStepStats
@@ -32,9 +33,12 @@ __all__ = [
     "hvp",
     "mixed_vjp",
     "CG",
+    "BiCGSTAB",
     "Exact",
+    "GMRES",
     "Identity",
     "Neumann",
+    "NormalCG",
     "Nystrom",
     "Solver",
     "SolverInfo",
@@ -43,6 +47,8 @@ __all__ = [
     "ImplicitSolution",
     "implicit_diff",
     "implicit_hypergrad",
+    "implicit_root",
+    "implicit_fixed_point",
     "UnrollInfo",
     "unrolled_hypergrad",
     "HyperOptimizer",

@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-from ._errors import NonFiniteError, all_finite, check_finite_scalar, check_finite_tree, check_like, check_scalar, check_tree
+from ._errors import NonFiniteError, ShapeError, all_finite, check_finite_scalar, check_finite_tree, check_like, check_scalar, check_tree
 from ._result import Hypergrad, HypergradInfo
-from ._tree import Tree, tree_detach
+from ._tree import Flat, Tree, tree_detach, tree_norm
 from .distributed import all_reduce_mean_list, check_group
 from .operators import CurvatureOperator, make_operator
-from .solvers import CG, Solver, SolverInfo
+from .solvers import CG, Exact, Nystrom, Solver, SolverInfo
 
-__all__ = ["implicit_hypergrad", "implicit_diff", "ImplicitSolution", "solve_adjoint"]
+__all__ = ["implicit_hypergrad", "implicit_diff", "implicit_root", "implicit_fixed_point", "ImplicitSolution",
+           "solve_adjoint"]
 
 
 def solve_adjoint(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
@@ -39,18 +42,12 @@ def solve_adjoint(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
     ``info.extra``; its ``"eigvec"`` (a ``(P,)`` eigenvector estimate) warm-starts the ``λ_max``
     estimate of a solver whose ``solve_flat`` takes ``eigvec0`` (:class:`bilevel.Neumann`).
     """
-    if isinstance(solver, Solver):
-        kw: dict[str, Any] = {} if u0 is None else {"x0": op.flat.flatten(u0)}
-        eigvec = None if solver_state is None else solver_state.get("eigvec")
-        if eigvec is not None and "eigvec0" in inspect.signature(solver.solve_flat).parameters:
-            kw["eigvec0"] = eigvec
-        x, info = solver.solve_flat(op.matvec_flat, op.flat.flatten(b), **kw)
-        return op.flat.unflatten(x), info
-    if not callable(solver):
-        raise TypeError(f"bilevel: expected `solver` to be a bl.Solver or a callable solver(matvec, b) -> tree, "
-                        f"got {type(solver).__name__}. Fix: pass e.g. bl.CG(maxiter=20).")
-    out = solver(op.matvec, dict(b))
-    return dict(out), getattr(out, "info", None)
+    kw: dict[str, Any] = {}
+    eigvec = None if solver_state is None else solver_state.get("eigvec")
+    if eigvec is not None and isinstance(solver, Solver) and "eigvec0" in inspect.signature(solver.solve_flat).parameters:
+        kw["eigvec0"] = eigvec
+    # a Hessian (or its Gauss-Newton model) is its own transpose
+    return _solve(solver, op.flat, op.matvec_flat, b, u0, matvec=op.matvec, rmatvec_flat=op.matvec_flat, **kw)
 
 
 def _root_vjp(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
@@ -213,11 +210,37 @@ def implicit_hypergrad(
     return Hypergrad(hg, info)
 
 
-class ImplicitSolution(dict):
-    """The params tree returned by an :func:`implicit_diff`-wrapped solver.
+# -- implicit differentiation of a solver: minimizers, roots and fixed points ------------------------
+# NOTE: how the torch.func support is built. A decorated call runs the user's solver on detached
+# hyperparameters (so its iterations build no graph; under vmap the solver itself is vmapped), then
+# passes the solution through `_Solution`, an identity whose derivative rules are the IFT:
+#   backward (VJP):  J_xᵀ u = cotangent,   cotangent of λ = −(∂F/∂λ)ᵀ u      → `_Adjoint`
+#   jvp (JVP):       J_x y = −(∂F/∂λ) t,   tangent of x* = y                → `_Tangent`
+# with F = ∇_x inner_loss (J_x = H, symmetric) for `implicit_diff`, F itself for roots. `_Solution`
+# only clones, so torch.func may vmap it (generate_vmap_rule). Its rules call `_Adjoint` / `_Tangent`,
+# whose forward runs a linear solver (Python loops, host syncs), which vmap cannot trace: their own
+# vmap rule moves the batch to the front and solves one item at a time (`_run`), reusing one
+# linearization while the point (x*, λ, data) is the same (jacrev/jacfwd batch only the cotangents).
+# Every tensor the rules read (x*, λ, the tensors among *args/**kwargs) is an input of the Functions,
+# never captured, as torch.func requires. Second derivatives through the rules are not supported.
 
-    ``.info`` is ``None`` until a backward pass runs through it; then it holds the
-    :class:`HypergradInfo` of that backward pass (inner gradient norm, solver diagnostics).
+
+class _Record:
+    """Where the rules of one decorated call leave the diagnostics of their last solve."""
+
+    __slots__ = ("info",)
+
+    def __init__(self) -> None:
+        self.info: Optional[HypergradInfo] = None
+
+
+class ImplicitSolution(dict):
+    """The params tree returned by an :func:`implicit_diff`-wrapped solver (or a root / fixed-point one).
+
+    ``.info`` is ``None`` until a derivative rule runs through it; then it holds the
+    :class:`HypergradInfo` of the last solve (inner gradient norm, or ``‖F(x*)‖`` for roots, and the
+    solver's diagnostics). Under ``torch.func.vmap``/``jacrev``/``jacfwd`` the returned tree is rebuilt
+    by torch.func and ``.info`` is ``None``.
 
     Shapes: the keys and shapes of the tree the wrapped solver returns.
 
@@ -233,83 +256,412 @@ class ImplicitSolution(dict):
         (tensor([2., 2.]), 'CG')
     """
 
-    def __init__(self, tree: Mapping[str, Tensor], backward: Optional[_ImplicitBackward] = None) -> None:
+    def __init__(self, tree: Mapping[str, Tensor], record: Optional[_Record] = None) -> None:
         super().__init__(tree)
-        self._backward = backward
+        self._record = record
 
     @property
     def info(self) -> Optional[HypergradInfo]:
-        """The diagnostics of the last backward pass through this solution (``None`` before one)."""
-        return None if self._backward is None else self._backward.info
+        """The diagnostics of the last solve of a derivative rule through this solution (``None`` before one)."""
+        return None if self._record is None else self._record.info
 
 
-@dataclass
-class _ImplicitBackward:
-    """What the backward pass of one :func:`implicit_diff` call needs, and the diagnostics it returns."""
+# torch.func flattens what a transformed function returns: a dict subclass must be a registered node.
+pytree.register_pytree_node(ImplicitSolution, lambda d: (list(d.values()), list(d.keys())),
+                            lambda values, keys: ImplicitSolution(dict(zip(keys, values))),
+                            serialized_type_name="bilevel.ImplicitSolution")
 
-    params: Tree
-    inner_loss: Callable[..., Tensor]
-    args: tuple
+
+@dataclass(frozen=True, eq=False)
+class _Problem:
+    """Everything the rules of one decorated call need besides tensors (shared by its batch levels).
+
+    ``kind``: ``"min"`` (``fn`` is an inner loss, ``F = ∇_x fn``) or ``"root"`` (``fn`` is ``F``).
+    ``leaves``/``tensor_at``/``spec``: the pytree of ``(args, kwargs)`` with its tensors taken out.
+    ``batch``: leading batch dims of every tensor input (one per vmap level the rules were batched by).
+    """
+
+    kind: str
+    fn: Callable[..., Any]
     solver: Any
     hvp_mode: str
     penalty: Optional[Callable[..., Tensor]]
-    info: Optional[HypergradInfo] = None
+    symmetric: bool
+    name: str
+    xkeys: tuple
+    hkeys: tuple
+    leaves: tuple
+    tensor_at: tuple
+    spec: Any
+    record: _Record
+    batch: tuple = ()
 
-    def __call__(self, hparams: Tree, cotangent: Tree) -> Tree:
-        """``dL/dλ = −∇_λ <∂_w L_T, u>`` with ``(H + damping I) u = dL/dw*`` (the cotangent)."""
-        fn = "bilevel.implicit_diff (backward)"
-        # NOTE: grad mode is off inside backward; the operators turn it on for their products.
-        op = make_operator(self.inner_loss, self.params, hparams, self.args, mode=self.hvp_mode,
-                           penalty=self.penalty, name=fn)
-        mixed, _, sinfo = _root_vjp(op, cotangent, self.solver)
-        if not all_finite(*mixed.values()):
-            raise NonFiniteError(f"{fn}: the implicit gradient holds NaN/Inf (inner gradient norm "
-                                 f"{float(op.grad_norm):.3e}). Fix: check inner_loss at the solution, add damping.")
-        self.info = HypergradInfo(float(op.grad_norm), float(op.loss), float("nan"), sinfo, op.mode)
-        return {k: -m for k, m in mixed.items()}
+    @property
+    def nx(self) -> int:
+        return len(self.xkeys)
+
+    @property
+    def nh(self) -> int:
+        return len(self.hkeys)
+
+    @property
+    def na(self) -> int:
+        return len(self.tensor_at)
+
+    def batched(self, size: int) -> "_Problem":
+        return replace(self, batch=(size, *self.batch))
+
+    def linearize(self, tensors: Sequence[Tensor]) -> Any:
+        """The Jacobian ``J_x`` at the point ``(x*, λ, arg tensors)`` as an operator (an object with
+        ``flat``, ``matvec_flat`` (``J_x v``), ``mixed_vjp``, ``mixed_jvp``, ``grad_norm``, ``loss``, ``mode``)."""
+        x = dict(zip(self.xkeys, tensors[:self.nx]))
+        h = dict(zip(self.hkeys, tensors[self.nx:self.nx + self.nh]))
+        leaves = list(self.leaves)
+        for i, t in zip(self.tensor_at, tensors[self.nx + self.nh:]):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        if self.kind == "root":
+            return _RootJacobian(self.fn, x, h, args, kwargs, self.name)
+        f = self.fn if not kwargs else functools.partial(_with_kwargs, self.fn, kwargs)
+        return make_operator(f, x, h, args, mode=self.hvp_mode, penalty=self.penalty, name=self.name)
+
+    def products(self, lin: Any) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """``(v ↦ J_x v, v ↦ J_xᵀ v)``: for a symmetric ``J_x`` (a Hessian, or asserted) one product serves both,
+        the one that reuses a graph (a root's ``J_xᵀ v``)."""
+        if self.kind == "min":
+            return lin.matvec_flat, lin.matvec_flat
+        return (lin.rmatvec_flat if self.symmetric else lin.matvec_flat), lin.rmatvec_flat
 
 
-class _ImplicitFunction(torch.autograd.Function):
+def _with_kwargs(f: Callable[..., Tensor], kwargs: Mapping[str, Any], p: Tree, h: Tree, *args: Any) -> Tensor:
+    return f(p, h, *args, **kwargs)
+
+
+def _check_residual(x: Mapping[str, Tensor], res: Any, fn: str, what: str) -> Tree:
+    """``res`` must be a tree with the keys, shapes and dtypes of ``x`` (the residual lives where x lives)."""
+    if not isinstance(res, Mapping):
+        raise ShapeError(f"{fn}: expected {what} to return a tree {{name: Tensor}} with the keys and shapes of x "
+                         f"({ {k: tuple(v.shape) for k, v in x.items()} }), got {type(res).__name__}. Fix: return "
+                         f"one residual tensor per entry of x, e.g. {{k: ... for k in x}}.")
+    check_like(x, res, fn, "x (the solution)", what)
+    return dict(res)
+
+
+class _RootJacobian:
+    """``J_x = ∂F/∂x`` of a residual ``F(x, hparams, *args)`` at one point, by products only.
+
+    All four products are reverse passes on one graph of ``F``: ``rmatvec_flat`` (``J_xᵀ v``) and
+    ``mixed_vjp`` (``(∂F/∂λ)ᵀ u``) directly; ``matvec_flat`` (``J_x v``) and ``mixed_jvp``
+    (``(∂F/∂λ) t``) as the derivative in a dummy cotangent ``z`` of ``J_xᵀ z`` (the double-vjp trick:
+    ``J v = ∇_z <Jᵀ z, v>``), so no forward-mode formulas are needed.
+    """
+
+    mode = "reverse"
+
+    def __init__(self, F: Callable[..., Any], x: Tree, h: Tree, args: tuple, kwargs: dict, name: str) -> None:
+        self.x, self.h = tree_detach(x, requires_grad=True), tree_detach(h, requires_grad=True)
+        self.flat = Flat(self.x)
+        with torch.enable_grad():
+            res = _check_residual(self.x, F(self.x, self.h, *args, **kwargs), name, "F(x, hparams, *args)")
+        self._live = [(k, r) for k, r in res.items() if r.requires_grad]
+        self._transposed: dict[str, tuple] = {}
+        self.grad_norm = tree_norm({k: r.detach() for k, r in res.items()})
+        self.loss = torch.tensor(float("nan"))
+
+    def _vjp(self, inputs: Tree, cot: Sequence[Tensor], create_graph: bool = False) -> Tree:
+        """``(∂F/∂inputs)ᵀ cot`` (keys of ``inputs``; zeros where F does not depend on one)."""
+        grads: Sequence[Optional[Tensor]] = [None] * len(inputs)
+        if self._live:
+            with torch.enable_grad():
+                grads = torch.autograd.grad([r for _, r in self._live], list(inputs.values()), grad_outputs=list(cot),
+                                            retain_graph=True, create_graph=create_graph, allow_unused=True)
+        return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(inputs.items(), grads)}
+
+    def _jvp(self, which: str, tangent: Mapping[str, Tensor]) -> Tree:
+        """``(∂F/∂which) tangent`` = ``∇_z <(∂F/∂which)ᵀ z, tangent>``; the graph of ``(∂F/∂which)ᵀ z`` is built once."""
+        inputs = self.x if which == "x" else self.h
+        if which not in self._transposed:
+            z = [torch.zeros_like(r, requires_grad=True) for _, r in self._live]
+            self._transposed[which] = (z, self._vjp(inputs, z, create_graph=True))
+        z, back = self._transposed[which]
+        pairs = [(b, tangent[k]) for k, b in back.items() if b.requires_grad]
+        out: Sequence[Optional[Tensor]] = [None] * len(z)
+        if pairs:
+            with torch.enable_grad():
+                out = torch.autograd.grad([b for b, _ in pairs], z, grad_outputs=[t for _, t in pairs],
+                                          retain_graph=True, allow_unused=True)
+        live = {k: o for (k, _), o in zip(self._live, out)}
+        return {k: torch.zeros_like(v) if live.get(k) is None else live[k] for k, v in self.x.items()}
+
+    def rmatvec_flat(self, v: Tensor) -> Tensor:
+        cot = self.flat.unflatten(v)
+        return self.flat.flatten(self._vjp(self.x, [cot[k] for k, _ in self._live]))
+
+    def matvec_flat(self, v: Tensor) -> Tensor:
+        return self.flat.flatten(self._jvp("x", self.flat.unflatten(v)))
+
+    def mixed_vjp(self, u: Mapping[str, Tensor]) -> Tree:
+        return self._vjp(self.h, [u[k] for k, _ in self._live])
+
+    def mixed_jvp(self, t: Mapping[str, Tensor]) -> Tree:
+        return self._jvp("h", t)
+
+
+def _solve(solver: Any, flat: Flat, matvec_flat: Callable[[Tensor], Tensor], b: Mapping[str, Tensor],
+           u0: Optional[Mapping[str, Tensor]] = None, matvec: Optional[Callable[[Tree], Tree]] = None,
+           rmatvec_flat: Optional[Callable[[Tensor], Tensor]] = None, **solver_kw: Any
+           ) -> tuple[Tree, Optional[SolverInfo]]:
+    """``A x = b`` with ``A`` given by ``matvec_flat`` (and ``Aᵀ`` by ``rmatvec_flat``, for solvers that
+    use it): built-in solvers on flat buffers (``solver_kw``: further keywords of ``solve_flat``), any
+    other callable ``solver(matvec, b) -> tree`` on trees."""
+    if isinstance(solver, Solver):
+        kw: dict[str, Any] = dict(solver_kw) if u0 is None else {**solver_kw, "x0": flat.flatten(u0)}
+        if solver.uses_rmatvec and rmatvec_flat is not None:
+            kw["rmatvec"] = rmatvec_flat
+        x, info = solver.solve_flat(matvec_flat, flat.flatten(b), **kw)
+        return flat.unflatten(x), info
+    if not callable(solver):
+        raise TypeError(f"bilevel: expected `solver` to be a bl.Solver or a callable solver(matvec, b) -> tree, "
+                        f"got {type(solver).__name__}. Fix: pass e.g. bl.CG(maxiter=20).")
+    tree_mv = matvec or (lambda v: flat.unflatten(matvec_flat(flat.flatten(v))))
+    out = solver(tree_mv, dict(b))
+    return dict(out), getattr(out, "info", None)
+
+
+def _finite(tree: Tree, lin: Any, fn: str, what: str) -> Tree:
+    if not all_finite(*tree.values()):
+        raise NonFiniteError(f"{fn}: the {what} holds NaN/Inf (optimality residual norm {float(lin.grad_norm):.3e} at "
+                             f"the solution). Fix: check the solver converged and the loss / residual there; add damping.")
+    return tree
+
+
+def _adjoint_rule(problem: _Problem, lin: Any, cot: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """VJP: ``J_xᵀ u = cotangent`` (``(H + damping I) u`` for minimizers), then ``−(∂F/∂λ)ᵀ u``."""
+    forward, transposed = problem.products(lin)
+    u, sinfo = _solve(problem.solver, lin.flat, transposed, dict(zip(problem.xkeys, cot)), rmatvec_flat=forward)
+    mixed = _finite(lin.mixed_vjp(u), lin, problem.name, "implicit gradient")
+    problem.record.info = HypergradInfo(float(lin.grad_norm), float(lin.loss), float("nan"), sinfo, lin.mode)
+    return tuple(-mixed[k] for k in problem.hkeys)
+
+
+def _tangent_rule(problem: _Problem, lin: Any, tangent: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """JVP (JAXopt's ``root_jvp``): ``J_x y = −(∂F/∂λ) t``; ``y`` is the tangent of ``x*``."""
+    rhs = lin.mixed_jvp(dict(zip(problem.hkeys, tangent)))
+    forward, transposed = problem.products(lin)
+    y, sinfo = _solve(problem.solver, lin.flat, forward, {k: -v for k, v in rhs.items()}, rmatvec_flat=transposed)
+    y = _finite(y, lin, problem.name, "implicit tangent")
+    problem.record.info = HypergradInfo(float(lin.grad_norm), float(lin.loss), float("nan"), sinfo, lin.mode)
+    return tuple(y[k] for k in problem.xkeys)
+
+
+def _run(problem: _Problem, tensors: Sequence[Tensor], lead: int, rule: Callable[..., tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """``rule`` on ``tensors = (lead vectors, x*, λ, arg tensors)`` at every item of ``problem.batch``."""
+    if not problem.batch:
+        return rule(problem, problem.linearize(tensors[lead:]), tensors[:lead])
+    outs, key, lin = [], None, None
+    for idx in itertools.product(*(range(n) for n in problem.batch)):
+        item = [t[idx] for t in tensors]
+        # an expanded (unbatched) point gives the same memory at every index: linearize it once
+        here = tuple((t.data_ptr(), t.stride()) for t in item[lead:])
+        if here != key:
+            lin, key = problem.linearize(item[lead:]), here
+        outs.append(rule(problem, lin, item[:lead]))
+    return tuple(torch.stack(col).reshape(*problem.batch, *col[0].shape) for col in zip(*outs))
+
+
+def _to_front(tensors: Sequence[Tensor], in_dims: Sequence[Optional[int]], size: int) -> list[Tensor]:
+    return [t.movedim(d, 0) if d is not None else t.expand(size, *t.shape) for t, d in zip(tensors, in_dims)]
+
+
+def _second_order(ctx: Any, *grads: Any) -> Any:
+    raise NotImplementedError(f"{ctx.name}: expected first derivatives only; differentiating the implicit "
+                              f"gradient again (a Hessian in hparams) is not supported. Fix: use finite differences "
+                              f"of the hypergradient, or unrolled differentiation (bl.unrolled_hypergrad).")
+
+
+def _rule_function(name: str, rule: Callable[..., tuple[Tensor, ...]], lead: Callable[[_Problem], int]) -> Any:
+    """An ``autograd.Function`` running ``rule`` (through :func:`_run`) whose vmap rule adds a batch level."""
+
+    class Rule(torch.autograd.Function):
+        @staticmethod
+        def forward(problem: _Problem, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+            return _run(problem, tensors, lead(problem), rule)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+            ctx.name = inputs[0].name
+
+        backward = staticmethod(_second_order)  # type: ignore[assignment]
+
+        @staticmethod
+        def vmap(info: Any, in_dims: tuple, problem: _Problem, *tensors: Tensor) -> tuple[tuple[Tensor, ...], tuple]:  # type: ignore[override]
+            out = Rule.apply(problem.batched(info.batch_size), *_to_front(tensors, in_dims[1:], info.batch_size))
+            return out, (0,) * len(out)
+
+    Rule.__name__ = Rule.__qualname__ = name
+    return Rule
+
+
+#: ``(cotangents of x*, x*, λ, arg tensors) -> cotangents of λ`` (:func:`_adjoint_rule`)
+_Adjoint = _rule_function("_Adjoint", _adjoint_rule, lambda p: p.nx)
+#: ``(tangents of λ, x*, λ, arg tensors) -> tangents of x*`` (:func:`_tangent_rule`)
+_Tangent = _rule_function("_Tangent", _tangent_rule, lambda p: p.nh)
+
+
+class _Solution(torch.autograd.Function):
+    """``(x*, λ, arg tensors) -> x*`` (a copy) whose derivative in λ is the implicit one."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, backward: _ImplicitBackward, hkeys: list, *hvals: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.backward_fn, ctx.hkeys = backward, hkeys
-        ctx.save_for_backward(*hvals)
-        return tuple(p.detach().clone() for p in backward.params.values())
+    def forward(problem: _Problem, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(x.clone() for x in tensors[:problem.nx])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, *grad_out: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        params = ctx.backward_fn.params
-        cotangent = {k: (torch.zeros_like(p) if g is None else g) for (k, p), g in zip(params.items(), grad_out)}
-        grads = ctx.backward_fn(dict(zip(ctx.hkeys, ctx.saved_tensors)), cotangent)
-        return (None, None, *(grads[k] if need else None for k, need in zip(ctx.hkeys, ctx.needs_input_grad[2:])))
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.problem = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.save_for_forward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx: Any, *cots: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        p, saved = ctx.problem, ctx.saved_tensors
+        cots = tuple(torch.zeros_like(x) if c is None else c for c, x in zip(cots, saved[:p.nx]))
+        dh = _Adjoint.apply(p, *cots, *saved)
+        return (None, *(None,) * p.nx, *dh, *(None,) * p.na)
+
+    @staticmethod
+    def jvp(ctx: Any, _problem: None, *tangents: Optional[Tensor]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        p, saved = ctx.problem, ctx.saved_tensors
+        hs = saved[p.nx:p.nx + p.nh]
+        th = tuple(torch.zeros_like(h) if t is None else t for t, h in zip(tangents[p.nx:p.nx + p.nh], hs))
+        return _Tangent.apply(p, *th, *saved)
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) is active around this call."""
+    # NOTE: torch has no public query for this; the interpreter stack is what torch.func itself reads.
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def _detached(tree: Mapping[str, Tensor]) -> Tree:
+    # NOTE: not tree_detach: requires_grad_(False) raises inside torch.func transforms.
+    return {k: v.detach() for k, v in tree.items()}
+
+
+def _has_tangent(t: Tensor) -> bool:
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def _run_solver(solve: Callable[..., Any], hparams: Tree, args: tuple, kwargs: dict, fn: str) -> Any:
+    try:
+        with torch.enable_grad():
+            return solve(hparams, *args, **kwargs)
+    except RuntimeError as err:
+        if not (_transformed() and "vmap" in str(err)):
+            raise
+        raise RuntimeError(
+            f"{fn}: the solver runs under torch.func.vmap (once per batch, per-item semantics), and vmap cannot "
+            f"batch what it does: {err}. Fix: make the solver batchable (a fixed number of iterations instead of "
+            f"`while tensor > tol`, torch.where instead of `if tensor`, no .item()/float() on tensors, no in-place "
+            f"writes into unbatched tensors), or loop over the batch in Python.") from err
+
+
+def _decorator(kind: str, fn: Callable[..., Any], api: str, *, solver: Any, hvp_mode: str = "auto",
+               penalty: Optional[Callable[..., Tensor]] = None, has_aux: bool = False,
+               symmetric: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    if not callable(fn):
+        raise TypeError(f"bilevel.{api}: expected a callable as first argument, got {type(fn).__name__}.")
+
+    def decorator(solve: Callable[..., Any]) -> Callable[..., Any]:
+        name = getattr(solve, "__name__", "solve")
+
+        @functools.wraps(solve)
+        def wrapped(hparams: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+            fname = f"bilevel.{api}({name})"
+            hp = check_tree(hparams, fname, "hparams")
+            raw = _run_solver(solve, _detached(hp), args, kwargs, fname)
+            aux = None
+            if has_aux:
+                if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
+                    raise TypeError(f"{fname}: expected the solver to return (solution, aux) with has_aux=True, got "
+                                    f"{type(raw).__name__}. Fix: `return x, aux`, or has_aux=False.")
+                raw, aux = raw
+            params = _detached(check_tree(raw, fname, f"the solution returned by {name}"))
+            if kind == "root":
+                with torch.no_grad():
+                    _check_residual(params, fn(params, _detached(hp), *args, **kwargs), fname, _WHAT[api])
+            live = _transformed() or any(_has_tangent(v) for v in hp.values())
+            if not live and not (torch.is_grad_enabled() and any(v.requires_grad for v in hp.values())):
+                if torch.is_grad_enabled():
+                    raise ValueError(
+                        f"{fname}: expected at least one hparams tensor with requires_grad=True (the IFT gradient "
+                        f"flows to them), got none among {list(hp)}. Fix: `hparams[k].requires_grad_()`, or call "
+                        f"the solver under `torch.no_grad()` if you only need its value.")
+                out = ImplicitSolution(params)
+                return (out, aux) if has_aux else out
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            at = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor))
+            problem = _Problem(kind, fn, solver, hvp_mode, penalty, symmetric, f"{fname} (derivative)", tuple(params),
+                               tuple(hp), tuple(None if i in at else leaf for i, leaf in enumerate(leaves)), at,
+                               spec, _Record())
+            outs = _Solution.apply(problem, *params.values(), *hp.values(), *(leaves[i] for i in at))
+            out = ImplicitSolution(dict(zip(params, outs)), problem.record)
+            return (out, aux) if has_aux else out
+
+        return wrapped
+
+    return decorator
+
+
+_WHAT = {"implicit_root": "F(x, hparams, *args)", "implicit_fixed_point": "T(x, hparams, *args)"}
 
 
 def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_mode: str = "auto",
-                  penalty: Optional[Callable[..., Tensor]] = None) -> Callable[[Callable[..., Mapping[str, Tensor]]], Callable[..., ImplicitSolution]]:
+                  penalty: Optional[Callable[..., Tensor]] = None,
+                  has_aux: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: make any inner solver differentiable in its hyperparameters by the IFT.
 
-    The wrapped ``solve(hparams, *args) -> params`` runs as written (on detached
-    hyperparameters, so its own iterations build no graph); the returned params
-    carry gradients to ``hparams`` through ``(H + damping I) u = ∂L/∂params``,
-    ``∂L/∂hparams = −∇_hparams <∇_params inner_loss, u>``, evaluated in the
-    backward pass. ``outer(solve(hparams)).backward()`` fills ``hparams[k].grad``.
+    The wrapped ``solve(hparams, *args, **kwargs) -> params`` runs as written (on detached
+    hyperparameters, so its own iterations build no graph); the returned params carry derivatives
+    in ``hparams``, evaluated only when asked for:
+
+    - reverse mode (``.backward()``, ``torch.autograd.grad``, ``torch.func.grad``/``vjp``/``jacrev``):
+      ``(H + damping I) u = ∂L/∂params``, ``∂L/∂hparams = −∇_hparams <∇_params inner_loss, u>``;
+    - forward mode (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``):
+      ``(H + damping I) y = −(∂²inner_loss/∂params∂hparams) t``, the tangent of params (JAXopt's
+      ``root_jvp``);
+    - ``torch.func.vmap`` over hyperparameters or data: the solver is vmapped (it must be batchable:
+      fixed iteration counts, no ``.item()``; an unbatchable one raises ``RuntimeError`` saying so),
+      each derivative rule solves item by item. Semantics are per item: a solver cannot mix the
+      items of a vmapped batch. Pass batched data as arguments of the decorated function, never
+      captured by ``inner_loss`` (the rules run outside the vmap level, as torch.func requires).
+
+    ``outer(solve(hparams)).backward()`` fills ``hparams[k].grad``.
 
     Args:
-        inner_loss: ``inner_loss(params, hparams, *args) -> scalar``, the objective
-            ``solve`` minimizes (the same ``*args``).
-        solver: linear solver for the backward pass (``bl.CG()`` by default).
+        inner_loss: ``inner_loss(params, hparams, *args, **kwargs) -> scalar``, the objective
+            ``solve`` minimizes (the same ``*args`` and ``**kwargs`` as ``solve``).
+        solver: linear solver for the derivative rules (``bl.CG()`` by default).
         hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"``.
         penalty: optional separable ``penalty(params, hparams)`` added to ``inner_loss``
             (see :func:`implicit_hypergrad`).
+        has_aux: the solver returns ``(params, aux)``; ``aux`` is passed through, undifferentiated.
 
     Returns:
-        A decorator. The wrapped function returns an :class:`ImplicitSolution`
-        (a params tree; ``.info`` is filled by the backward pass). Gradients flow
-        to ``hparams`` only, not through ``*args``.
+        A decorator. The wrapped function returns an :class:`ImplicitSolution` (a params tree;
+        ``.info`` is filled by the derivative rules, ``None`` under vmap/jacrev/jacfwd), or
+        ``(solution, aux)`` with ``has_aux``. Derivatives flow to ``hparams`` only, not through
+        ``*args``/``**kwargs`` (their derivative is zero).
+
+    Raises:
+        ValueError: outside torch.func, no ``hparams`` tensor requires grad while grad mode is on.
+        RuntimeError: the solver cannot run under ``torch.func.vmap``; second derivatives requested.
 
     Shapes: ``hparams`` and the returned params are trees of any leaf shapes; ``hparams[k].grad``
-    gets the shape of ``hparams[k]``.
+    gets the shape of ``hparams[k]``; ``torch.func.jacrev(lambda h: solve(h)[a])(h)[b]`` has shape
+    ``params[a].shape + hparams[b].shape``.
 
     Example:
         >>> X, y, Xv, yv = torch.randn(20, 3), torch.randn(20), torch.randn(10, 3), torch.randn(10)
@@ -325,33 +677,117 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
         >>> ((Xv @ solve({"l2": l2}, X, y)["w"] - yv) ** 2).mean().backward()
         >>> torch.allclose(h["l2"].grad, l2.grad, rtol=1e-3, atol=1e-6)
         True
+        >>> J = torch.func.jacrev(lambda l: ridge({"l2": l}, X, y)["w"])(torch.tensor(1.0))   # dw*/dl2
+        >>> torch.allclose(J, torch.func.jacfwd(lambda l: solve({"l2": l}, X, y)["w"])(torch.tensor(1.0)), atol=1e-5)
+        True
     """
-    slv = CG() if solver is None else solver
+    return _decorator("min", inner_loss, "implicit_diff", solver=CG() if solver is None else solver,
+                      hvp_mode=hvp_mode, penalty=penalty, has_aux=has_aux)
 
-    def decorator(solve: Callable[..., Mapping[str, Tensor]]) -> Callable[..., ImplicitSolution]:
-        name = getattr(solve, "__name__", "solve")
 
-        @functools.wraps(solve)
-        def wrapped(hparams: Mapping[str, Tensor], *args: Any) -> ImplicitSolution:
-            fn = f"bilevel.implicit_diff({name})"
-            hp = check_tree(hparams, fn, "hparams")
-            need = torch.is_grad_enabled() and any(v.requires_grad for v in hp.values())
-            with torch.enable_grad():
-                raw = solve(tree_detach(hp), *args)
-            params = check_tree(raw, fn, f"the value returned by {name}")
-            params = tree_detach(params)
-            if not torch.is_grad_enabled():
-                return ImplicitSolution(params)
-            if not need:
-                raise ValueError(
-                    f"{fn}: expected at least one hparams tensor with requires_grad=True (the IFT gradient "
-                    f"flows to them), got none among {list(hp)}. Fix: `hparams[k].requires_grad_()`, or call "
-                    f"the solver under `torch.no_grad()` if you only need its value."
-                )
-            backward = _ImplicitBackward(params, inner_loss, args, slv, hvp_mode, penalty)
-            outs = _ImplicitFunction.apply(backward, list(hp), *hp.values())
-            return ImplicitSolution(dict(zip(params, outs)), backward)
+def _root_solver(solver: Any, symmetric: bool, api: str) -> Any:
+    if not symmetric and isinstance(solver, (CG, Nystrom)):
+        raise ValueError(
+            f"bilevel.{api}: expected a solver for non-symmetric systems, got bl.{solver.name}: the adjoint system "
+            f"J_xᵀ u = b of a root or fixed point is not symmetric in general, and {solver.name} assumes it is "
+            f"(a wrong answer, not an error). Fix: solver=bl.Exact() for small problems, bl.GMRES() or "
+            f"bl.BiCGSTAB() for large ones, or pass symmetric=True if "
+            f"J_x = ∂F/∂x is symmetric positive definite (e.g. F is the gradient of a convex function).")
+    return solver
 
-        return wrapped
 
-    return decorator
+def implicit_root(F: Callable[..., Mapping[str, Tensor]], *, solver: Any = None, symmetric: bool = False,
+                  has_aux: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: differentiate a solver of ``F(x, hparams, *args) = 0`` by the implicit function theorem.
+
+    For problems that are not minimizations (equilibria, games, optimality conditions): the wrapped
+    ``solve(hparams, *args, **kwargs) -> x`` returns a root ``x*`` of ``F``; its derivatives in
+    ``hparams`` come from ``J_x dx = −(∂F/∂hparams) dλ``, ``J_x = ∂F/∂x``:
+
+    - reverse mode: ``J_xᵀ u = ∂L/∂x``, ``∂L/∂hparams = −(∂F/∂hparams)ᵀ u``, with the solver seeing only
+      ``matvec(v) = J_xᵀ v`` (vector-Jacobian products on one graph of ``F``, never a dense matrix);
+    - forward mode (``torch.func.jvp``/``jacfwd``): ``J_x y = −(∂F/∂hparams) t`` by Jacobian-vector
+      products; vmap as in :func:`implicit_diff`.
+
+    Args:
+        F: ``F(x, hparams, *args, **kwargs) -> tree`` with the keys and shapes of ``x`` (the residual).
+        solver: a linear solver for non-symmetric systems: ``bl.Exact()`` (dense, ``P`` products) by
+            default, for small problems; ``bl.GMRES``, ``bl.BiCGSTAB`` or ``bl.NormalCG`` (which also
+            gets ``J_x`` products) for large ones. ``bl.CG`` and ``bl.Nystrom`` are refused unless
+            ``symmetric``.
+        symmetric: assert ``J_x`` is symmetric (positive definite for CG): allows CG.
+        has_aux: the solver returns ``(x, aux)``; ``aux`` is passed through, undifferentiated.
+
+    Returns:
+        A decorator; the wrapped function returns an :class:`ImplicitSolution` (``.info.inner_grad_norm``
+        is ``‖F(x*)‖``), or ``(solution, aux)`` with ``has_aux``.
+
+    Raises:
+        ShapeError: ``F`` does not return a tree like ``x`` (checked at the call, before any derivative).
+        ValueError: a symmetric-only solver without ``symmetric=True``.
+
+    Shapes: ``x`` and ``F(x, ...)`` are trees of the same keys and leaf shapes; ``hparams`` any tree.
+
+    Example:
+        >>> A = torch.tensor([[3., 1.], [-1., 2.]])                  # non-symmetric
+        >>> F = lambda x, h: {"x": A @ x["x"] - h["b"]}               # root: x = A⁻¹ b
+        >>> solve = bl.implicit_root(F)(lambda h: {"x": torch.linalg.solve(A, h["b"])})
+        >>> b = torch.tensor([1., 0.], requires_grad=True)
+        >>> solve({"b": b})["x"].sum().backward()                    # d(1ᵀA⁻¹b)/db = A⁻ᵀ 1
+        >>> torch.allclose(b.grad, torch.linalg.solve(A.T, torch.ones(2)))
+        True
+    """
+    slv = _root_solver(Exact() if solver is None else solver, symmetric, "implicit_root")
+    return _decorator("root", F, "implicit_root", solver=slv, has_aux=has_aux, symmetric=symmetric)
+
+
+def implicit_fixed_point(T: Callable[..., Mapping[str, Tensor]], *, solver: Any = None, symmetric: bool = False,
+                         has_aux: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: differentiate a solver of the fixed point ``x = T(x, hparams, *args)`` by the IFT.
+
+    The root of ``F = T(x) − x`` (:func:`implicit_root`): the adjoint system is
+    ``(∂T/∂x − I)ᵀ u = ∂L/∂x``, solved with vector-Jacobian products of ``T`` only. Typical ``T``:
+    a proximal-gradient step, a contraction (deep equilibrium layer), a best-response map.
+
+    Args:
+        T: ``T(x, hparams, *args, **kwargs) -> tree`` with the keys and shapes of ``x``.
+        solver: a linear solver for non-symmetric systems; ``bl.Exact()`` by default (small problems),
+            ``bl.GMRES``/``bl.BiCGSTAB``/``bl.NormalCG`` for large ones. ``bl.CG``/``bl.Nystrom`` need
+            ``symmetric=True`` (``∂T/∂x`` symmetric and ``I − ∂T/∂x``
+            positive definite, as for a gradient step on a convex loss).
+        symmetric: assert ``∂T/∂x`` is symmetric.
+        has_aux: the solver returns ``(x, aux)``; ``aux`` is passed through, undifferentiated.
+
+    Returns:
+        A decorator; the wrapped function returns an :class:`ImplicitSolution`
+        (``.info.inner_grad_norm`` is ``‖T(x*) − x*‖``), or ``(solution, aux)`` with ``has_aux``.
+
+    Raises:
+        ShapeError: ``T`` does not return a tree like ``x`` (checked at the call).
+        ValueError: a symmetric-only solver without ``symmetric=True``.
+
+    Shapes: ``x`` and ``T(x, ...)`` are trees of the same keys and leaf shapes; ``hparams`` any tree.
+
+    Example:
+        >>> W = torch.tensor([[0.2, 0.3], [-0.1, 0.4]])
+        >>> T = lambda x, h: {"z": W @ x["z"] + h["u"]}                # x* = (I − W)⁻¹ u
+        >>> @bl.implicit_fixed_point(T)
+        ... def iterate(h):
+        ...     z = torch.zeros(2)
+        ...     for _ in range(100):
+        ...         z = W @ z + h["u"]
+        ...     return {"z": z}
+        >>> u = torch.tensor([1., 2.], requires_grad=True)
+        >>> iterate({"u": u})["z"].sum().backward()                  # (I − W)⁻ᵀ 1
+        >>> torch.allclose(u.grad, torch.linalg.solve((torch.eye(2) - W).T, torch.ones(2)))
+        True
+    """
+    slv = _root_solver(Exact() if solver is None else solver, symmetric, "implicit_fixed_point")
+    return _decorator("root", functools.partial(_fixed_point_residual, T), "implicit_fixed_point", solver=slv,
+                      has_aux=has_aux, symmetric=symmetric)
+
+
+def _fixed_point_residual(T: Callable[..., Any], x: Tree, h: Tree, *args: Any, **kwargs: Any) -> Tree:
+    """``T(x) − x``, after checking that ``T`` returns a tree like ``x``."""
+    out = _check_residual(x, T(x, h, *args, **kwargs), "bilevel.implicit_fixed_point", "T(x, hparams, *args)")
+    return {k: out[k] - v for k, v in x.items()}

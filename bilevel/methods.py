@@ -260,7 +260,9 @@ class Unrolled(Method):
     Args:
         steps: look-ahead steps ``K``.
         truncate: differentiate only the last ``truncate`` of them.
-        mode: ``"reverse"`` | ``"checkpoint"`` | ``"forward"`` (see :func:`bilevel.unrolled_hypergrad`).
+        mode: ``"reverse"`` | ``"checkpoint"`` | ``"replay"`` | ``"forward"`` (see
+            :func:`bilevel.unrolled_hypergrad`).
+        replay_k: branching factor (an int >= 2) of the replay tree in ``mode="replay"``.
         second_order: ``"exact"`` (default: differentiate the step, one Hessian-vector product) or
             ``"finite_difference"``: the same as ``bl.FiniteDifference(radius=fd_radius)`` (``steps=1``).
         fd_radius: how far the finite difference moves the weights (DARTS: 0.01).
@@ -283,12 +285,16 @@ class Unrolled(Method):
     mode: str = "reverse"
     second_order: str = "exact"
     fd_radius: float = 0.01
+    replay_k: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"Invalid steps for bilevel.Unrolled: {self.steps!r} (expected an int >= 1).")
         if self.mode not in UNROLL_MODES:
             raise ValueError(f"bilevel.Unrolled: expected mode in {UNROLL_MODES}, got {self.mode!r}.")
+        if isinstance(self.replay_k, bool) or not isinstance(self.replay_k, int) or self.replay_k < 2:
+            raise ValueError(f"Invalid replay_k for bilevel.Unrolled: {self.replay_k!r} (expected an int >= 2, the "
+                             f"branching factor of the replay tree of mode='replay').")
         if self.second_order not in ("exact", "finite_difference"):
             raise ValueError(f"bilevel.Unrolled: expected second_order 'exact' or 'finite_difference', "
                              f"got {self.second_order!r}.")
@@ -313,8 +319,8 @@ class Unrolled(Method):
         opt, opt_state = from_torch(problem.inner_optimizer, problem.live_params)
         hg, _ = unrolled_hypergrad(problem.inner_objective(), problem.outer_loss, problem.params, problem.hparams,
                                    optimizer=opt, state=opt_state, steps=self.steps, truncate=self.truncate,
-                                   mode=self.mode, inner_args=(inner_batch,), outer_args=(outer_batch,),
-                                   group=problem.group)
+                                   mode=self.mode, replay_k=self.replay_k, inner_args=(inner_batch,),
+                                   outer_args=(outer_batch,), group=problem.group)
         return MethodResult(dict(hg), hg.info.outer_loss, hg.info.inner_grad_norm)
 
 

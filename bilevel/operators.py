@@ -1,9 +1,10 @@
 """Curvature operators: ``H = ∇²_params f(params, hparams, *args)`` at one point, as small objects.
 
 Every operator has one interface (:class:`CurvatureOperator`): ``matvec_flat`` / ``matvec``
-(``H v``), ``mixed_vjp`` (``∇_hparams <∇_params f, u>``), and the point's ``loss``, ``grad``,
-``grad_norm``. The ways of taking the products are separate classes, and the two things that
-modify any of them are wrappers, composed the way optax chains transforms::
+(``H v``), ``mixed_vjp`` (``∇_hparams <∇_params f, u>``), ``mixed_jvp`` (``∂²f/∂params∂hparams · t``,
+the mixed product of forward mode), and the point's ``loss``, ``grad``, ``grad_norm``. The ways of
+taking the products are separate classes, and the two things that modify any of them are wrappers,
+composed the way optax chains transforms::
 
     op = ReverseHessian(point)                 # or ForwardHessian, ClosedFormHessian, AutoHessian
     op = averaged(op, group)                   # data parallelism: one place for every all-reduce
@@ -49,6 +50,25 @@ HVP_MODES = ("auto", "reverse", "forward")
 
 def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Mapping[str, Tensor]) -> Tree:
     return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(like.items(), grads)}
+
+
+def _mixed_jvp_reverse(f: Callable[[Tree, Tree], Tensor], params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
+                       t: Mapping[str, Tensor]) -> Tree:
+    """``(∂²f/∂params∂hparams) t = ∇_params <∇_hparams f, t>`` (symmetry of mixed partials).
+
+    NOTE: two reverse passes rather than forward over reverse (``torch.func.jvp`` of the gradient):
+    DESIGN.md §3 measures double backward as the cheaper one in eager mode, and it also runs inside a
+    ``torch.autograd.forward_ad.dual_level``, where a nested forward-mode pass is refused.
+    """
+    p, h = tree_detach(params, requires_grad=True), tree_detach(hparams, requires_grad=True)
+    with torch.enable_grad():
+        loss = f(p, h)
+        gh = torch.autograd.grad(loss, list(h.values()), create_graph=True, allow_unused=True) \
+            if loss.requires_grad else [None] * len(h)
+        terms = [(g * t[k]).sum() for k, g in zip(h, gh) if g is not None and g.requires_grad]
+        out = torch.autograd.grad(torch.stack(terms).sum(), list(p.values()), allow_unused=True) \
+            if terms else [None] * len(p)
+    return {k: v.detach() for k, v in _zeros_for_none(out, p).items()}
 
 
 class Point:
@@ -133,6 +153,15 @@ class CurvatureOperator:
         """``∇_hparams <∇_params f, u>`` (keys of ``hparams``)."""
         raise NotImplementedError
 
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        """``d/dε ∇_params f(params, hparams + ε t)`` (keys of ``params``), as ``∇_params <∇_hparams f, t>``.
+
+        One more evaluation of ``f`` (RNG replayed) and a double backward; subclasses that know a
+        cheaper form override it.
+        """
+        with replay_rng(self.point.rng):
+            return _mixed_jvp_reverse(self.point, self.params, self.hparams, t)
+
     def hparams_in_loss(self) -> set[str]:
         """Keys of the hyperparameters that the loss depends on at all (a graph walk)."""
         return {k for k, h in self.hparams.items() if id(h) in self.reach}
@@ -154,6 +183,25 @@ class CurvatureOperator:
             raise ValueError(f"{self.point.name}.mixed_vjp: this operator was built without hparams.")
         check_like(self.params, u, f"{self.point.name}.mixed_vjp", "params", "u")
         return self.mixed(dict(u))
+
+    def mixed_jvp(self, t: Mapping[str, Tensor]) -> Tree:
+        """``(∂²f/∂params∂hparams) t = d/dε ∇_params f(params, hparams + ε t)`` (keys of ``params``).
+
+        The transpose of :meth:`mixed_vjp`: ``<mixed_jvp(t), u> = <t, mixed_vjp(u)>``. ``t`` has the
+        layout of ``hparams``. Taken as ``∇_params <∇_hparams f, t>`` (one evaluation of ``f``, a double
+        backward: no forward-mode formulas needed), or forward over reverse where the operator takes
+        its products that way (``mode="forward"``, and ``"auto"`` after its fallback).
+
+        Example:
+            >>> op = bl.HessianOperator(lambda p, h: 0.5 * (h["l"] * p["w"] ** 2).sum(),
+            ...                         {"w": torch.tensor([1., 2.])}, {"l": torch.ones(2)})
+            >>> op.mixed_jvp({"l": torch.tensor([1., 0.])})["w"]              # t ⊙ w
+            tensor([1., 0.])
+        """
+        if not self.point.has_hparams:
+            raise ValueError(f"{self.point.name}.mixed_jvp: this operator was built without hparams.")
+        check_like(self.hparams, t, f"{self.point.name}.mixed_jvp", "hparams", "t")
+        return self.mixed_tangent(dict(t))
 
 
 class ReverseHessian(CurvatureOperator):
@@ -218,6 +266,14 @@ class ForwardHessian(CurvatureOperator):
         grad_h = torch.func.grad(lambda p, hh: self.point(p, hh), argnums=1)
         with torch.enable_grad(), replay_rng(self.point.rng):
             _, out = torch.func.jvp(lambda p: grad_h(p, h), (tree_detach(self.params),), (dict(u),))
+        return dict(out)
+
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        # forward over reverse, like the products: right where double backward is missing or silent
+        p = tree_detach(self.params)
+        grad_w = torch.func.grad(lambda pp, hh: self.point(pp, hh))
+        with torch.enable_grad(), replay_rng(self.point.rng):
+            _, out = torch.func.jvp(lambda hh: grad_w(p, hh), (tree_detach(self.hparams),), (dict(t),))
         return dict(out)
 
 
@@ -301,6 +357,9 @@ class AutoHessian(CurvatureOperator):
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return self._run(lambda op: op.mixed(u))
 
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        return self._run(lambda op: op.mixed_tangent(t))
+
 
 class _Wrapper(CurvatureOperator):
     """An operator that modifies another: forwards everything it does not change."""
@@ -320,6 +379,9 @@ class _Wrapper(CurvatureOperator):
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return self.inner.mixed(u)
 
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        return self.inner.mixed_tangent(t)
+
     def hparams_in_loss(self) -> set[str]:
         return self.inner.hparams_in_loss()
 
@@ -336,6 +398,9 @@ class _Averaged(_Wrapper):
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return all_reduce_mean_tree(self.inner.mixed(u), self.group)
+
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        return all_reduce_mean_tree(self.inner.mixed_tangent(t), self.group)
 
 
 def averaged(op: CurvatureOperator, group: Any) -> CurvatureOperator:
@@ -433,6 +498,10 @@ class _SeparableTerm:
                                       grad_outputs=[u[k] for k, _ in self._g], retain_graph=True, allow_unused=True)
         return _zeros_for_none(out, self._hparams)
 
+    def mixed_jvp(self, t: Mapping[str, Tensor]) -> Tree:
+        """``d/dε ∇_params P(params, hparams + ε t)`` (keys of ``params``), on the penalty's own small graph."""
+        return _mixed_jvp_reverse(lambda pp, hh: self._penalty(self._all(pp), hh), self._params, self._hparams, t)
+
 
 class _Penalized(_Wrapper):
     def __init__(self, inner: CurvatureOperator, penalty: Callable[..., Tensor],
@@ -449,6 +518,10 @@ class _Penalized(_Wrapper):
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         data, pen = self.inner.mixed(u), self.term.mixed_vjp(u)
+        return {k: d + pen[k] for k, d in data.items()}
+
+    def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
+        data, pen = self.inner.mixed_tangent(t), self.term.mixed_jvp(t)
         return {k: d + pen[k] for k, d in data.items()}
 
     def hparams_in_loss(self) -> set[str]:

@@ -24,7 +24,8 @@ from ._errors import DivergenceError, NonFiniteError, ShapeError, all_finite, ch
 from ._tree import Flat, Tree
 from .kernels import CG_STATE_FIELDS, cg_update, neumann_step, partial_dot, resolve_backend
 
-__all__ = ["Solver", "SolverInfo", "Solution", "CG", "Neumann", "Nystrom", "Identity", "Exact"]
+__all__ = ["Solver", "SolverInfo", "Solution", "CG", "Neumann", "Nystrom", "Identity", "Exact", "GMRES", "BiCGSTAB",
+           "NormalCG"]
 
 FlatMatvec = Callable[[Tensor], Tensor]
 
@@ -107,6 +108,19 @@ def _use_triton(backend: str, b: Tensor, fn: str) -> bool:
     return resolve_backend(backend, b, name=fn) == "triton"
 
 
+def _flat_operator(op: Callable[[Tree], Tree], fl: Flat, fn: str, name: str) -> FlatMatvec:
+    """``op`` on trees of layout ``fl`` as a map of flat vectors, checking the keys it returns."""
+
+    def flat_op(v: Tensor) -> Tensor:
+        out = op(fl.unflatten(v))
+        if not isinstance(out, Mapping) or set(out) != set(fl.keys):
+            raise ShapeError(f"{fn}: expected `{name}` to return a tree with the keys {fl.keys} of `b`, "
+                             f"got {type(out).__name__} with keys {list(out) if isinstance(out, Mapping) else None}.")
+        return fl.flatten(out)
+
+    return flat_op
+
+
 class Solver:
     """Base class: subclasses implement :meth:`solve_flat`.
 
@@ -131,6 +145,9 @@ class Solver:
     #: Whether :meth:`solve_flat` takes a starting point ``x0`` (a warm start, e.g. the previous
     #: hyper step's solution). ``True`` on :class:`CG` and :class:`Neumann`.
     warm_startable: ClassVar[bool] = False
+    #: Whether :meth:`solve_flat` takes ``rmatvec`` (``v -> Hᵀ v``): solvers of the normal
+    #: equations need transpose products. ``True`` on :class:`NormalCG`.
+    uses_rmatvec: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -151,20 +168,20 @@ class Solver:
         """
         raise NotImplementedError
 
-    def __call__(self, matvec: Callable[[Tree], Tree], b: Mapping[str, Tensor]) -> Solution:
-        """Solve on trees: ``matvec`` maps a tree to a tree; ``b`` a tree. Returns a :class:`Solution`."""
+    def __call__(self, matvec: Callable[[Tree], Tree], b: Mapping[str, Tensor], *,
+                 rmatvec: Optional[Callable[[Tree], Tree]] = None) -> Solution:
+        """Solve on trees: ``matvec`` maps a tree to a tree; ``b`` a tree. Returns a :class:`Solution`.
+
+        ``rmatvec`` (a tree to a tree, ``v -> Hᵀ v``, without damping) is passed on to solvers
+        with ``uses_rmatvec = True`` (:class:`NormalCG`) and ignored by the others.
+        """
         fn = f"bilevel.{self.name}"
         b = check_tree(b, fn, "b")
         fl = Flat(b)
-
-        def mv(v: Tensor) -> Tensor:
-            out = matvec(fl.unflatten(v))
-            if not isinstance(out, Mapping) or set(out) != set(fl.keys):
-                raise ShapeError(f"{fn}: expected `matvec` to return a tree with the keys {fl.keys} of `b`, "
-                                 f"got {type(out).__name__} with keys {list(out) if isinstance(out, Mapping) else None}.")
-            return fl.flatten(out)
-
-        x, info = self.solve_flat(mv, fl.flatten(b))
+        kwargs = {}
+        if self.uses_rmatvec and rmatvec is not None:
+            kwargs["rmatvec"] = _flat_operator(rmatvec, fl, fn, "rmatvec")
+        x, info = self.solve_flat(_flat_operator(matvec, fl, fn, "matvec"), fl.flatten(b), **kwargs)
         return Solution(fl.unflatten(x), info)
 
     # shared checks -----------------------------------------------------------
@@ -199,6 +216,12 @@ class Solver:
 _FLAT_EPS = 64.0
 _FLOOR_EPS = 8.0
 _RUNNING, _NEGATIVE, _FLAT = 0, 1, 2     # the status codes of bilevel.kernels.CG_STATE_FIELDS
+
+
+def _threshold(bnorm: Tensor, tol: float, atol: float) -> Tensor:
+    """The residual test ``‖r‖ ≤ max(tol·‖b‖ + atol, 8·eps·‖b‖)``: never below the rounding floor."""
+    eps = torch.finfo(bnorm.dtype).eps
+    return torch.maximum(tol * bnorm + atol, _FLOOR_EPS * eps * bnorm)
 
 
 def _symmetry_tol(dtype: torch.dtype) -> float:
@@ -253,8 +276,8 @@ class _CGOutcome:
     asymmetry: float          # nan when not probed (fewer than 2 iterations)
 
 
-def _cg_start(A: FlatMatvec, b: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
-    """``(x, r, matvecs)`` at the start of a CG solve: from 0, or from ``x0`` (one product)."""
+def _initial_residual(A: FlatMatvec, b: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """``(x, r, matvecs)`` at the start of a solve: from 0, or from ``x0`` (one product)."""
     if x0 is None:
         return torch.zeros_like(b), b.clone(), 0
     x = x0.clone()
@@ -270,7 +293,7 @@ class _HestenesStiefelCG:
     def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: Tensor, flat_tol: float,
                  keep_best: bool) -> None:
         self.A, self.thresh, self.flat_tol = A, thresh, flat_tol
-        self.x, self.r, self.matvecs = _cg_start(A, b, x0)
+        self.x, self.r, self.matvecs = _initial_residual(A, b, x0)
         self.p = self.r.clone()
         self.rs = torch.dot(self.r, self.r)
         # ‖p‖² by the recurrence ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖² (r_{k+1} ⊥ p_k): saves a pass per iteration.
@@ -343,7 +366,7 @@ class _ChronopoulosGearCG:
     def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: Tensor, flat_tol: float,
                  backend: str) -> None:
         self.A, self.thresh, self.flat_tol, self.backend = A, float(thresh), flat_tol, backend
-        self.x, self.r, self.matvecs = _cg_start(A, b, x0)
+        self.x, self.r, self.matvecs = _initial_residual(A, b, x0)
         self.p, self.s = torch.zeros_like(b), torch.zeros_like(b)
         self.gamma_parts = partial_dot(self.r, self.r, backend=backend)
         self.state: Optional[Tensor] = None
@@ -509,7 +532,7 @@ class CG(Solver):
         bnorm = self._check_b(b)
         eps = torch.finfo(b.dtype).eps
         # the residual test, never below the rounding floor of the recursive residual
-        thresh = torch.maximum((self.tol * bnorm + self.atol) ** 2, (_FLOOR_EPS * eps * bnorm) ** 2)
+        thresh = _threshold(bnorm, self.tol, self.atol) ** 2
         flat_tol = _FLAT_EPS * eps
         if fused is not None:
             run: Union[_HestenesStiefelCG, _ChronopoulosGearCG] = _ChronopoulosGearCG(A, b, x0, thresh, flat_tol,
@@ -935,3 +958,598 @@ class Exact(Solver):
         x = x.to(b.dtype)
         res = float(torch.linalg.vector_norm(Hd @ x.to(dt) - b.to(dt)))
         return x, SolverInfo("Exact", P, P, res, float(bnorm), True)
+
+
+# -- non-symmetric systems ---------------------------------------------------------------------------
+# NOTE: GMRES, BiCGSTAB and NormalCG follow CG's rules on rounding. The residual test never asks for
+# less than 8·eps·‖b‖ (_threshold). A breakdown is judged relative to its natural size: `scale` is
+# the largest gain ‖A v‖/‖v‖ seen so far (a lower bound of ‖A‖), and a quantity counts as zero when
+# it is below 64·eps (_FLAT_EPS) times the product of the norms it is made of; NaN counts as a
+# breakdown too. A breakdown once the residual is at its rounding floor returns the iterate as
+# converged; anywhere else it raises DivergenceError, never returning the garbage that a step with
+# a rounding-size divisor would make. GMRES's residual (from the Givens rotations) and BiCGSTAB's
+# (updated recursively) can drift away from b − A x, so a passed test is confirmed on the true
+# residual (one product) before the solve returns, and a failed confirmation restarts from there.
+# The true residual of an exact solution is itself only accurate to about eps·(‖b‖ + ‖A‖‖x‖):
+# _true_floor accepts that much, but never more than √eps·‖b‖. That cap matters: an iteration that
+# blew up (BiCGSTAB on a singular operator reached ‖x‖ = 2e15 with ‖b − Ax‖ = 0.7‖b‖) would
+# otherwise pass, its ‖A‖‖x‖ making any residual look like rounding.
+_BREAKDOWN, _LEAST_SQUARES, _NONFINITE = 3, 4, 5
+
+
+def _true_floor(bnorm: float, scale: float, xnorm: float, dtype: torch.dtype) -> float:
+    """Rounding level of a true residual ``b − A x`` computed in ``dtype`` (at most ``√eps·‖b‖``)."""
+    eps = torch.finfo(dtype).eps
+    return min(_FLOOR_EPS * eps * (bnorm + scale * xnorm), math.sqrt(eps) * bnorm)
+
+
+def _true_residual(A: FlatMatvec, b: Tensor, x: Tensor) -> tuple[Tensor, float, float]:
+    """``(r, ‖r‖, ‖x‖)`` with ``r = b − A x`` (one product, one host sync)."""
+    r = b - A(x)
+    rn, xn = torch.stack([torch.linalg.vector_norm(r), torch.linalg.vector_norm(x)]).tolist()
+    return r, rn, xn
+
+
+def _nonfinite_error(fn: str, iterations: int) -> DivergenceError:
+    return DivergenceError(
+        f"bilevel.{fn}: expected finite products, but the iteration produced NaN/Inf after {iterations} "
+        f"iterations. Fix: check matvec (and rmatvec) for NaN/Inf at this point, or add damping.")
+
+
+def _singular_error(fn: str, what: str, iterations: int, damping: float) -> DivergenceError:
+    return DivergenceError(
+        f"bilevel.{fn}: expected a non-singular operator (H + damping·I), but {what} after {iterations} "
+        f"iterations (damping={damping}): the operator is singular to rounding on the Krylov space, and the "
+        f"system has no solution there. Fix: add damping > 0, or check that the root / fixed point is "
+        f"isolated (its Jacobian invertible); bl.Exact() reports singularity densely on small problems.")
+
+
+def _transpose_by_autograd(matvec: FlatMatvec, like: Tensor, fn: str) -> FlatMatvec:
+    """``u -> Aᵀ u`` by reverse-mode autograd through one recorded call ``A v`` (``A`` linear).
+
+    Costs one product to record; each call is one backward pass through that graph.
+    """
+    with torch.enable_grad():
+        v = torch.zeros(like.shape, dtype=like.dtype, device=like.device, requires_grad=True)
+        y = matvec(v)
+    how = ("Fix: pass rmatvec= (u -> Hᵀ u, without damping): for H the Jacobian ∂F/∂x of a function F at x, "
+           "rmatvec = lambda u: torch.func.vjp(F, x)[1](u)[0]; a symmetric H (a Hessian) is its own "
+           "transpose: rmatvec=matvec.")
+    if not (isinstance(y, Tensor) and y.requires_grad):
+        raise TypeError(
+            f"bilevel.{fn}: expected rmatvec (v -> Hᵀ v), or a matvec differentiable by autograd to build it "
+            f"from, but rmatvec is None and matvec's output carries no graph (it detaches, or calls "
+            f"torch.autograd.grad without create_graph=True, as Hessian-vector products do). {how}")
+
+    def rmatvec(u: Tensor) -> Tensor:
+        (g,) = torch.autograd.grad(y, v, u, retain_graph=True, allow_unused=True)
+        if g is None:
+            raise TypeError(f"bilevel.{fn}: expected matvec's output to depend on its input, but autograd "
+                            f"finds no path from v to matvec(v). {how}")
+        return g
+
+    return rmatvec
+
+
+def _check_iteration_options(solver: Solver, counts: tuple[str, ...]) -> None:
+    fn = f"bilevel.{solver.name}"
+    for name in counts:
+        _check_number(fn, name, getattr(solver, name), low=1, integer=True)
+    for name in ("tol", "atol", "damping"):
+        _check_number(fn, name, getattr(solver, name))
+
+
+@dataclass(frozen=True)
+class _ShortRecurrence(Solver):
+    """The options of :class:`BiCGSTAB` and :class:`NormalCG` (see theirs)."""
+
+    maxiter: int = 100
+    tol: float = 1e-10
+    damping: float = 0.0
+    atol: float = 0.0
+    check_every: int = 5
+
+    def __post_init__(self) -> None:
+        _check_iteration_options(self, ("maxiter", "check_every"))
+
+
+class _Arnoldi:
+    """One GMRES cycle on the device: Krylov basis ``V``, the Hessenberg matrix rotated to upper
+    triangular ``R`` by Givens rotations (accumulated in ``Q``), and ``g = Q·(‖r‖ e₁)``.
+
+    After ``k`` steps the least-squares residual ``min_y ‖‖r‖e₁ − H_k y‖`` is ``|g[k]|``: the
+    residual estimate comes from the rotations, with no extra product. ``cols`` counts the steps
+    taken before the estimate passed the test (the columns the update uses); later steps are no-ops.
+    """
+
+    def __init__(self, m: int, b: Tensor, thresh: Tensor, flat_tol: float) -> None:
+        dt, dev = b.dtype, b.device
+        self.m, self.thresh, self.flat_tol = m, thresh, flat_tol
+        self.V = torch.empty(m + 1, b.shape[0], dtype=dt, device=dev)
+        self.R = torch.zeros(m, m, dtype=dt, device=dev)
+        self.Q = torch.empty(m + 1, m + 1, dtype=dt, device=dev)
+        self.g = torch.empty(m + 1, dtype=dt, device=dev)
+        self.scale = torch.zeros((), dtype=dt, device=dev)    # largest ‖A v_j‖ (‖v_j‖ = 1) so far
+        self.tiny = torch.finfo(dt).tiny
+        self.identity_cs = torch.tensor([1.0, 0.0], dtype=dt, device=dev)
+        self.flip_sign = torch.tensor([-1.0, 1.0], dtype=dt, device=dev)
+
+    def start(self, r: Tensor, rnorm: Tensor) -> None:
+        torch.div(r, rnorm, out=self.V[0])
+        self.g.zero_()
+        self.g[0] = rnorm
+        self.Q.zero_()
+        self.Q.fill_diagonal_(1.0)
+        dev = r.device
+        self.cols = torch.zeros((), dtype=torch.long, device=dev)
+        self.active = torch.ones((), dtype=torch.bool, device=dev)
+        self.singular = torch.zeros((), dtype=torch.bool, device=dev)
+
+    def step(self, A: FlatMatvec, k: int) -> None:
+        V, Q, R, g = self.V, self.Q, self.R, self.g
+        w = A(V[k])
+        Vk = V[: k + 1]
+        # NOTE: classical Gram-Schmidt applied twice ("twice is enough", Giraud, Langou & Rozložník
+        # 2005): orthogonal to working precision like modified Gram-Schmidt, but two matrix-vector
+        # products per step instead of k+1 dependent dot/axpy pairs (k kernel launches each).
+        h = Vk @ w
+        w = torch.addmv(w, Vk.mT, h, alpha=-1.0)
+        h2 = Vk @ w
+        w = torch.addmv(w, Vk.mT, h2, alpha=-1.0)
+        h.add_(h2)
+        hn = torch.linalg.vector_norm(w)
+        rc = Q[: k + 1, : k + 1] @ h                        # the earlier rotations applied to the new column
+        R[: k + 1, k] = rc
+        denom = torch.hypot(rc[k], hn)
+        R[k, k] = denom
+        self.scale = torch.fmax(self.scale, torch.hypot(torch.linalg.vector_norm(rc), hn))   # ‖A v_k‖
+        pivot_ok = denom > self.flat_tol * self.scale        # False for NaN
+        self.singular = self.singular | (self.active & ~pivot_ok)
+        ok = self.active & pivot_ok
+        # the rotation G = [[c, s], [−s, c]] that zeroes hn below the pivot (the identity on a frozen step)
+        cs = torch.where(ok, torch.stack([rc[k], hn]) / denom, self.identity_cs)
+        G = torch.stack([cs, cs.flip(0) * self.flip_sign])
+        Q[k: k + 2, : k + 2] = G @ Q[k: k + 2, : k + 2]     # row k+1 of Q was e_{k+1}
+        g[k: k + 2] = G @ g[k: k + 2]                        # g[k+1] was 0
+        self.cols = self.cols + ok
+        self.active = ok & (g[k + 1].abs() > self.thresh)
+        torch.div(w, hn.clamp_min(self.tiny), out=V[k + 1])
+
+    def read(self, k: int) -> tuple[bool, int, bool, bool, float]:
+        """``(active, cols, singular, nonfinite, scale)`` on the host after ``k`` steps (one sync)."""
+        dt = self.scale.dtype
+        finite = torch.isfinite(self.R[:k, :k]).all()
+        active, cols, singular, finite_h, scale = torch.stack(
+            [self.active.to(dt), self.cols.to(dt), self.singular.to(dt), finite.to(dt), self.scale]).tolist()
+        return bool(active), int(cols), bool(singular), not finite_h, scale
+
+    def update(self, x: Tensor, cols: int) -> Tensor:
+        """``x + V y`` with ``y`` the least-squares solution on the first ``cols`` columns."""
+        if cols == 0:
+            return x
+        y = torch.linalg.solve_triangular(self.R[:cols, :cols], self.g[:cols, None], upper=True)[:, 0]
+        return torch.addmv(x, self.V[:cols].mT, y)
+
+
+@dataclass(frozen=True)
+class GMRES(Solver):
+    """Restarted GMRES on ``(H + damping·I) x = b``: any non-singular ``H``, symmetric or not.
+
+    Each cycle builds an orthonormal basis of the Krylov space of dimension up to ``restart``
+    (Arnoldi, Gram-Schmidt applied twice) and picks the ``x`` of least residual in it (Givens
+    rotations on the Hessenberg matrix, which also give that residual without a product), then
+    restarts from the new residual ``b − A x`` (one product). Memory: ``restart + 1`` vectors.
+    Without restarts (``restart ≥ maxiter``) it converges in at most ``P`` steps in exact
+    arithmetic; a small ``restart`` saves memory and can slow convergence or stagnate.
+
+    Args:
+        maxiter: at most this many Arnoldi steps (one product each) over all cycles.
+        restart: Krylov dimension per cycle (capped at ``P``).
+        tol: stop when ``‖r‖ ≤ max(tol·‖b‖ + atol, 8·eps·‖b‖)``, the test of :class:`CG`.
+        damping: added to the diagonal.
+        atol: absolute residual tolerance.
+        check_every: read the residual estimate on the host every this many steps (and at the
+            end of each cycle).
+
+    A cycle whose estimate passes the test is confirmed on the true residual ``b − A x`` (the
+    product that starts the next cycle anyway); if rounding kept the true one above the test, the
+    next cycle goes on from there. A true residual at its rounding level ``min(8·eps·(‖b‖ + ‖A‖‖x‖), √eps·‖b‖)``
+    counts as converged. ``info.residual_norm`` is the true residual of the returned ``x``
+    (that one product at the end of the last cycle); ``info.iterations`` counts the Arnoldi steps
+    until the test passed, ``info.matvecs`` every product (with the restarts' and any steps
+    taken after the test passed but before the host saw it).
+
+    Raises :class:`DivergenceError` on NaN/Inf products and when the rotated Hessenberg matrix
+    has a zero pivot (``|R_kk| ≤ 64·eps·‖A‖``) before convergence: the operator is singular on
+    the Krylov space. A cycle that does not reduce the residual (GMRES(restart) can stagnate)
+    ends the solve with ``converged=False`` and ``info.extra["stagnated"] = True``.
+
+    ``solve_flat(matvec, b, x0)`` takes a warm start ``x0`` (``warm_startable = True``).
+
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
+    vectors of shape ``(P,)``.
+
+    Example:
+        >>> A = torch.tensor([[2., 1.], [-1., 3.]], dtype=torch.float64)     # not symmetric
+        >>> x = bl.GMRES(tol=1e-12)(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2, dtype=torch.float64)})
+        >>> x["x"], x.info.iterations, x.info.converged
+        (tensor([0.2857, 0.4286], dtype=torch.float64), 2, True)
+    """
+
+    warm_startable: ClassVar[bool] = True
+
+    maxiter: int = 100
+    restart: int = 20
+    tol: float = 1e-10
+    damping: float = 0.0
+    atol: float = 0.0
+    check_every: int = 5
+
+    def __post_init__(self) -> None:
+        _check_iteration_options(self, ("maxiter", "restart", "check_every"))
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
+        """As :meth:`Solver.solve_flat`; ``x0`` (shape ``(P,)``) is the starting point (one more product)."""
+        A = self._damped(matvec)
+        bnorm = self._check_b(b)
+        thresh = _threshold(bnorm, self.tol, self.atol)
+        x, r, matvecs = _initial_residual(A, b, x0)
+        rnorm = torch.linalg.vector_norm(r)
+        rn, th, bn = torch.stack([rnorm, thresh, bnorm]).tolist()
+        if not math.isfinite(rn):
+            raise _nonfinite_error("GMRES", 0)
+        arn = _Arnoldi(min(self.restart, b.shape[0]), b, thresh, _FLAT_EPS * torch.finfo(b.dtype).eps)
+        converged, stagnated = rn <= th, False
+        steps = iters = cycles = 0
+        while not converged and iters < self.maxiter:
+            arn.start(r, rnorm)
+            k = 0
+            while k < arn.m and iters < self.maxiter:
+                arn.step(A, k)
+                k, iters = k + 1, iters + 1
+                if k % self.check_every == 0 or k == arn.m or iters == self.maxiter:
+                    active, cols, singular, nonfinite, scale = arn.read(k)
+                    if nonfinite:
+                        raise _nonfinite_error("GMRES", iters)
+                    if singular:
+                        raise _singular_error("GMRES", "the rotated Hessenberg matrix has a zero pivot",
+                                              iters, self.damping)
+                    if not active:
+                        break
+            matvecs += k + 1                                  # the cycle's steps and its true residual
+            cycles += 1
+            steps += cols
+            x = arn.update(x, cols)
+            r, rn_new, xn = _true_residual(A, b, x)
+            if not math.isfinite(rn_new):
+                raise _nonfinite_error("GMRES", iters)
+            rnorm = torch.linalg.vector_norm(r)
+            converged = rn_new <= max(th, _true_floor(bn, scale, xn, b.dtype))
+            stagnated = not converged and rn_new >= rn
+            rn = rn_new
+            if stagnated:
+                break
+        info = SolverInfo("GMRES", steps, matvecs, rn, bn, converged,
+                          {"cycles": cycles, "stagnated": stagnated, "loop_iterations": iters})
+        return x, info
+
+
+class _BiCGSTABRun:
+    """BiCGSTAB (van der Vorst 1992) with device-side breakdown tests and no host sync."""
+
+    def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh_sq: Tensor, zero_tol: float) -> None:
+        self.A, self.thresh_sq, self.zero_tol = A, thresh_sq, zero_tol
+        self.x, r, self.matvecs = _initial_residual(A, b, x0)
+        scalar = lambda v, dt=b.dtype: torch.full((), v, dtype=dt, device=b.device)
+        self.status, self.steps = scalar(_RUNNING, torch.long), scalar(0, torch.long)
+        self.breakdown_code = scalar(_BREAKDOWN, torch.long)
+        self.scale, self.tiny = scalar(0.0), torch.finfo(b.dtype).tiny
+        self.one = scalar(1.0)
+        self.restart(r)
+
+    def restart(self, r: Tensor) -> None:
+        """Start over from the residual ``r`` (shadow residual ``r̂ = r``)."""
+        self.r = r
+        self.r_hat = r.clone()
+        self.rs = torch.dot(r, r)
+        self.rhat_sq = self.rs
+        self.p, self.v = torch.zeros_like(r), torch.zeros_like(r)
+        self.rho = self.alpha = self.omega = self.one
+
+    def _zero(self, value: Tensor, size_sq: Tensor) -> Tensor:
+        """``|value| ≤ 64·eps·size`` (or NaN): a divisor that is rounding."""
+        return ~(value.abs() > self.zero_tol * torch.sqrt(size_sq))
+
+    def step(self) -> None:
+        x, r, p, v = self.x, self.r, self.p, self.v
+        active = (self.status == _RUNNING) & (self.rs > self.thresh_sq)
+        rho = torch.dot(self.r_hat, r)
+        rho_zero = self._zero(rho, self.rhat_sq * self.rs)
+        go = active & ~rho_zero
+        beta = torch.where(go, (rho / self.rho) * (self.alpha / self.omega), 0.0)
+        p.addcmul_(self.omega, v, value=-1.0).mul_(beta).add_(r)      # p = r + β (p − ω v)
+        v.copy_(self.A(p))          # own buffer: matvec may reuse its output for t below
+        rv, vv, pp = torch.dot(self.r_hat, v), torch.dot(v, v), torch.dot(p, p)
+        self.scale = torch.fmax(self.scale, torch.sqrt(vv / pp.clamp_min(self.tiny)))
+        rv_zero = self._zero(rv, self.rhat_sq * vv)
+        ok1 = go & ~rv_zero
+        alpha = torch.where(ok1, rho / torch.where(ok1, rv, 1.0), 0.0)
+        x.addcmul_(alpha, p)
+        s = r.addcmul_(alpha, v, value=-1.0)                          # in place: r becomes s
+        ss = torch.dot(s, s)
+        t = self.A(s)
+        self.matvecs += 2
+        tt, ts = torch.dot(t, t), torch.dot(t, s)
+        self.scale = torch.fmax(self.scale, torch.sqrt(tt / ss.clamp_min(self.tiny)))
+        # ω = 0 (t ⊥ s) stalls the method (r = s, and the next β divides by ω), unless s already passes
+        omega_zero = self._zero(ts, tt * ss) & (ss > self.thresh_sq)
+        ok2 = ok1 & ~self._zero(ts, tt * ss)
+        omega = torch.where(ok2, ts / torch.where(ok2, tt, 1.0), 0.0)
+        x.addcmul_(omega, s)
+        r.addcmul_(omega, t, value=-1.0)                              # r = s − ω t
+        self.rs = torch.where(ok1, torch.dot(r, r), self.rs)
+        broke = active & (rho_zero | rv_zero | omega_zero)
+        self.status = torch.where(broke, self.breakdown_code, self.status)
+        self.rho = torch.where(ok1, rho, self.rho)
+        self.alpha = torch.where(ok1, alpha, self.alpha)
+        self.omega = torch.where(ok2, omega, self.omega)
+        self.steps = self.steps + ok1
+
+    def read(self) -> tuple[float, int, int, float]:
+        """``(‖r‖², status, steps, scale)`` on the host (one sync)."""
+        rs, status, steps, scale = torch.stack(
+            [self.rs, self.status.to(self.rs.dtype), self.steps.to(self.rs.dtype), self.scale]).tolist()
+        return rs, int(status), int(steps), scale
+
+
+@dataclass(frozen=True)
+class BiCGSTAB(_ShortRecurrence):
+    """BiCGSTAB on ``(H + damping·I) x = b``: any non-singular ``H``, two products per iteration.
+
+    Van der Vorst (1992). Short recurrences (memory: 7 vectors, whatever the iteration count),
+    unlike :class:`GMRES`, but no minimal-residual guarantee: its residual is not monotone, and the
+    method can break down.
+
+    Args:
+        maxiter: at most this many iterations (two products each).
+        tol: stop when ``‖r‖ ≤ max(tol·‖b‖ + atol, 8·eps·‖b‖)``, the test of :class:`CG`.
+        damping: added to the diagonal.
+        atol: absolute residual tolerance.
+        check_every: test convergence and breakdown on the host every this many iterations.
+
+    Breakdown: a divisor ``ρ = r̂ᵀr``, ``r̂ᵀAp`` or ``ω``'s ``tᵀs`` that is zero to rounding
+    (``≤ 64·eps`` times the norms it is made of), or NaN, stops the iteration. If the true
+    residual is then at its rounding level (``min(8·eps·(‖b‖ + ‖A‖‖x‖), √eps·‖b‖)``) or passes the test, the
+    solve has converged; otherwise it raises :class:`DivergenceError` (use :class:`GMRES`,
+    which does not break down on a non-singular operator). A passed test on the recursive
+    residual is confirmed on the true residual ``b − A x`` (one product); where rounding kept the
+    true one above the test, the iteration restarts from it with a new shadow residual.
+    ``info.residual_norm`` is the true residual of the returned ``x`` (one product at the end,
+    counted in ``info.matvecs``); ``info.iterations`` counts the iterations that moved ``x``.
+
+    ``solve_flat(matvec, b, x0)`` takes a warm start ``x0`` (``warm_startable = True``).
+
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
+    vectors of shape ``(P,)``.
+
+    Example:
+        >>> A = torch.tensor([[2., 1.], [-1., 3.]], dtype=torch.float64)     # not symmetric
+        >>> x = bl.BiCGSTAB(tol=1e-12)(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2, dtype=torch.float64)})
+        >>> x["x"], x.info.converged
+        (tensor([0.2857, 0.4286], dtype=torch.float64), True)
+    """
+
+    warm_startable: ClassVar[bool] = True
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
+        """As :meth:`Solver.solve_flat`; ``x0`` (shape ``(P,)``) is the starting point (one more product)."""
+        A = self._damped(matvec)
+        bnorm = self._check_b(b)
+        thresh = _threshold(bnorm, self.tol, self.atol)
+        run = _BiCGSTABRun(A, b, x0, thresh ** 2, _FLAT_EPS * torch.finfo(b.dtype).eps)
+        rs, th, bn = torch.stack([run.rs, thresh, bnorm]).tolist()
+        if not math.isfinite(rs):
+            raise _nonfinite_error("BiCGSTAB", 0)
+        true: Optional[tuple[float, float]] = None     # (‖b − A x‖, ‖x‖) of the current x, once computed
+        restarts, last_restart, lost = 0, math.inf, False
+        it, status, steps, scale = 0, _RUNNING, 0, 0.0
+        if rs <= th * th:
+            true = (math.sqrt(rs), float(torch.linalg.vector_norm(run.x)))
+        while true is None and it < self.maxiter:
+            run.step()
+            it += 1
+            if it % self.check_every and it != self.maxiter:
+                continue
+            rs, status, steps, scale = run.read()
+            if status != _RUNNING or not math.isfinite(rs):
+                break
+            if rs > th * th:
+                continue
+            r, rn, xn = _true_residual(A, b, run.x)
+            run.matvecs += 1
+            if rn <= max(th, _true_floor(bn, scale, xn, b.dtype)) or not rn < last_restart:
+                true, lost = (rn, xn), not rn < last_restart     # confirmed, or restarting did not help
+                break
+            last_restart, restarts = rn, restarts + 1
+            run.restart(r)
+        if true is None:
+            _, rn, xn = _true_residual(A, b, run.x)
+            run.matvecs += 1
+            true = (rn, xn)
+        rn, xn = true
+        if not (math.isfinite(rn) and math.isfinite(xn)):
+            raise _nonfinite_error("BiCGSTAB", it)
+        converged = rn <= max(th, _true_floor(bn, scale, xn, b.dtype))
+        if lost and not converged:
+            raise DivergenceError(
+                f"bilevel.BiCGSTAB: expected the recursive residual to track b − A x, but it passed the test "
+                f"while the true residual stays at {rn / max(bn, 1e-300):.3e} relative after {restarts} restart(s) "
+                f"({it} iterations): the iteration lost its accuracy (typical near a singular operator). "
+                f"Fix: use bl.GMRES(), or add damping (damping={self.damping}).")
+        if status == _BREAKDOWN and not converged:
+            raise DivergenceError(
+                f"bilevel.BiCGSTAB: the iteration broke down after {it} iterations (a divisor ρ = r̂ᵀr, r̂ᵀAp or "
+                f"tᵀs of ω was zero to rounding) with the residual at {rn / max(bn, 1e-300):.3e} relative, "
+                f"above the test (tol={self.tol}). Fix: use bl.GMRES(), which does not break down on a "
+                f"non-singular operator, or add damping (damping={self.damping}).")
+        info = SolverInfo("BiCGSTAB", steps, run.matvecs, rn, bn, converged,
+                          {"restarts": restarts, "loop_iterations": it})
+        return run.x, info
+
+
+class _NormalCGRun:
+    """CG on ``AᵀA x = Aᵀb`` (CGNR), tracking the residual ``r = b − A x`` of the system itself."""
+
+    def __init__(self, A: FlatMatvec, At: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh_sq: Tensor) -> None:
+        self.A, self.At, self.thresh_sq = A, At, thresh_sq
+        eps = torch.finfo(b.dtype).eps
+        self.flat_tol, self.lsq_tol = _FLAT_EPS * eps, _FLOOR_EPS * eps
+        self.x, self.r, self.matvecs = _initial_residual(A, b, x0)
+        self.p = At(self.r).clone()                 # z = Aᵀr, the residual of the normal equations
+        self.rmatvecs = 1
+        self.gamma = torch.dot(self.p, self.p)
+        self.rs = torch.dot(self.r, self.r)
+        scalar = lambda v, dt=b.dtype: torch.full((), v, dtype=dt, device=b.device)
+        self.status, self.steps = scalar(_RUNNING, torch.long), scalar(0, torch.long)
+        self.codes = {c: scalar(c, torch.long) for c in (_FLAT, _LEAST_SQUARES, _NONFINITE)}
+        self.scale, self.tiny = scalar(0.0), torch.finfo(b.dtype).tiny
+        self.adjoint_gap: Optional[Tensor] = None
+
+    def step(self) -> None:
+        x, r, p = self.x, self.r, self.p
+        active = (self.status == _RUNNING) & (self.rs > self.thresh_sq)
+        w = self.A(p)
+        self.matvecs += 1
+        ww, pp = torch.dot(w, w), torch.dot(p, p)
+        if self.adjoint_gap is None:
+            # rᵀ(A p) = (Aᵀr)ᵀp = pᵀp on the first step (p = Aᵀr): a free test that rmatvec is Aᵀ
+            nrm = torch.linalg.vector_norm
+            den = nrm(r) * nrm(w) + pp
+            self.adjoint_gap = (torch.dot(r, w) - pp).abs() / den.clamp_min(self.tiny)
+        self.scale = torch.fmax(self.scale, torch.sqrt(ww / pp.clamp_min(self.tiny)))
+        # Aᵀr is rounding (≤ 8·eps·‖A‖‖r‖) while r is not: r is orthogonal to A's range, i.e. x is a
+        # least-squares solution of a system that has none.
+        lsq = ~(self.gamma > (self.lsq_tol * self.scale) ** 2 * self.rs)
+        flat = ~(ww > (self.flat_tol * self.scale) ** 2 * pp)                 # ‖Ap‖ ≈ 0 for p ∈ range(Aᵀ), or NaN
+        bad = ~torch.isfinite(self.gamma + ww)
+        status = torch.where(lsq, self.codes[_LEAST_SQUARES], torch.where(flat, self.codes[_FLAT], self.status))
+        status = torch.where(bad, self.codes[_NONFINITE], status)
+        self.status = torch.where(active, status, self.status)
+        ok = active & ~lsq & ~flat
+        alpha = torch.where(ok, self.gamma / torch.where(ok, ww, 1.0), 0.0)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, w, value=-1.0)
+        z = self.At(r)
+        self.rmatvecs += 1
+        gamma = torch.where(ok, torch.dot(z, z), self.gamma)
+        beta = torch.where(ok, gamma / torch.where(ok, self.gamma, 1.0), 0.0)
+        p.mul_(beta).add_(z)
+        self.gamma = gamma
+        self.rs = torch.where(ok, torch.dot(r, r), self.rs)
+        self.steps = self.steps + ok
+
+    def read(self) -> tuple[float, int, int, float, float]:
+        """``(‖r‖², status, steps, scale, adjoint gap)`` on the host (one sync)."""
+        dt = self.rs.dtype
+        gap = self.adjoint_gap if self.adjoint_gap is not None else torch.full((), math.nan, dtype=dt,
+                                                                              device=self.rs.device)
+        rs, status, steps, scale, gap_h = torch.stack(
+            [self.rs, self.status.to(dt), self.steps.to(dt), self.scale, gap.to(dt)]).tolist()
+        return rs, int(status), int(steps), scale, gap_h
+
+
+@dataclass(frozen=True)
+class NormalCG(_ShortRecurrence):
+    """CG on the normal equations ``Aᵀ A x = Aᵀ b`` with ``A = H + damping·I`` (CGNR): any non-singular ``H``.
+
+    Needs transpose products ``rmatvec(v) = Hᵀ v`` besides ``matvec``: call
+    ``solver(matvec, b, rmatvec=...)``. Two products per iteration, and the error shrinks like
+    CG's with ``κ(A)²`` in place of ``κ``: slower than :class:`GMRES` on the same system, but with
+    CG's short recurrences (4 vectors) and a residual ``‖b − A x‖`` that falls monotonically.
+
+    Args:
+        maxiter: at most this many iterations (one ``A`` and one ``Aᵀ`` product each).
+        tol: stop when ``‖b − A x‖ ≤ max(tol·‖b‖ + atol, 8·eps·‖b‖)``, the test of :class:`CG`.
+        damping: added to the diagonal of ``H`` (then ``(H + damping·I)ᵀ`` is used in the normal
+            equations).
+        atol: absolute residual tolerance.
+        check_every: test convergence on the host every this many iterations.
+
+    ``rmatvec=None`` builds ``Aᵀ`` products by reverse-mode autograd through one recorded call of
+    ``matvec`` (one more product, its graph kept for the solve; right for a ``matvec`` written with
+    differentiable torch operations, such as ``A @ v`` or a ``torch.func.jvp``). A ``matvec`` whose
+    output carries no graph (a Hessian-vector product by ``torch.autograd.grad`` without
+    ``create_graph``) raises ``TypeError`` saying how to pass ``rmatvec``. On the first iteration
+    the solver compares ``rᵀ(A p)`` with ``(Aᵀ r)ᵀ p`` (no extra product) and raises
+    :class:`DivergenceError` when they differ by more than ``√eps`` relative: ``rmatvec`` is then
+    not the transpose of ``matvec``.
+
+    A singular operator shows as ``Aᵀ r`` at rounding level while ``r`` is not (``x`` is then a
+    least-squares solution of a system without one) or ``‖A p‖ ≈ 0``; both raise
+    :class:`DivergenceError` unless the residual is at its rounding floor, as do NaN/Inf.
+    ``info.residual_norm`` is the recursively updated ``‖b − A x‖`` (no extra product), as in
+    :class:`CG`; ``info.matvecs`` counts ``A`` and ``Aᵀ`` products together,
+    ``info.extra["rmatvecs"]`` the ``Aᵀ`` ones.
+
+    ``solve_flat(matvec, b, x0, rmatvec=...)`` takes a warm start ``x0`` (``warm_startable = True``).
+
+    Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
+    returned :class:`Solution` has the same keys and shapes (and so do ``matvec``'s and
+    ``rmatvec``'s); :meth:`solve_flat` takes and returns vectors of shape ``(P,)``.
+
+    Example:
+        >>> A = torch.tensor([[2., 1.], [-1., 3.]], dtype=torch.float64)     # not symmetric
+        >>> x = bl.NormalCG(tol=1e-12)(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2, dtype=torch.float64)},
+        ...                            rmatvec=lambda v: {"x": A.T @ v["x"]})
+        >>> x["x"], x.info.converged
+        (tensor([0.2857, 0.4286], dtype=torch.float64), True)
+    """
+
+    warm_startable: ClassVar[bool] = True
+    uses_rmatvec: ClassVar[bool] = True
+
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None, *,
+                   rmatvec: Optional[FlatMatvec] = None) -> tuple[Tensor, SolverInfo]:
+        """As :meth:`Solver.solve_flat`; ``x0`` (shape ``(P,)``) is the starting point (one more product);
+        ``rmatvec`` maps ``v`` to ``Hᵀ v`` (without damping); ``None``: by autograd through ``matvec``."""
+        bnorm = self._check_b(b)
+        built = rmatvec is None
+        if rmatvec is None:
+            rmatvec = _transpose_by_autograd(matvec, b, "NormalCG")
+        A, At = self._damped(matvec), self._damped(rmatvec)
+        thresh = _threshold(bnorm, self.tol, self.atol)
+        run = _NormalCGRun(A, At, b, x0, thresh ** 2)
+        rs, th, bn = torch.stack([run.rs, thresh, bnorm]).tolist()
+        it, status, steps, scale, gap = 0, _RUNNING, 0, 0.0, math.nan
+        sym_tol = _symmetry_tol(b.dtype)
+        if math.isfinite(rs) and rs > th * th:
+            while it < self.maxiter:
+                run.step()
+                it += 1
+                if it % self.check_every == 0 or it == self.maxiter:
+                    rs, status, steps, scale, gap = run.read()
+                    if rs <= th * th or status != _RUNNING or gap > sym_tol or not math.isfinite(rs):
+                        break
+        if gap > sym_tol:
+            raise DivergenceError(
+                f"bilevel.NormalCG: expected rmatvec to be the transpose of matvec, but rᵀ(Ap) and (Aᵀr)ᵀp "
+                f"differ by {gap:.3e} relative (rounding stays below {sym_tol:.1e}). Fix: pass "
+                f"rmatvec(v) = Hᵀ v without damping (the solver adds it), e.g. from torch.func.vjp; "
+                f"rmatvec=None builds it by autograd when matvec is differentiable.")
+        xn = float(torch.linalg.vector_norm(run.x))
+        rn = math.sqrt(rs) if rs >= 0 else math.nan
+        if not (math.isfinite(rn) and math.isfinite(xn)) or status == _NONFINITE:
+            raise _nonfinite_error("NormalCG", it)
+        converged = rs <= th * th
+        if status != _RUNNING:
+            converged = rn <= _true_floor(bn, scale, xn, b.dtype)      # breakdown at the rounding floor
+            if not converged:
+                what = ("Aᵀr is zero to rounding while the residual r is not (b has a component outside the "
+                        "operator's range)" if status == _LEAST_SQUARES else "‖A p‖ is zero to rounding")
+                raise _singular_error("NormalCG", what, it, self.damping)
+        matvecs = run.matvecs + run.rmatvecs + (1 if built else 0)
+        info = SolverInfo("NormalCG", steps, matvecs, rn, bn, converged,
+                          {"rmatvecs": run.rmatvecs, "loop_iterations": it, "adjoint_gap": gap})
+        return run.x, info

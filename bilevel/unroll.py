@@ -38,7 +38,7 @@ from .distributed import all_reduce_mean_grads, all_reduce_mean_list, check_grou
 
 __all__ = ["unrolled_hypergrad", "finite_difference_hypergrad", "UnrollInfo", "UNROLL_MODES"]
 
-UNROLL_MODES = ("reverse", "forward", "checkpoint")
+UNROLL_MODES = ("reverse", "forward", "checkpoint", "replay")
 Args = Union[Sequence[Any], Callable[[int], Sequence[Any]]]
 
 
@@ -54,6 +54,12 @@ class UnrollInfo:
         inner_grad_norm: ``‖∇_w L_T‖`` at the last step.
         state: the optimizer state after the last step (detached; to continue training).
         checkpoint_every: spacing of stored states in checkpoint mode (else ``None``).
+        replay_k: branching factor of the replay tree in replay mode (else ``None``).
+        stored_states_max: checkpoint and replay modes: the most states (weights, optimizer state and
+            RNG state of one step) held at once; replay holds at most ``k·⌈log_k K⌉ + 1``.
+        forward_steps: inner steps evaluated in all (a differentiated step of reverse mode counts once;
+            checkpoint and replay modes count the training run, the recomputations and the rebuilt
+            one-step graphs: replay at most ``(1 + ⌈log_k K⌉)·K``; forward mode counts traced steps).
 
     Example:
         >>> inner = lambda p, h: 0.5 * ((p["w"] - h["c"]) ** 2).sum()
@@ -72,6 +78,9 @@ class UnrollInfo:
     inner_grad_norm: float
     state: Any
     checkpoint_every: Optional[int] = None
+    replay_k: Optional[int] = None
+    stored_states_max: Optional[int] = None
+    forward_steps: Optional[int] = None
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -98,8 +107,11 @@ class _Stepper:
         self.last_gnorm: Optional[Tensor] = None
         self.unused: frozenset = frozenset()         # forward mode: keys without gradient (find_unused)
         self.calls_mse_loss = False                  # forward mode: seen by find_unused
+        self.evaluated = 0                           # steps evaluated, recomputations included
+        self.stored_states_max: Optional[int] = None
 
     def _loss(self, w: Tree, h: Tree, t: int) -> Tensor:
+        self.evaluated += 1
         loss = self.inner_loss(w, h, *_args_at(self.inner_args, t))
         if not self.checked:
             loss = check_scalar(loss, self.fn, "inner_loss")
@@ -199,15 +211,8 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
     rng_end = get_rng()
     last_loss, last_gnorm = step.last_loss, step.last_gnorm
     w_final, s_final = w, s
-    hl = list(h.values())
-    with torch.enable_grad():
-        wl = tree_detach(w, requires_grad=True)
-        lv = _outer(outer_loss, wl, h, outer_args, fn)
-        g = grads_or_zeros(lv, list(wl.values()) + hl)
-    a_w = g[: len(wl)]
-    hg = g[len(wl):]
-    s_leaves, s_spec = pytree.tree_flatten(s)
-    a_s: list[Optional[Tensor]] = [None] * len(s_leaves)
+    lv, a_w, a_s, hg = _outer_adjoint(outer_loss, w, s, h, outer_args, fn)
+    peak = len(ckpts)
     # Backward: segments from last to first; recompute each segment's states from its checkpoint,
     # then take one vector-Jacobian product per step through a freshly built one-step graph.
     for start in sorted(ckpts, reverse=True):
@@ -219,31 +224,151 @@ def _checkpoint(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T
             seg.append((w, s, get_rng()))
             if t < end - 1:
                 w, s = step.autograd(w, s, h, t, create_graph=False)
+        peak = max(peak, len(ckpts) + len(seg))
         for t in range(end - 1, start - 1, -1):
-            w_t, s_t, rng_t = seg.pop()
-            set_rng(rng_t)
-            wl = tree_detach(w_t, requires_grad=True)
-            sl = detach_state(s_t, requires_grad=True)
-            with torch.enable_grad():
-                w1, s1 = step.autograd(wl, sl, h, t, create_graph=True)
-                s1_leaves = pytree.tree_flatten(s1)[0]
-                sl_leaves = pytree.tree_flatten(sl)[0]
-                outs, gos = [], []
-                for o, a in zip(list(w1.values()) + s1_leaves, list(a_w) + a_s):
-                    if isinstance(o, Tensor) and o.requires_grad and a is not None:
-                        outs.append(o)
-                        gos.append(a)
-                s_in = [x for x in sl_leaves if isinstance(x, Tensor) and x.requires_grad]
-                inputs = list(wl.values()) + s_in + hl
-                gr = torch.autograd.grad(outs, inputs, gos, allow_unused=True) if outs else [None] * len(inputs)
-            nw, ns = len(wl), len(s_in)
-            a_w = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(wl.values(), gr[:nw])]
-            it = iter(gr[nw:nw + ns])
-            a_s = [next(it) if (isinstance(x, Tensor) and x.requires_grad) else None for x in sl_leaves]
-            hg = [acc if gi is None else acc + gi for acc, gi in zip(hg, gr[nw + ns:])]
+            a_w, a_s, hg = _step_vjp(step, *seg.pop(), h, t, a_w, a_s, hg)
     set_rng(rng_end)
     step.last_loss, step.last_gnorm = last_loss, last_gnorm
+    step.stored_states_max = peak
     return dict(zip(h, hg)), w_final, s_final, lv.detach()
+
+
+def _outer_adjoint(outer_loss, w: Tree, s: Any, h: Tree, outer_args, fn):
+    """``L_V(w_T)`` and the adjoints where the backward sweep starts: ``∂L_V/∂w_T``, none for the
+    optimizer state (``L_V`` does not read it), and the direct term ``∂_λ L_V``."""
+    with torch.enable_grad():
+        wl = tree_detach(w, requires_grad=True)
+        lv = _outer(outer_loss, wl, h, outer_args, fn)
+        g = grads_or_zeros(lv, list(wl.values()) + list(h.values()))
+    a_s: list[Optional[Tensor]] = [None] * len(pytree.tree_flatten(s)[0])
+    return lv, g[: len(wl)], a_s, g[len(wl):]
+
+
+def _step_vjp(step: _Stepper, w_t: Tree, s_t: Any, rng_t, h: Tree, t: int, a_w, a_s, hg):
+    """One vector-Jacobian product through step ``t`` rebuilt from its stored input ``(w_t, s_t)``
+    and RNG state: the adjoints ``(a_w, a_s)`` of its output become those of its input, and its
+    contribution is added to the hypergradient ``hg``."""
+    set_rng(rng_t)
+    hl = list(h.values())
+    wl = tree_detach(w_t, requires_grad=True)
+    sl = detach_state(s_t, requires_grad=True)
+    with torch.enable_grad():
+        w1, s1 = step.autograd(wl, sl, h, t, create_graph=True)
+        s1_leaves = pytree.tree_flatten(s1)[0]
+        sl_leaves = pytree.tree_flatten(sl)[0]
+        outs, gos = [], []
+        for o, a in zip(list(w1.values()) + s1_leaves, list(a_w) + a_s):
+            if isinstance(o, Tensor) and o.requires_grad and a is not None:
+                outs.append(o)
+                gos.append(a)
+        s_in = [x for x in sl_leaves if isinstance(x, Tensor) and x.requires_grad]
+        inputs = list(wl.values()) + s_in + hl
+        gr = torch.autograd.grad(outs, inputs, gos, allow_unused=True) if outs else [None] * len(inputs)
+    nw, ns = len(wl), len(s_in)
+    a_w = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(wl.values(), gr[:nw])]
+    it = iter(gr[nw:nw + ns])
+    a_s = [next(it) if (isinstance(x, Tensor) and x.requires_grad) else None for x in sl_leaves]
+    hg = [acc if gi is None else acc + gi for acc, gi in zip(hg, gr[nw + ns:])]
+    return a_w, a_s, hg
+
+
+def _replay_tolerance(loss: Tensor) -> float:
+    # NOTE: on the CPU a replayed step runs the very same kernels on the very same inputs, so its
+    # loss is bit-identical to the training run's (tolerance 0: any difference is a batch or a state
+    # that changed). GPU kernels may reduce in a different order from call to call (atomics), so there
+    # a relative difference up to √eps of the dtype (3.5e-4 float32, 1.5e-8 float64) is accepted.
+    return 0.0 if loss.device.type == "cpu" else math.sqrt(torch.finfo(loss.dtype).eps)
+
+
+def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn, k: int):
+    """REPLAY (Engstrom et al. 2025): exact reverse mode through ``T − t0`` steps, storing states only
+    at the points of a k-ary subdivision of the run and recomputing the rest recursively.
+
+    NOTE: a segment ``[a, b)`` whose input state is stored is cut into ≤ k chunks of ``⌈(b−a)/k⌉``
+    steps; one forward pass from ``a`` stores the chunks' starts, then the chunks are reversed last to
+    first, each recursively, and each stored state is dropped once its chunk is done. Depth
+    ``D = ⌈log_k n⌉``, so at most ``k + (k−1)(D−1) ≤ k·D`` states are alive at once. The training
+    run itself stores the top level's points; every deeper level recomputes at most ``n`` steps and
+    the leaves rebuild each step once with a graph, so at most ``(1 + D)·n`` steps are evaluated.
+    Each step's inner loss from the training run is kept (one scalar per step) and every recomputed
+    step must reproduce it (:func:`_replay_tolerance`): a batch callable that is not a function of
+    ``t`` would otherwise give the derivative of a run that never happened.
+    """
+    n = T - t0
+    if n == 1:                                       # one step: its graph is the one stored state
+        step.stored_states_max = 1
+        return _reverse(step, outer_loss, w, s, h, t0, T, outer_args, fn)
+    store: dict[int, tuple] = {}                     # t -> (w_t, s_t, rng before step t)
+    losses: dict[int, Tensor] = {}
+    peak = [0]
+
+    def keep(t: int, ww: Tree, ss: Any) -> None:
+        store[t] = (ww, ss, get_rng())
+        peak[0] = max(peak[0], len(store))
+
+    def cuts(a: int, b: int) -> list[int]:
+        return list(range(a, b, math.ceil((b - a) / k)))
+
+    def check(t: int) -> None:
+        got, want = step.last_loss, losses[t]
+        tol = _replay_tolerance(want)
+        same = torch.equal(got, want) if tol == 0 else bool((got - want).abs() <= tol * max(1.0, float(want.abs())))
+        if not same:
+            raise RuntimeError(
+                f"{fn}: mode='replay' recomputed step {t} from a stored state and got the inner loss "
+                f"{float(got)!r}, but {float(want)!r} in the training run (expected the same: tolerance "
+                f"{'0, bit-exact on the CPU' if tol == 0 else f'{tol:.1e} relative'}). The step is not a "
+                f"function of (params, optimizer state, RNG state, t) alone: `inner_args(t)` returned another "
+                f"batch for the same t, or inner_loss reads state that changes between calls (a counter, a "
+                f"module buffer). Fix: make inner_args(t) depend only on t (index a fixed list, or seed a "
+                f"torch.Generator with t), keep mutable state out of inner_loss, or use mode='reverse'.")
+
+    def replayed(ww: Tree, ss: Any, t: int, create_graph: bool) -> tuple[Tree, Any]:
+        try:
+            out = step.autograd(ww, ss, h, t, create_graph=create_graph)
+        except Exception as err:
+            raise RuntimeError(f"{fn}: mode='replay' recomputes step {t} from a stored state, and the step "
+                               f"(inner_args({t}) or inner_loss) raised {type(err).__name__}: {err}. Expected "
+                               f"a step that can be evaluated again for the same t. Fix: make inner_args(t) "
+                               f"a pure function of t (no iterator that runs out), or use mode='reverse'.") from err
+        check(t)
+        return out
+
+    def reverse(a: int, b: int, adj: tuple) -> tuple:
+        if b - a == 1:
+            w_t, s_t, rng_t = store.pop(a)
+            a_w, a_s, hg = _step_vjp(step, w_t, s_t, rng_t, h, a, *adj)
+            check(a)
+            return a_w, a_s, hg
+        pts = cuts(a, b)
+        if pts[-1] not in store:                      # the training run stored the top level
+            ww, ss, rng = store[a]
+            set_rng(rng)
+            t = a
+            for nxt in pts[1:]:
+                while t < nxt:
+                    ww, ss = replayed(ww, ss, t, create_graph=False)
+                    t += 1
+                keep(t, ww, ss)
+        for lo, hi in reversed(list(zip(pts, pts[1:] + [b]))):
+            adj = reverse(lo, hi, adj)
+        return adj
+
+    w, s = tree_detach(w), detach_state(s)
+    top = set(cuts(t0, T))
+    for t in range(t0, T):                           # the training run
+        if t in top:
+            keep(t, w, s)
+        w, s = step.autograd(w, s, h, t, create_graph=False)
+        losses[t] = step.last_loss
+    rng_end = get_rng()
+    last_loss, last_gnorm = step.last_loss, step.last_gnorm
+    lv, a_w, a_s, hg = _outer_adjoint(outer_loss, w, s, h, outer_args, fn)
+    _, _, hg = reverse(t0, T, (a_w, a_s, hg))
+    set_rng(rng_end)
+    step.last_loss, step.last_gnorm = last_loss, last_gnorm
+    step.stored_states_max = peak[0]
+    return dict(zip(h, hg)), w, s, lv.detach()
 
 
 def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: int, outer_args, fn,
@@ -324,6 +449,7 @@ def unrolled_hypergrad(
     outer_args: Sequence[Any] = (),
     state: Any = None,
     checkpoint_every: Optional[int] = None,
+    replay_k: int = 2,
     forward_chunk: Optional[int] = None,
     check_finite: bool = True,
     group: Any = None,
@@ -343,22 +469,29 @@ def unrolled_hypergrad(
         mode: ``"reverse"``: backprop through the steps; memory grows linearly with the
             (differentiated) steps. ``"checkpoint"``: the same result (to rounding) with
             O(√steps) stored states, by recomputing segments in the backward pass; RNG state is saved
-            per checkpoint, so dropout masks are replayed exactly. ``"forward"``: forward-mode
+            per checkpoint, so dropout masks are replayed exactly. ``"replay"``: the same result with
+            at most ``k·⌈log_k steps⌉ + 1`` stored states and ``≤ (1 + ⌈log_k steps⌉)`` training runs
+            of compute (REPLAY, Engstrom et al. 2025: a k-ary tree of stored states, the rest
+            recomputed recursively): metagradients through whole training runs; every recomputed step
+            must reproduce the training run's inner loss (bit-exact on the CPU), else it raises.
+            ``"forward"``: forward-mode
             (jvp through the steps, vmapped over the hyperparameter entries): memory does not grow
             with steps, cost grows with the number of hyperparameter entries.
         inner_args: a tuple used at every step, or a callable ``t -> tuple`` giving step ``t``'s batch
-            (it must return the same batch when called again with the same ``t``: checkpoint mode
-            recomputes steps).
+            (it must return the same batch when called again with the same ``t``: checkpoint and
+            replay modes recompute steps).
         outer_args: tuple of extra arguments of ``outer_loss``.
         state: initial optimizer state (default ``optimizer.init(params)``), e.g. to continue a run.
         checkpoint_every: spacing of stored states in checkpoint mode (default ``⌈√K⌉``).
+        replay_k: branching factor ``k >= 2`` of the replay tree (replay mode): larger ``k`` stores more
+            states (``k·⌈log_k K⌉``) and recomputes less (``⌈log_k K⌉`` runs).
         forward_chunk: in forward mode, how many hyperparameter directions are pushed at once
             (``None``: all; smaller saves memory).
         check_finite: raise :class:`bilevel.NonFiniteError` on NaN/Inf losses or hypergradients.
         group: a ``torch.distributed`` process group for data parallelism (each rank passes its
             shard of every batch): each step's inner gradient is averaged over the ranks by a
             differentiable all-reduce, then the hypergradient; every rank gets the global-batch
-            result (:mod:`bilevel.distributed`). Modes ``"reverse"`` and ``"checkpoint"`` only.
+            result (:mod:`bilevel.distributed`). Modes ``"reverse"``, ``"checkpoint"`` and ``"replay"``.
 
     Returns:
         ``(hypergrad, final_params)``: a :class:`bilevel.Hypergrad` tree (keys of ``hparams``) whose
@@ -386,12 +519,16 @@ def unrolled_hypergrad(
                         f"transformation wrap it as bl.inner.TorchOpt(opt).")
     optimizer.check_hparams(hparams, fn)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"Invalid steps for {fn}: {steps!r} (expected an int >= 1).")
+        raise ValueError(f"Invalid steps for {fn}: {steps!r} (expected an int >= 1, the number of inner steps "
+                         f"to unroll). Fix: pass e.g. steps=100.")
     if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int)
                                  or not 1 <= truncate <= steps):
         raise ValueError(f"Invalid truncate for {fn}: {truncate!r} (expected None or an int in [1, steps={steps}]).")
     if mode not in UNROLL_MODES:
         raise ValueError(f"{fn}: expected mode in {UNROLL_MODES}, got {mode!r}.")
+    if isinstance(replay_k, bool) or not isinstance(replay_k, int) or replay_k < 2:
+        raise ValueError(f"Invalid replay_k for {fn}: {replay_k!r} (expected an int >= 2, the branching factor of "
+                         f"the replay tree; 2 stores the fewest states).")
     if not (callable(inner_args) or isinstance(inner_args, (tuple, list))):
         raise TypeError(f"{fn}: expected `inner_args` to be a tuple or a callable t -> tuple, "
                         f"got {type(inner_args).__name__}.")
@@ -409,18 +546,26 @@ def unrolled_hypergrad(
     w = tree_detach(params)
     s = optimizer.init(w) if state is None else detach_state(state)
     h = tree_detach(hparams, requires_grad=True)
-    for t in range(steps - K):                       # the undifferentiated prefix
-        w, s = step.autograd(w, s, h, t, create_graph=False)
     every = None
-    if mode == "reverse":
-        hg, w, s, lv = _reverse(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn)
-    elif mode == "checkpoint":
+    if mode == "checkpoint":
         every = checkpoint_every or max(1, math.ceil(math.sqrt(K)))
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Invalid checkpoint_every for {fn}: {checkpoint_every!r} (expected an int >= 1).")
-        hg, w, s, lv = _checkpoint(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, every)
-    else:
-        hg, w, s, lv = _forward(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, forward_chunk)
+    rng_start = get_rng()
+    try:
+        for t in range(steps - K):                   # the undifferentiated prefix
+            w, s = step.autograd(w, s, h, t, create_graph=False)
+        if mode == "reverse":
+            hg, w, s, lv = _reverse(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn)
+        elif mode == "checkpoint":
+            hg, w, s, lv = _checkpoint(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, every)
+        elif mode == "replay":
+            hg, w, s, lv = _replay(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, replay_k)
+        else:
+            hg, w, s, lv = _forward(step, outer_loss, w, s, h, steps - K, steps, outer_args, fn, forward_chunk)
+    except BaseException:
+        set_rng(rng_start)                           # a failed call leaves the RNG as it found it
+        raise
     # mean over ranks of the per-rank outer losses' hypergradients (no-op in one process)
     *red, lv = all_reduce_mean_list([*hg.values(), lv], group)
     hg = dict(zip(hg, red))
@@ -430,7 +575,8 @@ def unrolled_hypergrad(
         check_finite_tree(hg, fn, "the hypergradient")
     last_loss = float(step.last_loss) if step.last_loss is not None else math.nan
     last_gn = float(step.last_gnorm) if step.last_gnorm is not None else math.nan
-    info = UnrollInfo(mode, steps, K, float(lv), last_loss, last_gn, s, every)
+    info = UnrollInfo(mode, steps, K, float(lv), last_loss, last_gn, s, every,
+                      replay_k if mode == "replay" else None, step.stored_states_max, step.evaluated)
     return Hypergrad(hg, info), w
 
 

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import bilevel as bl
+from bilevel.distributed import spawn, teardown
 
 
 def load(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -83,7 +82,8 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in a)
 
 
-def worker(rank: int, world: int, steps: int, double: bool, check: bool, out_dir: str | None) -> None:
+def worker(rank: int, world: int, steps: int, double: bool, check: bool) -> dict | None:
+    """One rank's run; rank 0 returns the results (and the one-process run with ``check``)."""
     torch.set_num_threads(1)
     dtype = torch.float64 if double else torch.float32
     res = train(rank, world, dist.group.WORLD, steps, dtype, verbose=True)
@@ -92,41 +92,28 @@ def worker(rank: int, world: int, steps: int, double: bool, check: bool, out_dir
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     identical = all(torch.equal(gathered[0], t) for t in gathered)
-    if rank == 0:
-        print(f"hyperparameters identical on all {world} ranks: {identical}")
-        if check:
-            single = train(0, 1, None, steps, dtype, verbose=True)
-            print(f"max relative difference to one process on the global batches: hyperparameters "
-                  f"{_max_rel(res['hparams'], single['hparams']):.2e}, weights "
-                  f"{_max_rel(res['weights'], single['weights']):.2e} ({dtype})")
-            res["single"] = single
-        res["identical"] = identical
-        if out_dir:
-            torch.save(res, os.path.join(out_dir, "result.pt"))
+    if rank != 0:
+        return None
+    print(f"hyperparameters identical on all {world} ranks: {identical}")
+    if check:
+        single = train(0, 1, None, steps, dtype, verbose=True)
+        print(f"max relative difference to one process on the global batches: hyperparameters "
+              f"{_max_rel(res['hparams'], single['hparams']):.2e}, weights "
+              f"{_max_rel(res['weights'], single['weights']):.2e} ({dtype})")
+        res["single"] = single
+    res["identical"] = identical
+    return res
 
 
-def _spawned(rank: int, world: int, init: str, *args) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
-        worker(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def main(nproc: int = 2, smoke: bool = False, double: bool = False, check: bool = False,
-         out_dir: str | None = None) -> dict | None:
+def main(nproc: int = 2, smoke: bool = False, double: bool = False, check: bool = False) -> dict | None:
     steps = 40 if smoke else 600
     if "RANK" in os.environ:                                    # launched by torchrun
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
-        try:
-            worker(dist.get_rank(), dist.get_world_size(), steps, double, check, out_dir)
-        finally:
-            dist.destroy_process_group()
+        worker(dist.get_rank(), dist.get_world_size(), steps, double, check)
+        teardown()                                              # barrier, then destroy (see its NOTE)
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        out = out_dir or tmp
-        mp.spawn(_spawned, args=(nproc, os.path.join(tmp, "init"), steps, double, check, out), nprocs=nproc)
-        return torch.load(os.path.join(out, "result.pt"), weights_only=False)
+    # spawn: file rendezvous, then barrier, destroy and os._exit in each rank (see bilevel/distributed.py)
+    return spawn(worker, nproc, nproc, steps, double, check)[0]
 
 
 if __name__ == "__main__":

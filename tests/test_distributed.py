@@ -5,16 +5,15 @@ on the whole batch (``process_group=None``); the parent compares the results acr
 (bit-identical) and against the single-process run (≤ 1e-8, float64).
 """
 
-import os
-import tempfile
+import operator
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import bilevel as bl
+from bilevel.distributed import spawn
 
 WORLD = 2
 METHODS = {
@@ -106,8 +105,7 @@ def _run_unused(rank, group, mode):
     return dict(hg), w, hg.info.state.step, params["unused"]
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _worker(rank):
     torch.set_num_threads(1)
     results = {}
     for name in METHODS:
@@ -123,15 +121,12 @@ def _worker(rank, init_file, out_dir):
     for mode in ("reverse", "checkpoint"):
         results[("unused", mode)] = _run_unused(rank, dist.group.WORLD, mode)
     results[("unused", "single")] = _run_unused(rank, None, "reverse")
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_ranks_equal_one_process_on_the_global_batch():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD))
+    r0, r1 = spawn(_worker, WORLD)
     for name in METHODS:
         ref_h, ref_w = r0[(name, "single")]
         for ddp in (False, True):
@@ -182,3 +177,42 @@ def test_two_ranks_equal_one_process_on_the_global_batch():
                     assert torch.equal(ours[k], ref[k]), (bb, k)
     # the shards differ, so without the broadcast rank 1's statistics would be its own (not vacuous)
     assert not torch.allclose(r1[("bn", True, True)]["1.running_mean"], r1[("bn", True, False)]["1.running_mean"])
+
+
+def _gather_ranks_after_ddp(rank, extra_matmuls):
+    """The shape of examples/ddp_weight_decay.py's end: a DDP model (it keeps the gloo threads alive
+    past destroy_process_group), a last collective, then rank 0 keeps computing alone."""
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(4, 2)
+    torch.nn.parallel.DistributedDataParallel(model)(torch.randn(3, 4)).sum().backward()
+    gathered = [torch.empty(1) for _ in range(WORLD)]
+    dist.all_gather(gathered, torch.tensor([float(rank)]))
+    if rank == 0:
+        a = torch.randn(64, 64)
+        for _ in range(extra_matmuls):
+            a = torch.tanh(a @ a)
+    return [int(t) for t in gathered]
+
+
+def _fail_on_rank_one(rank):
+    if rank == 1:
+        raise ValueError("rank one failed on purpose")
+    return rank
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_spawn_returns_every_rank_result_when_ranks_finish_unevenly():
+    assert spawn(_gather_ranks_after_ddp, WORLD, 200) == [[0, 1], [0, 1]]
+    assert spawn(operator.add, WORLD, 10) == [10, 11]          # fn(rank, *args), in rank order
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_spawn_reports_the_traceback_of_a_failing_rank():
+    # rank 0 finishes and waits in the teardown barrier; the parent must stop it, not hang
+    with pytest.raises(Exception, match="rank one failed on purpose"):
+        spawn(_fail_on_rank_one, WORLD)
+
+
+def test_spawn_rejects_a_bad_process_count():
+    with pytest.raises(ValueError, match="positive int"):
+        spawn(operator.add, 0, 1)

@@ -97,3 +97,23 @@ def test_closed_form_products_smoke():
     for r in out["rows"]:          # the declared-structure paths give autograd's hypergradient / product
         assert r["rel_diff"] < 1e-5, r
     # speedups are timings: measured and recorded by benchmarks/bench_kernels.py, never asserted here
+
+
+def test_learned_schedule_smoke():
+    out = _load("learned_schedule").main(smoke=True, verbose=False)
+    res = out["results"]
+    assert set(res) == {"constant", "step", "cosine", "learned"} and out["T"] == 20
+    assert len(out["schedule"]) == 4 and all(0.0 <= v <= 1.0 for v in out["schedule"])
+    # two metagradient steps from the constant rate: the validation loss they saw went down
+    assert out["history"][1] < out["history"][0]
+    assert all(math.isfinite(v["test"]) for v in res.values())
+
+
+def test_data_selection_smoke():
+    pytest.importorskip("mnist1d")
+    out = _load("data_selection").main(smoke=True, verbose=False)
+    assert out["rounds"] == 2 and out["T"] == 12
+    for k in ("all", "small_loss", "oracle", "learned", "precision", "recall"):
+        assert 0.0 <= out[k][0] <= 1.0, k
+    # each round is one replay metagradient: at most (1 + ⌈log2 12⌉) = 5 training runs' steps
+    assert 2 <= out["training_runs_per_seed"] <= 2 * 5

@@ -7,7 +7,7 @@ from torch.func import functional_call
 import bilevel as bl
 from bilevel._tree import Flat
 
-from conftest import rel_err, tree_rel_err
+from conftest import cube_fn, rel_err, tree_rel_err
 
 DT = torch.float64
 
@@ -111,38 +111,10 @@ def test_mixed_vjp_network_against_finite_differences():
     assert rel_err(fl.flatten(out), fd) < 1e-7
 
 
-def _cube_fn(with_jvp: bool):
-    """x³ whose backward cannot be differentiated again (once_differentiable)."""
-
-    class Cube(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x ** 3
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-            ctx.save_for_forward(inputs[0])
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 3 * x ** 2 * g
-
-        if with_jvp:
-            @staticmethod
-            def jvp(ctx, t):
-                (x,) = ctx.saved_tensors
-                return 3 * x ** 2 * t
-
-    return Cube
-
-
 def test_non_differentiable_backward_is_never_a_silent_zero():
     w = {"w": torch.tensor([1.0, 2.0], dtype=DT)}
     v = {"w": torch.tensor([1.0, 1.0], dtype=DT)}
-    cube = _cube_fn(with_jvp=False)
+    cube = cube_fn(with_jvp=False)
     # reverse mode cannot see the missing second derivative: it must at least warn.
     with pytest.warns(UserWarning, match="carries no autograd graph"):
         bl.hvp(lambda p: cube.apply(p["w"]).sum(), w, v, mode="reverse")

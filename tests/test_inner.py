@@ -1,5 +1,7 @@
 """Functional inner optimizers: same trajectory as their torch.optim twins; TorchOpt adapter."""
 
+import copy
+
 import pytest
 import torch
 
@@ -56,12 +58,38 @@ CASES = [
     (torch.optim.Adam, dict(lr=0.01, amsgrad=True), bl.inner.Adam(lr=0.01, amsgrad=True)),
     (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05), bl.inner.Adam(lr=0.01, weight_decay=0.05)),
     (torch.optim.AdamW, dict(lr=0.01), bl.inner.AdamW(lr=0.01)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True),
+     bl.inner.SGD(lr=0.05, momentum=0.8, nesterov=True, maximize=True)),
+    (torch.optim.AdamW, dict(lr=0.01, maximize=True), bl.inner.AdamW(lr=0.01, maximize=True)),
+    (torch.optim.RMSprop, dict(), bl.inner.RMSprop()),
+    (torch.optim.RMSprop, dict(lr=0.005, alpha=0.9, eps=1e-6, weight_decay=0.1, momentum=0.8, centered=True),
+     bl.inner.RMSprop(lr=0.005, alpha=0.9, eps=1e-6, weight_decay=0.1, momentum=0.8, centered=True)),
+    (torch.optim.RMSprop, dict(lr=0.005, momentum=0.5, maximize=True), bl.inner.RMSprop(lr=0.005, momentum=0.5, maximize=True)),
+    (torch.optim.Adagrad, dict(), bl.inner.Adagrad()),
+    (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.3, eps=1e-6),
+     bl.inner.Adagrad(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.3, eps=1e-6)),
+    (torch.optim.Adagrad, dict(lr=0.1, maximize=True), bl.inner.Adagrad(lr=0.1, maximize=True)),
+    (torch.optim.Adamax, dict(), bl.inner.Adamax()),
+    (torch.optim.Adamax, dict(lr=0.01, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.1, maximize=True),
+     bl.inner.Adamax(lr=0.01, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.1, maximize=True)),
+    (torch.optim.NAdam, dict(), bl.inner.NAdam()),
+    (torch.optim.NAdam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, momentum_decay=0.01),
+     bl.inner.NAdam(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, momentum_decay=0.01)),
+    (torch.optim.NAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+     bl.inner.NAdam(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    (torch.optim.RAdam, dict(), bl.inner.RAdam()),
+    (torch.optim.RAdam, dict(lr=0.01, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1),
+     bl.inner.RAdam(lr=0.01, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)),
+    (torch.optim.RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+     bl.inner.RAdam(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
 ]
 
 
 @pytest.mark.parametrize("torch_cls,kw,ours", CASES, ids=[repr(c[2]) for c in CASES])
 def test_same_trajectory_as_torch_optim(torch_cls, kw, ours):
     params, loss = _problem()
+    if kw.get("maximize"):                            # ascend −loss (bounded above): the iterates stay finite
+        loss = (lambda f: lambda p: -f(p))(loss)
     ref = _run_torch(torch_cls, params, loss, 25, **kw)
     got = _run_ours(ours, params, loss, 25)
     for k in params:
@@ -180,9 +208,9 @@ def test_from_torch_continues_the_trajectory(make):
 def test_from_torch_rejects_unsupported():
     p = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(TypeError, match="torch.optim.SGD"):
-        bl.inner.from_torch(torch.optim.RMSprop([p]), {"p": p})
-    with pytest.raises(ValueError, match="maximize"):
-        bl.inner.from_torch(torch.optim.SGD([p], lr=0.1, maximize=True), {"p": p})
+        bl.inner.from_torch(torch.optim.Rprop([p]), {"p": p})
+    with pytest.raises(ValueError, match="differentiable=True"):
+        bl.inner.from_torch(torch.optim.RMSprop([p], differentiable=True), {"p": p})
     with pytest.raises(ValueError, match="none of"):
         bl.inner.from_torch(torch.optim.SGD([p], lr=0.1), {"q": torch.nn.Parameter(torch.ones(1))})
 
@@ -220,10 +248,20 @@ NO_GRAD_CASES = [
     (lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
      bl.inner.AdamW(lr=0.01, weight_decay=0.1, amsgrad=True)),
     (lambda ps: torch.optim.AdamW(ps, lr=0.01), bl.inner.AdamW(lr=0.01)),
+    (lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.1, maximize=True),
+     bl.inner.RMSprop(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1, maximize=True)),
+    (lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.5),
+     bl.inner.Adagrad(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.5)),
+    (lambda ps: torch.optim.Adamax(ps, lr=0.01, weight_decay=0.1), bl.inner.Adamax(lr=0.01, weight_decay=0.1)),
+    (lambda ps: torch.optim.NAdam(ps, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+     bl.inner.NAdam(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    (lambda ps: torch.optim.RAdam(ps, lr=0.01, betas=(0.9, 0.9), weight_decay=0.1),
+     bl.inner.RAdam(lr=0.01, betas=(0.9, 0.9), weight_decay=0.1)),
 ]
 
 
-@pytest.mark.parametrize("make,ours", NO_GRAD_CASES, ids=["sgd-damp", "sgd-nesterov", "adam-l2", "adamw-ams", "adamw"])
+@pytest.mark.parametrize("make,ours", NO_GRAD_CASES, ids=["sgd-damp", "sgd-nesterov", "adam-l2", "adamw-ams", "adamw",
+                                                          "rmsprop", "adagrad", "adamax", "nadamw", "radam"])
 def test_parameters_without_gradient_are_skipped_as_in_torch_optim(make, ours):
     params, loss = _problem_with_late_parameter()
     named = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
@@ -274,7 +312,21 @@ def test_none_gradient_passes_through_partitioned_and_torchopt():
     lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1),
     lambda ps: torch.optim.AdamW(ps, lr=0.01, amsgrad=True),
     lambda ps: torch.optim.Adam([{"params": ps[:2], "lr": 0.02}, {"params": ps[2:], "betas": (0.8, 0.99)}], lr=0.01),
-], ids=["sgd-damp", "sgd-nesterov", "adam", "adamw-amsgrad", "adam-groups"])
+    lambda ps: torch.optim.SGD([{"params": ps[:2], "maximize": True}, {"params": ps[2:], "momentum": 0.5}], lr=0.1),
+    lambda ps: torch.optim.RMSprop([{"params": ps[:2], "momentum": 0.9, "maximize": True},
+                                    {"params": ps[2:], "centered": True, "alpha": 0.9}], lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.Adagrad([{"params": ps[:2], "lr_decay": 0.1}, {"params": ps[2:], "eps": 1e-3}],
+                                   lr=0.1, initial_accumulator_value=0.2, weight_decay=0.1),
+    lambda ps: torch.optim.Adamax([{"params": ps[:2], "betas": (0.8, 0.9)}, {"params": ps[2:], "maximize": True}],
+                                  lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.NAdam([{"params": ps[:2], "momentum_decay": 0.02},
+                                  {"params": ps[2:], "decoupled_weight_decay": True, "lr": 0.02}],
+                                 lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.RAdam([{"params": ps[:2], "betas": (0.9, 0.9)},
+                                  {"params": ps[2:], "decoupled_weight_decay": True, "maximize": True}],
+                                 lr=0.01, weight_decay=0.1),
+], ids=["sgd-damp", "sgd-nesterov", "adam", "adamw-amsgrad", "adam-groups", "sgd-groups-maximize", "rmsprop-groups",
+        "adagrad-groups", "adamax-groups", "nadam-groups", "radam-groups"])
 @pytest.mark.parametrize("convert_at", [2, 5], ids=["before-late-starts", "after-late-started"])
 def test_from_torch_with_parameters_without_state(make, convert_at):
     """Convert while "unused" (never a gradient) has no state, and "late" none yet (or 2 steps of it):
@@ -283,10 +335,151 @@ def test_from_torch_with_parameters_without_state(make, convert_at):
     named = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
     opt = make(list(named.values()))
     _torch_loop(opt, named, loss, convert_at)
-    assert named["unused"] not in opt.state
+    assert float(opt.state.get(named["unused"], {}).get("step", 0)) == 0   # Adagrad: state from the start
     inner, state = bl.inner.from_torch(opt, named)
     w = {k: p.detach().clone() for k, p in named.items()}
     w, state = _our_loop(inner, w, state, loss, 6, t0=convert_at)
     _torch_loop(opt, named, loss, 6, t0=convert_at)
     for k, p in named.items():
         assert torch.allclose(w[k], p.detach(), rtol=1e-12, atol=1e-14), k
+
+
+# -- every option named in hparams: torch.optim's trajectory, and hypergradients by two modes and finite differences
+#: (torch.optim class, our class, option values; "betas" as a pair). Values are away from the
+#: bounds (so that value ± δ is valid) and not tiny (eps), so that finite differences resolve them.
+TUNED = [
+    (torch.optim.SGD, bl.inner.SGD, dict(lr=0.05, momentum=0.8, dampening=0.2, weight_decay=0.05)),
+    (torch.optim.AdamW, bl.inner.Adam, dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.05)),
+    (torch.optim.RMSprop, bl.inner.RMSprop, dict(lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.05, momentum=0.5)),
+    (torch.optim.Adagrad, bl.inner.Adagrad,
+     dict(lr=0.1, lr_decay=0.05, weight_decay=0.05, initial_accumulator_value=0.2, eps=1e-3)),
+    (torch.optim.Adamax, bl.inner.Adamax, dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.05)),
+    (torch.optim.NAdam, bl.inner.NAdam, dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.05, momentum_decay=0.05)),
+    # β2 = 0.9: the rectified branch (ρ_t > 5) from step 6 on, the plain one before
+    (torch.optim.RAdam, bl.inner.RAdam, dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.05)),
+]
+TUNED_IDS = [c[1].__name__ for c in TUNED]
+TUNED_STEPS = 8
+
+
+def _named(values):
+    """(options naming hparams, hparams): every number becomes a hyperparameter of its own name."""
+    opts = {k: ("beta1", "beta2") if k == "betas" else k for k in values}
+    hp = {}
+    for k, v in values.items():
+        for name, x in (zip(("beta1", "beta2"), v) if k == "betas" else [(k, v)]):
+            hp[name] = torch.tensor(x, dtype=DT)
+    return opts, hp
+
+
+def _torch_kwargs(values, hp_values):
+    """torch.optim keywords from hparam values (floats by name)."""
+    kw = {k: hp_values[k] for k in values if k != "betas"}
+    if "betas" in values:
+        kw["betas"] = (hp_values["beta1"], hp_values["beta2"])
+    return kw
+
+
+def _tuned_problem():
+    params, loss = _problem()
+    del params["unused"]
+    g = torch.Generator().manual_seed(1)
+    Xv = torch.randn(7, 3, generator=g, dtype=DT)
+    outer = lambda p, h: ((torch.tanh(Xv @ p["a"] + p["b"]) - 0.3) ** 2).mean()
+    return params, loss, outer
+
+
+@pytest.fixture
+def float64_default():
+    """torch.optim keeps its scalar state (NAdam's μ product) in float32 unless float64 is the default
+    dtype; a tuned β1 makes ours float64 (the hyperparameter's dtype): compare them in float64."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("torch_cls,cls,values", TUNED, ids=TUNED_IDS)
+def test_named_options_follow_torch_optim(torch_cls, cls, values, float64_default):
+    params, loss, _ = _tuned_problem()
+    opts, hp = _named(values)
+    ref = _run_torch(torch_cls, params, loss, 20, **_torch_kwargs(values, {k: float(v) for k, v in hp.items()}))
+    got = _run_ours(cls(**opts), params, loss, 20, hp)
+    assert cls(**opts).hparam_names() == list(hp)
+    for k in params:
+        assert torch.allclose(got[k], ref[k], rtol=1e-12, atol=1e-14), k
+
+
+@pytest.mark.parametrize("torch_cls,cls,values", TUNED, ids=TUNED_IDS)
+def test_unrolled_hypergradient_of_every_option_matches_finite_differences(torch_cls, cls, values, float64_default):
+    """d outer(w_T)/d option through 8 steps: reverse and forward mode against a central finite difference
+    of the outer loss after 8 steps of torch.optim itself (an independent trajectory)."""
+    params, loss, outer = _tuned_problem()
+    opts, hp = _named(values)
+    got = {m: bl.unrolled_hypergrad(lambda p, h: loss(p), outer, params, hp, optimizer=cls(**opts),
+                                    steps=TUNED_STEPS, mode=m)[0] for m in ("reverse", "forward")}
+    base = {k: float(v) for k, v in hp.items()}
+    for name in hp:
+        delta = 1e-5 * abs(base[name])
+        ends = []
+        for s in (1, -1):
+            kw = _torch_kwargs(values, {**base, name: base[name] + s * delta})
+            ends.append(float(outer(_run_torch(torch_cls, params, loss, TUNED_STEPS, **kw), None)))
+        fd = (ends[0] - ends[1]) / (2 * delta)
+        rev, fwd = float(got["reverse"][name]), float(got["forward"][name])
+        assert rev == pytest.approx(fd, rel=1e-6, abs=1e-10), (name, rev, fd)
+        assert fwd == pytest.approx(rev, rel=1e-10, abs=1e-14), (name, fwd, rev)
+    assert abs(float(got["reverse"]["lr"])) > 1e-3          # the learning rate matters here: not a vacuous match
+
+
+@pytest.mark.parametrize("opt", [bl.inner.RMSprop(lr="lr"), bl.inner.RMSprop(lr="lr", centered=True, momentum=0.5),
+                                 bl.inner.Adagrad(lr="lr"), bl.inner.Adamax(lr="lr"), bl.inner.NAdam(lr="lr"),
+                                 bl.inner.RAdam(lr="lr", betas=(0.9, 0.9))],
+                         ids=["rmsprop", "rmsprop-centered", "adagrad", "adamax", "nadam", "radam"])
+def test_hypergradient_is_finite_where_gradient_entries_are_zero(opt):
+    """Entries of "z" below 0 get a gradient of exactly 0 (ReLU): their second moments stay 0, where √
+    has an infinite derivative; both modes stay finite and agree."""
+    params, loss = _problem()
+    params["z"] = torch.tensor([-1.0, 0.5, -2.0], dtype=DT)
+    inner = lambda p, h: loss(p) + (torch.relu(p["z"]) ** 2).sum()
+    outer = lambda p, h: loss(p) + p["z"].sum()
+    hp = {"lr": torch.tensor(0.01, dtype=DT)}
+    out = [bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=8, mode=m)[0]["lr"]
+           for m in ("reverse", "forward")]
+    assert torch.isfinite(out[0]) and float(out[0]) == pytest.approx(float(out[1]), rel=1e-10, abs=1e-14)
+
+
+def test_hyperoptimizer_unrolled_with_rmsprop_matches_finite_differences_of_torch_steps():
+    """bl.Unrolled(steps=3) with a torch.optim.RMSprop inner optimizer (state after a few real steps):
+    the hypergradient of a weight decay equals a central finite difference of the validation loss after
+    3 steps of copies of that very optimizer."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(20, 3, generator=g, dtype=DT), torch.randn(20, 1, generator=g, dtype=DT)
+    Xv, yv = torch.randn(15, 3, generator=g, dtype=DT), torch.randn(15, 1, generator=g, dtype=DT)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).to(DT)
+    hp = {"log_wd": torch.tensor(-1.0, dtype=DT, requires_grad=True)}
+    inner = lambda m, h, b: ((m(b[0]) - b[1]) ** 2).mean() + h["log_wd"].exp() * (m.weight ** 2).sum()
+    outer = lambda m, h, b: ((m(b[0]) - b[1]) ** 2).mean()
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.5, weight_decay=0.01, centered=True)
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer, inner_optimizer=opt,
+                             outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1), method=bl.Unrolled(steps=3))
+    for _ in range(4):
+        hopt.inner_step((X, y))
+    hg, _ = hopt.hypergradient((X, y), (Xv, yv))
+
+    def outer_after_torch_steps(log_wd):
+        m = copy.deepcopy(model)
+        o = torch.optim.RMSprop(m.parameters(), lr=0.01, momentum=0.5, weight_decay=0.01, centered=True)
+        o.load_state_dict(copy.deepcopy(opt.state_dict()))   # load_state_dict would share the tensors
+        h = {"log_wd": torch.tensor(log_wd, dtype=DT)}
+        for _ in range(3):
+            o.zero_grad()
+            inner(m, h, (X, y)).backward()
+            o.step()
+        with torch.no_grad():
+            return float(outer(m, h, (Xv, yv)))
+
+    d = 1e-5
+    fd = (outer_after_torch_steps(-1.0 + d) - outer_after_torch_steps(-1.0 - d)) / (2 * d)
+    assert float(hg["log_wd"]) == pytest.approx(fd, rel=1e-6) and abs(fd) > 1e-6

@@ -12,7 +12,7 @@ import bilevel as bl
 from conftest import import_benchmark, rel_err, tree_rel_err
 
 DT = torch.float64
-MODES = ["reverse", "checkpoint", "forward"]
+MODES = ["reverse", "checkpoint", "forward", "replay"]
 DTYPES = [torch.float64, torch.float32]
 # relative tolerances of a hypergradient and of final params against a float64 oracle or another mode
 HG_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}

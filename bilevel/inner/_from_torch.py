@@ -6,19 +6,33 @@ unrolled steps must be the steps the user's optimizer would take.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from ._base import InnerOptimizer
-from .adam import Adam, AdamState
-from .sgd import SGD, SGDState
+from ._base import InnerOptimizer, PerParameterRule
+from .adagrad import Adagrad
+from .adam import Adam
+from .adamax import Adamax
+from .nadam import NAdam
+from .radam import RAdam
+from .rmsprop import RMSprop
+from .sgd import SGD
 
 __all__ = ["Partitioned", "from_torch", "check_convertible", "SUPPORTED"]
 
-SUPPORTED = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
+#: ``torch.optim`` class -> its differentiable twin (AdamW first: it may subclass Adam)
+TWINS: tuple[tuple[type, type], ...] = (
+    (torch.optim.SGD, SGD), (torch.optim.AdamW, Adam), (torch.optim.Adam, Adam), (torch.optim.RMSprop, RMSprop),
+    (torch.optim.Adagrad, Adagrad), (torch.optim.Adamax, Adamax), (torch.optim.NAdam, NAdam),
+    (torch.optim.RAdam, RAdam),
+)
+#: the ``torch.optim`` optimizers :func:`from_torch` converts
+SUPPORTED = tuple(f"torch.optim.{cls.__name__}" for cls, _ in TWINS)
+#: options of a param group under which torch.optim runs another code path than the one reproduced
+UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 
 
 @dataclass(frozen=True)
@@ -62,46 +76,57 @@ def _num(x: Any) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
+def _twin(optimizer: torch.optim.Optimizer) -> Optional[type]:
+    return next((ours for cls, ours in TWINS if isinstance(optimizer, cls)), None)
+
+
+def _flag_set(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    return next((f for group in optimizer.param_groups for f in UNSUPPORTED_FLAGS if group.get(f, False)), None)
+
+
 def _convert_group(optimizer: torch.optim.Optimizer, group: dict, keys: list[str], params: list[Tensor]) -> tuple:
     fn = "bilevel.inner.from_torch"
-    for flag in ("maximize", "capturable", "differentiable"):
+    twin = _twin(optimizer)
+    if twin is None:
+        raise TypeError(f"{fn}: expected one of {SUPPORTED} (their update rules are reproduced exactly), got "
+                        f"{type(optimizer).__name__}. Fix: use one of those as inner_optimizer, or bl.Implicit / "
+                        f"bl.FirstOrder, which do not replay the optimizer.")
+    for flag in UNSUPPORTED_FLAGS:
         if group.get(flag, False):
-            raise ValueError(f"{fn}: the option {flag}=True of {type(optimizer).__name__} is not supported.")
+            raise ValueError(f"{fn}: the option {flag}=True of {type(optimizer).__name__} is not supported "
+                             f"(expected {flag}=False). Fix: build the optimizer without it.")
+    # the twin's options are torch.optim's group keys, by the same names
+    options: dict[str, Any] = {}
+    for f in fields(twin):
+        if f.name in group:
+            v = group[f.name]
+            options[f.name] = (tuple(_num(b) for b in v) if f.name == "betas"
+                               else bool(v) if isinstance(f.default, bool) else _num(v))
+    if twin is Adam:
+        options["decoupled"] = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
+    opt: PerParameterRule = twin(**options)
     # NOTE: parameter by parameter, as torch.optim keeps it: a parameter that never had a gradient
-    # has no state yet and starts fresh (its own step count 0) on its first real gradient.
+    # has no state yet and starts fresh (its own step count 0) on its first real gradient. The
+    # state trees are named as torch.optim's state entries.
     states = dict(zip(keys, (optimizer.state.get(p, {}) for p in params)))
-    fresh = dict(zip(keys, params))
-
-    def take(name: str, init: dict) -> dict:
-        return {k: st[name].detach().clone() if st.get(name) is not None else init[k] for k, st in states.items()}
-
-    if isinstance(optimizer, torch.optim.SGD):
-        opt = SGD(lr=_num(group["lr"]), momentum=_num(group["momentum"]), dampening=_num(group["dampening"]),
-                  weight_decay=_num(group["weight_decay"]), nesterov=bool(group["nesterov"]))
-        start = opt.init(fresh)
-        if not opt._uses_momentum:
-            return opt, start
-        # torch.optim.SGD keeps no step count: a momentum buffer means "not the first step"
+    start = opt.init(dict(zip(keys, params)))
+    trees = []
+    for name, init in zip(opt.state_type._fields[:-1], start[:-1]):
+        trees.append({k: st[name].detach().clone() if st.get(name) is not None else init[k]
+                      for k, st in states.items()} if init else {})
+    if twin is SGD:                   # torch.optim.SGD keeps no step count: a buffer means "not the first step"
         steps = {k: int(st.get("momentum_buffer") is not None) for k, st in states.items()}
-        return opt, SGDState(take("momentum_buffer", start.momentum_buffer), steps)
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
-        opt = Adam(lr=_num(group["lr"]), betas=tuple(_num(b) for b in group["betas"]), eps=_num(group["eps"]),
-                   weight_decay=_num(group["weight_decay"]), amsgrad=bool(group["amsgrad"]), decoupled=decoupled)
-        start = opt.init(fresh)
+    else:
         steps = {k: int(_num(st["step"])) if "step" in st else 0 for k, st in states.items()}
-        return opt, AdamState(take("exp_avg", start.exp_avg), take("exp_avg_sq", start.exp_avg_sq),
-                              take("max_exp_avg_sq", start.max_exp_avg_sq) if opt.amsgrad else {}, steps)
-    raise TypeError(f"{fn}: expected one of {SUPPORTED} (their update rules are reproduced exactly), got "
-                    f"{type(optimizer).__name__}. Fix: use one of those as inner_optimizer, or bl.Implicit / "
-                    f"bl.FirstOrder, which do not replay the optimizer.")
+    return opt, opt.state_type(*trees, steps)
 
 
 def from_torch(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> tuple[InnerOptimizer, Any]:
     """A differentiable inner optimizer and state reproducing ``optimizer``'s next steps on ``params``.
 
     Args:
-        optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` instance (any param groups).
+        optimizer: a ``torch.optim`` ``SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax``,
+            ``NAdam`` or ``RAdam`` instance (any param groups, ``maximize`` included).
         params: ``{name: parameter}`` with the very tensors the optimizer holds; parameters of the
             optimizer that are not in ``params`` are ignored.
 
@@ -118,7 +143,7 @@ def from_torch(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -
         >>> opt, state = bl.inner.from_torch(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         ...                                  dict(model.named_parameters()))
         >>> opt
-        SGD(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False)
+        SGD(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
         >>> sorted(state.momentum_buffer), state.momentum_buffer["weight"].shape
         (['bias', 'weight'], torch.Size([1, 3]))
     """
@@ -139,16 +164,21 @@ def from_torch(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -
 
 def check_convertible(optimizer: torch.optim.Optimizer, fn: str, method: str) -> None:
     """Raise ``ValueError`` unless :func:`from_torch` reproduces ``optimizer``'s steps (for ``method``,
-    which differentiates copies of them).
+    which differentiates copies of them): one of ``SUPPORTED``, without ``capturable`` or
+    ``differentiable``.
 
     Example:
         >>> p = torch.zeros(2, requires_grad=True)
-        >>> bl.inner.check_convertible(torch.optim.Adam([p]), "demo", "Unrolled")     # no error
+        >>> bl.inner.check_convertible(torch.optim.RMSprop([p], momentum=0.9), "demo", "Unrolled")   # no error
     """
-    if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
-        return
     name = type(optimizer).__name__
-    raise ValueError(f"{fn}: method bl.{method} differentiates copies of the inner optimizer's steps, and {name} "
-                     f"has no differentiable copy (expected one of {SUPPORTED}). Fix: method=bl.Implicit(...) "
-                     f"(it only needs the weights near a minimum, which {name} gives), or an SGD/Adam/AdamW "
-                     f"inner optimizer.")
+    if _twin(optimizer) is None:
+        raise ValueError(f"{fn}: method bl.{method} differentiates copies of the inner optimizer's steps, and {name} "
+                         f"has no differentiable copy (expected one of {SUPPORTED}). Fix: method=bl.Implicit(...) "
+                         f"(it only needs the weights near a minimum, which {name} gives), or one of those as the "
+                         f"inner optimizer.")
+    flag = _flag_set(optimizer)
+    if flag is not None:
+        raise ValueError(f"{fn}: method bl.{method} differentiates copies of the inner optimizer's steps, and "
+                         f"{name}({flag}=True) runs a code path that is not reproduced (expected {flag}=False). "
+                         f"Fix: build {name} without {flag}=True.")

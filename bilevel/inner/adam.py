@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Mapping, NamedTuple, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._base import InnerOptimizer, Num, per_key_steps, zeros_tree
+from ._base import Num, OptionValues, PerParameterRule, ema_sq, is_number, safe_sqrt, zeros_tree
 
 __all__ = ["Adam", "AdamW", "AdamState"]
 
@@ -34,24 +34,11 @@ class AdamState(NamedTuple):
     step: Union[dict, int]
 
 
-def _safe_sqrt(x: Tensor) -> Tensor:
-    # NOTE: d√x/dx is infinite at 0, and 0·inf = NaN would poison the hypergradient wherever a
-    # gradient entry is exactly zero (unused parameters, ReLU dead units). Same value as x.sqrt()
-    # (x ≥ 0 here: a second moment), zero derivative at 0: below the smallest normal number the
-    # clamp's derivative is 0, and its value sqrt(tiny) is multiplied by the mask (x > 0) — 3 ops
-    # instead of the 6 of a double torch.where, on every tensor of every unrolled step.
-    tiny = torch.finfo(x.dtype).tiny
-    return x.clamp_min(tiny).sqrt() * (x > 0)
-
-
-def _pow(b: Num, t: int) -> Tensor | float:
-    return b ** t
-
-
 @dataclass(frozen=True)
-class Adam(InnerOptimizer):
+class Adam(PerParameterRule):
     """Functional, differentiable Adam with decoupled (AdamW-style) weight decay by default::
 
+        g ← −g                                 (maximize)
         p ← p·(1 − lr·weight_decay)            (decoupled=True, as torch.optim.AdamW)
         g ← g + weight_decay·p                 (decoupled=False, as torch.optim.Adam)
         m ← β1·m + (1 − β1)·g ;  v ← β2·v + (1 − β2)·g²
@@ -67,6 +54,7 @@ class Adam(InnerOptimizer):
         weight_decay: weight decay coefficient.
         amsgrad: AMSGrad variant.
         decoupled: AdamW-style decay (default, API.md) or L2 added to the gradient (torch.optim.Adam).
+        maximize: maximize the objective (follow the gradient instead of its negative).
 
     Shapes: ``params`` and ``grads`` are trees with the same keys and shapes (any); ``step``
     returns new params of those shapes and a new state whose trees have them too.
@@ -85,66 +73,34 @@ class Adam(InnerOptimizer):
     weight_decay: Num = 0.0
     amsgrad: bool = False
     decoupled: bool = True
+    maximize: bool = False
 
     _numeric = ("lr", "betas", "eps", "weight_decay")
+    state_type = AdamState
 
-    def __post_init__(self) -> None:
-        fn = f"bilevel.inner.{self.name}"
-        self._validate(fn, "lr", self.lr)
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise TypeError(f"{fn}: expected betas to be a pair (beta1, beta2), got {self.betas!r}.")
-        object.__setattr__(self, "betas", tuple(self.betas))
-        self._validate(fn, "beta1", self.betas[0], high=1.0, strict_high=True)
-        self._validate(fn, "beta2", self.betas[1], high=1.0, strict_high=True)
-        self._validate(fn, "eps", self.eps)
-        self._validate(fn, "weight_decay", self.weight_decay)
+    @property
+    def _decoupled_decay(self) -> bool:
+        return self.decoupled
 
-    def init(self, params: Mapping[str, Tensor]) -> AdamState:
-        return AdamState(zeros_tree(params), zeros_tree(params), zeros_tree(params) if self.amsgrad else {},
-                         dict.fromkeys(params, 0))
+    def init_trees(self, params: Mapping[str, Tensor]) -> tuple[dict, dict, dict]:
+        return zeros_tree(params), zeros_tree(params), zeros_tree(params) if self.amsgrad else {}
 
-    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: AdamState,
-             hparams: Optional[Mapping[str, Tensor]] = None) -> tuple[dict[str, Tensor], AdamState]:
-        lr = self._value(self.lr, hparams)
-        b1 = self._value(self.betas[0], hparams)
-        b2 = self._value(self.betas[1], hparams)
-        eps = self._value(self.eps, hparams)
-        wd = self._value(self.weight_decay, hparams)
-        steps = per_key_steps(state.step, params)
-        new_steps = dict(steps)
-        corrections: dict[int, tuple] = {}           # step count -> (step size, √(1 − β2^t)), shared
-        has_wd = not self._is_zero(self.weight_decay)
-        new_p, m_new, v_new, vmax_new = {}, {}, {}, {}
-        for k, p in params.items():
-            g = grads[k]
-            if g is None:                                 # no gradient: torch.optim skips the parameter
-                new_p[k], m_new[k], v_new[k] = p, state.exp_avg[k], state.exp_avg_sq[k]
-                if self.amsgrad:
-                    vmax_new[k] = state.max_exp_avg_sq[k]
-                continue
-            t = new_steps[k] = steps[k] + 1
-            if t not in corrections:
-                corrections[t] = (lr / (1 - _pow(b1, t)), (1 - _pow(b2, t)) ** 0.5)
-            step_size, bc2_sqrt = corrections[t]
-            if has_wd:
-                if self.decoupled:
-                    p = p * (1 - lr * wd)
-                else:
-                    g = g + wd * p
-            # the fused ops of torch.optim's own Adam (lerp, addcmul, addcdiv) wherever the numbers
-            # are plain floats: fewer autograd nodes per step; tensor hyperparameters (a tuned lr,
-            # β) take the spelled-out form, differentiable in them
-            m = torch.lerp(state.exp_avg[k], g, 1 - b1)
-            v = (torch.addcmul(state.exp_avg_sq[k] * b2, g, g, value=1 - b2) if isinstance(b2, float)
-                 else b2 * state.exp_avg_sq[k] + (1 - b2) * g * g)
-            m_new[k], v_new[k] = m, v
-            if self.amsgrad:
-                v = torch.maximum(state.max_exp_avg_sq[k], v)
-                vmax_new[k] = v
-            denom = _safe_sqrt(v) / bc2_sqrt + eps
-            new_p[k] = (torch.addcdiv(p, m, denom, value=-step_size) if isinstance(step_size, float)
-                        else p - step_size * m / denom)
-        return new_p, AdamState(m_new, v_new, vmax_new, new_steps)
+    def update(self, p: Tensor, g: Tensor, t: int, entries: tuple, h: OptionValues) -> tuple[Tensor, tuple]:
+        m, v, vmax = entries
+        b1, b2 = h.betas
+        # (step size, √(1 − β2^t)): computed once per step count, shared by the parameters
+        step_size, bc2_sqrt = h.per_step(t, lambda t: (h.lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5))
+        # the fused ops of torch.optim's own Adam (lerp, addcmul, addcdiv) wherever the numbers
+        # are plain floats: fewer autograd nodes per step; tensor hyperparameters (a tuned lr,
+        # β) take the spelled-out form, differentiable in them
+        m = torch.lerp(m, g, 1 - b1)
+        v = ema_sq(v, g, b2)
+        v_used = v
+        if vmax is not None:
+            v_used = vmax = torch.maximum(vmax, v)
+        denom = safe_sqrt(v_used) / bc2_sqrt + h.eps
+        p = torch.addcdiv(p, m, denom, value=-step_size) if is_number(step_size) else p - step_size * m / denom
+        return p, (m, v, vmax)
 
 
 @dataclass(frozen=True)
