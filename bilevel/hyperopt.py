@@ -49,6 +49,7 @@ class HyperStepStats:
         skipped: the step changed nothing (``on_error="skip"``); ``error`` says why.
         seconds: wall time of the hyper step.
         method: the method's class name (``"Implicit"``, ``"Unrolled"``, ``"FirstOrder"``...).
+        negative_curvature: the linear solve met negative curvature (``info.extra["indefinite"]``).
 
     Example:
         >>> model = nn.Linear(3, 1)
@@ -74,6 +75,7 @@ class HyperStepStats:
     error: Optional[str] = None
     seconds: float = 0.0
     method: str = ""
+    negative_curvature: Optional[bool] = None
 
     def as_dict(self) -> dict[str, Any]:
         """The statistics as a plain ``dict`` (for logging)."""
@@ -95,7 +97,7 @@ class HyperOptimizer:
             :meth:`inner_step` is then a line-search solve, the natural inner solver of a convex or
             small problem, and a hyper step right after it sees weights near the minimum.
         outer_optimizer: a ``torch.optim`` optimizer over ``hparams.values()``.
-        method: ``bl.Implicit(solver=...)`` (default ``bl.Implicit(bl.Neumann(steps=10))``),
+        method: ``bl.Implicit(solver=...)`` (default ``bl.Implicit()``: ``bl.CG(maxiter=10, on_indefinite="stop")``),
             ``bl.Unrolled(steps=..., truncate=...)``, ``bl.FiniteDifference()``, ``bl.FirstOrder()``, or
             any object with ``hypergrad(problem, inner_batch, outer_batch, state)`` (:mod:`bilevel.methods`).
         outer_loader: an iterable of validation batches, cycled by :meth:`step`.
@@ -187,6 +189,7 @@ class HyperOptimizer:
         #: what the method returned as its state at the last accepted hyper step (a warm start)
         self.method_state: Any = None
         self._pending_state: Any = None
+        self._warned_indefinite = False
         self.inner_steps = self.hyper_steps = self.skipped = self._calls = 0
         #: what a run of step() did, read when this object goes away (warns if it took no hyper step)
         self._run = {"calls": 0, "hyper_steps": 0, "hyper_every": hyper_every}
@@ -300,8 +303,16 @@ class HyperOptimizer:
         info = res.solver
         stats = HyperStepStats(float(tree_norm(res.hypergrad)), res.outer_loss, res.inner_grad_norm,
                                None if info is None else info.iterations, None if info is None else info.residual_norm,
-                               None if info is None else info.matvecs, method=type(self.method).__name__)
+                               None if info is None else info.matvecs, method=type(self.method).__name__,
+                               negative_curvature=None if info is None else getattr(info, "extra", {}).get("indefinite"))
         self._pending_state = res.state
+        if stats.negative_curvature and not self._warned_indefinite:
+            self._warned_indefinite = True     # once per HyperOptimizer: every step of a run may meet it
+            warnings.warn(f"bilevel.HyperOptimizer: the {info.solver} solve met negative curvature of the inner loss "
+                          f"(Rayleigh quotient {info.extra.get('min_rayleigh_quotient', math.nan):.2e}): the weights are "
+                          f"not near a minimum, and the hypergradient uses the solve truncated there (see "
+                          f"docs/choosing.md, 'Defaults on non-convex networks'). Warned once; "
+                          f"HyperStepStats.negative_curvature reports every step.", RuntimeWarning, stacklevel=3)
         return dict(res.hypergrad), stats
 
     def hyper_step(self, inner_batch: Any, outer_batch: Any) -> HyperStepStats:

@@ -12,6 +12,7 @@ built once) serves every product of step (2) and the mixed product of (3).
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -32,24 +33,32 @@ __all__ = ["implicit_hypergrad", "implicit_diff", "implicit_root", "implicit_fix
 
 
 def solve_adjoint(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
-                  u0: Optional[Mapping[str, Tensor]] = None) -> tuple[Tree, Optional[SolverInfo]]:
+                  u0: Optional[Mapping[str, Tensor]] = None,
+                  solver_state: Optional[Mapping[str, Any]] = None) -> tuple[Tree, Optional[SolverInfo]]:
     """Solve ``(H + damping I) u = b`` with ``solver`` on the operator ``op`` (from ``u0`` if given).
 
     Built-in solvers run on flat buffers; any other callable ``solver(matvec, b) -> tree``
-    gets tree-valued ``matvec`` (the seam of API.md).
+    gets tree-valued ``matvec`` (the seam of API.md). ``solver_state``: a previous solve's
+    ``info.extra``; its ``"eigvec"`` (a ``(P,)`` eigenvector estimate) warm-starts the ``λ_max``
+    estimate of a solver whose ``solve_flat`` takes ``eigvec0`` (:class:`bilevel.Neumann`).
     """
+    kw: dict[str, Any] = {}
+    eigvec = None if solver_state is None else solver_state.get("eigvec")
+    if eigvec is not None and isinstance(solver, Solver) and "eigvec0" in inspect.signature(solver.solve_flat).parameters:
+        kw["eigvec0"] = eigvec
     # a Hessian (or its Gauss-Newton model) is its own transpose
-    return _solve(solver, op.flat, op.matvec_flat, b, u0, matvec=op.matvec, rmatvec_flat=op.matvec_flat)
+    return _solve(solver, op.flat, op.matvec_flat, b, u0, matvec=op.matvec, rmatvec_flat=op.matvec_flat, **kw)
 
 
 def _root_vjp(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
-              u0: Optional[Mapping[str, Tensor]] = None) -> tuple[Tree, Tree, Optional[SolverInfo]]:
+              u0: Optional[Mapping[str, Tensor]] = None,
+              solver_state: Optional[Mapping[str, Any]] = None) -> tuple[Tree, Tree, Optional[SolverInfo]]:
     """The vector-Jacobian product through the inner solution (JAXopt's ``root_vjp``).
 
     ``u = (H + damping I)⁻¹ b``, then ``∇_λ <∂_w L_T, u>``: the cotangent ``b`` of ``w*`` pulled
     back to the hyperparameters is minus this mixed product. Returns ``(mixed, u, solver info)``.
     """
-    u, info = solve_adjoint(op, b, solver, u0)
+    u, info = solve_adjoint(op, b, solver, u0, solver_state)
     return op.mixed_vjp(u), u, info
 
 
@@ -96,6 +105,7 @@ def implicit_hypergrad(
     penalty_fixed: Optional[Mapping[str, Tensor]] = None,
     group: Any = None,
     u0: Optional[Mapping[str, Tensor]] = None,
+    solver_state: Optional[Mapping[str, Any]] = None,
 ) -> Hypergrad:
     """Hypergradient ``dL_V/dhparams`` at an (approximately) stationary point of the inner loss.
 
@@ -105,8 +115,10 @@ def implicit_hypergrad(
             loss; may use ``hparams`` directly or not at all).
         params: tree ``{name: Tensor}``, approximately ``argmin_w inner_loss``.
         hparams: tree ``{name: Tensor}`` of floating-point hyperparameters.
-        solver: a linear solver (``bl.CG()`` by default, ``bl.Neumann``, ``bl.Nystrom``,
-            ``bl.Identity``, ``bl.Exact``) or any ``solver(matvec, b) -> tree``.
+        solver: a linear solver (``bl.CG(on_indefinite="stop")`` by default, ``bl.Neumann``,
+            ``bl.Nystrom``, ``bl.Identity``, ``bl.Exact``) or any ``solver(matvec, b) -> tree``. The
+            default stops at negative curvature instead of raising (a non-convex network away from
+            a minimum) and reports it in ``info.solver.extra["indefinite"]``; pass ``bl.CG()`` to raise.
         inner_args, outer_args: extra positional arguments (batches).
         hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"`` (exact Hessian products, see
             :mod:`bilevel.hvp`) | ``"gauss_newton"``: the generalized Gauss-Newton ``Jᵀ H_ℓ J``
@@ -136,6 +148,10 @@ def implicit_hypergrad(
             a little, a warm-started solver continues where the last one stopped, so a fixed
             iteration budget buys more accuracy. Needs a solver that takes one (``bl.CG``,
             ``bl.Neumann``).
+        solver_state: what a previous call's solver learned, ``hg.info.solver.extra``: with
+            ``bl.Neumann(alpha=None)`` its ``"eigvec"`` warm-starts the ``λ_max`` estimate, so the
+            step ``α = 1/λ_max`` costs ``refresh_iters`` products (1) instead of ``power_iters``
+            (20). Other solvers ignore it.
 
     Returns:
         :class:`Hypergrad`: a tree with the keys and shapes of ``hparams`` and
@@ -166,7 +182,7 @@ def implicit_hypergrad(
     hparams = check_tree(hparams, fn, "hparams")
     inner_args = _resolve_args(inner_args, fn, "inner_args")
     outer_args = _resolve_args(outer_args, fn, "outer_args")
-    solver = CG() if solver is None else solver
+    solver = CG(on_indefinite="stop") if solver is None else solver
     group = check_group(group, fn)
     if u0 is not None:
         u0 = check_tree(u0, fn, "u0")
@@ -191,7 +207,7 @@ def implicit_hypergrad(
             f"{fn}: expected every hyperparameter to reach inner_loss (or penalty) or outer_loss, got {unused} "
             f"reaching neither (their hypergradient would be zero forever). Fix: remove them from hparams, or "
             f"read them as hparams[key] inside a loss (a tensor captured from elsewhere is not the one passed).")
-    mixed, u, sinfo = _root_vjp(op, b, solver, u0)
+    mixed, u, sinfo = _root_vjp(op, b, solver, u0, solver_state)
     # dL_V/dλ = ∂_λ L_V − ∇_λ <∂_w L_T, u>
     hg = {k: direct[k] - mixed[k] for k in hparams}
     if check_finite:
@@ -400,11 +416,13 @@ class _RootJacobian:
 
 def _solve(solver: Any, flat: Flat, matvec_flat: Callable[[Tensor], Tensor], b: Mapping[str, Tensor],
            u0: Optional[Mapping[str, Tensor]] = None, matvec: Optional[Callable[[Tree], Tree]] = None,
-           rmatvec_flat: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tree, Optional[SolverInfo]]:
+           rmatvec_flat: Optional[Callable[[Tensor], Tensor]] = None, **solver_kw: Any
+           ) -> tuple[Tree, Optional[SolverInfo]]:
     """``A x = b`` with ``A`` given by ``matvec_flat`` (and ``Aᵀ`` by ``rmatvec_flat``, for solvers that
-    use it): built-in solvers on flat buffers, any other callable ``solver(matvec, b) -> tree`` on trees."""
+    use it): built-in solvers on flat buffers (``solver_kw``: further keywords of ``solve_flat``), any
+    other callable ``solver(matvec, b) -> tree`` on trees."""
     if isinstance(solver, Solver):
-        kw: dict[str, Any] = {} if u0 is None else {"x0": flat.flatten(u0)}
+        kw: dict[str, Any] = dict(solver_kw) if u0 is None else {**solver_kw, "x0": flat.flatten(u0)}
         if solver.uses_rmatvec and rmatvec_flat is not None:
             kw["rmatvec"] = rmatvec_flat
         x, info = solver.solve_flat(matvec_flat, flat.flatten(b), **kw)

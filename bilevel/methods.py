@@ -12,7 +12,8 @@ the HyperOptimizer::
 
 ``state`` is what the method returned as ``MethodResult.state`` at the last *accepted* hyper
 step (``None`` at first): the HyperOptimizer keeps it, puts it in its checkpoints, and hands it
-back, so a method can warm-start (``Implicit(warm_start=True)`` keeps the adjoint).
+back, so a method can warm-start (``Implicit`` keeps ``{"adjoint", "eigvec", "lambda_max"}``: the adjoint
+with ``warm_start=True``, Neumann's λ_max estimate with ``alpha=None``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ._tree import Tree, tree_detach
 from .distributed import all_reduce_mean_list
 from .implicit import implicit_hypergrad
 from .inner import check_convertible, from_torch
-from .solvers import Neumann
+from .solvers import CG
 from .unroll import UNROLL_MODES, finite_difference_hypergrad, unrolled_hypergrad
 
 __all__ = ["Problem", "MethodResult", "Method", "Implicit", "Unrolled", "FiniteDifference", "FirstOrder"]
@@ -133,7 +134,16 @@ class Implicit(Method):
     """Implicit differentiation at the current weights (assumed near a minimum of the inner loss).
 
     Args:
-        solver: linear solver for ``H u = ∂_w L_V`` (default ``bl.Neumann(steps=10)``).
+        solver: linear solver for ``H u = ∂_w L_V``. Default ``bl.CG(maxiter=10, on_indefinite="stop")``:
+            at most 10 Hessian-vector products (the cost of a Neumann-10 with a fixed step, a third of
+            ``bl.Neumann(steps=10)`` with ``alpha=None`` before its λ_max was warm-started), the
+            hypergradient to a cosine of 1.000 at a converged convex inner problem (Neumann-10: 0.95),
+            and on a non-convex network it never raises: a direction of negative curvature truncates
+            the solve (Steihaug), ``info.extra["indefinite"]`` and ``HyperStepStats.negative_curvature``
+            say so, and the HyperOptimizer warns once. Measured in docs/choosing.md, "Defaults on
+            non-convex networks".
+            With ``bl.Neumann(alpha=None)`` the λ_max estimate (its eigenvector) is part of the
+            state: the first step spends ``power_iters`` products, later steps ``refresh_iters`` (1).
         hvp_mode: ``"auto"`` | ``"reverse"`` | ``"forward"`` | ``"gauss_newton"``: the generalized
             Gauss-Newton ``Jᵀ H_ℓ J`` in the solve (positive semi-definite, so CG is safe on a
             non-convex net; the mixed term stays exact). Then ``inner_loss(model, hparams, batch)``
@@ -158,7 +168,7 @@ class Implicit(Method):
         ('Implicit', 5)
     """
 
-    solver: Any = field(default_factory=lambda: Neumann(steps=10))
+    solver: Any = field(default_factory=lambda: CG(maxiter=10, on_indefinite="stop"))
     hvp_mode: str = "auto"
     warm_start: bool = False
 
@@ -170,13 +180,33 @@ class Implicit(Method):
                              f"(bl.CG, bl.Neumann), got {type(self.solver).__name__}. Fix: solver=bl.CG(...).")
 
     def hypergrad(self, problem: Problem, inner_batch: Any, outer_batch: Any, state: Any) -> MethodResult:
+        state = _implicit_state(state)
         hg = implicit_hypergrad(problem.inner_loss, problem.outer_loss, problem.params, problem.hparams,
                                 solver=self.solver, hvp_mode=self.hvp_mode, inner_args=(inner_batch,),
                                 outer_args=(outer_batch,), penalty=problem.penalty, penalty_fixed=problem.fixed,
-                                group=problem.group, u0=state if self.warm_start else None)
+                                group=problem.group, u0=state["adjoint"] if self.warm_start else None,
+                                solver_state=state)
         info = hg.info
+        extra = {} if info.solver is None else info.solver.extra
+        new = {"adjoint": info.adjoint if self.warm_start else None, "eigvec": extra.get("eigvec"),
+               "lambda_max": extra.get("lambda_max") if extra.get("eigvec") is not None else None}
         return MethodResult(dict(hg), info.outer_loss, info.inner_grad_norm, info.solver,
-                            info.adjoint if self.warm_start else None)
+                            new if new["adjoint"] is not None or new["eigvec"] is not None else None)
+
+
+def _implicit_state(state: Any) -> dict[str, Any]:
+    """:class:`Implicit`'s state as ``{"adjoint": tree or None, "eigvec": (P,) or None, "lambda_max": float or
+    None}``; ``None`` (the first hyper step) and the bare adjoint tree of older checkpoints are read too."""
+    empty: dict[str, Any] = {"adjoint": None, "eigvec": None, "lambda_max": None}
+    if state is None:
+        return empty
+    if isinstance(state, Mapping) and state and all(isinstance(v, Tensor) for v in state.values()):
+        return {**empty, "adjoint": dict(state)}        # written before the state was a dict
+    if isinstance(state, Mapping) and set(state) <= set(empty):
+        return {**empty, **state}
+    raise TypeError(f"bilevel.Implicit: expected a method state {{'adjoint', 'eigvec', 'lambda_max'}} (or None), got "
+                    f"{type(state).__name__}{' with keys ' + str(sorted(state)) if isinstance(state, Mapping) else ''}. "
+                    f"Fix: load a checkpoint written by the same method, or set hopt.method_state = None.")
 
 
 @dataclass(frozen=True)

@@ -431,7 +431,10 @@ def _iterate_cg(run: Union[_HestenesStiefelCG, _ChronopoulosGearCG], maxiter: in
 class CG(Solver):
     """Conjugate gradient on ``(H + damping·I) x = b``; ``H`` must be symmetric positive (semi-)definite.
 
-    Error shrinks like ``((√κ−1)/(√κ+1))^k``. The accurate default.
+    Error shrinks like ``((√κ−1)/(√κ+1))^k``. The accurate default: ``bl.Implicit()`` uses
+    ``CG(maxiter=10, on_indefinite="stop")`` and :func:`bilevel.implicit_hypergrad`
+    ``CG(on_indefinite="stop")``; the class keeps ``on_indefinite="raise"`` so that a solver the user
+    configures is loud (docs/choosing.md, "Defaults on non-convex networks", measures both).
 
     Args:
         maxiter: at most this many iterations (= Hessian-vector products).
@@ -563,29 +566,54 @@ class CG(Solver):
         return x, SolverInfo("CG", out.steps, out.matvecs, rnorm, float(bnorm), converged and not indefinite, extra)
 
 
-def power_iteration(matvec: FlatMatvec, like: Tensor, *, iters: int = 20, seed: int = 0) -> Tensor:
+def _power_steps(matvec: FlatMatvec, v: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """``iters`` power-iteration products from the unit vector ``v``: ``(Rayleigh quotient, next unit vector)``."""
+    lam = torch.zeros((), dtype=v.dtype, device=v.device)
+    for _ in range(iters):
+        Av = matvec(v)
+        lam = torch.dot(v, Av)
+        n = torch.linalg.vector_norm(Av)
+        v = torch.where(n > 0, Av / torch.where(n > 0, n, 1.0), v)
+    return lam, v
+
+
+def _unit(v: Tensor) -> Tensor:
+    n = torch.linalg.vector_norm(v)
+    return torch.where(n > 0, v / torch.where(n > 0, n, 1.0), v)
+
+
+def power_iteration(matvec: FlatMatvec, like: Tensor, *, iters: int = 20, seed: int = 0,
+                    v0: Optional[Tensor] = None, return_vector: bool = False) -> Any:
     """Estimate the dominant eigenvalue of a symmetric operator (Rayleigh quotient).
 
     Args:
         matvec: ``v -> A v`` on flat vectors of shape ``like.shape``.
         like: a vector giving shape, dtype and device.
         iters: number of products (cost).
-        seed: seed of the random start vector (deterministic).
+        seed: seed of the random start vector (deterministic), when ``v0`` is not given.
+        v0: a start vector of shape ``like.shape`` (e.g. the eigenvector estimate of a nearby
+            operator: a warm start needs one or two products where a random start needs ~20).
+        return_vector: also return the eigenvector estimate (to warm-start the next call).
 
     Returns:
         0-dim tensor: the Rayleigh quotient after ``iters`` products; it tends to the
-        eigenvalue of largest magnitude (negative if that one is negative).
+        eigenvalue of largest magnitude (negative if that one is negative). With
+        ``return_vector=True``: ``(eigenvalue, unit vector of shape like.shape)``.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3., 1., 0.5], dtype=torch.float64))
+        >>> lam, v = bl.solvers.power_iteration(lambda v: A @ v, torch.zeros(3, dtype=torch.float64),
+        ...                                     iters=50, return_vector=True)
+        >>> round(float(lam), 6), round(float(v.abs()[0]), 6)
+        (3.0, 1.0)
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
-    v = v / torch.linalg.vector_norm(v)
-    lam = torch.zeros((), dtype=like.dtype, device=like.device)
-    for _ in range(iters):
-        Av = matvec(v)
-        lam = torch.dot(v, Av)
-        n = torch.linalg.vector_norm(Av)
-        v = torch.where(n > 0, Av / torch.where(n > 0, n, 1.0), v)
-    return lam
+    if v0 is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v0 = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+    elif v0.shape != like.shape:
+        raise ShapeError(f"bilevel.power_iteration: expected v0 of shape {tuple(like.shape)}, got {tuple(v0.shape)}.")
+    lam, v = _power_steps(matvec, _unit(v0.to(like.dtype)), iters)
+    return (lam, v) if return_vector else lam
 
 
 @dataclass(frozen=True)
@@ -602,7 +630,14 @@ class Neumann(Solver):
         alpha: step ``α``; ``None`` picks ``1/λ_max`` from ``power_iters`` power
             iterations (cost: ``power_iters`` extra products).
         damping: added to the diagonal of ``H``.
-        power_iters: products spent estimating ``λ_max`` when ``alpha`` is ``None``.
+        power_iters: products spent estimating ``λ_max`` when ``alpha`` is ``None`` (from a random vector).
+        refresh_iters: products spent refreshing ``λ_max`` from the eigenvector estimate of a previous
+            solve (``solve_flat(..., eigvec0=info.extra["eigvec"])``; ``bl.Implicit`` keeps it across
+            hyper steps): the weights move little between hyper steps, so 1 product keeps the
+            estimate where 20 from a random vector were spent before (cosines unchanged to 3 digits
+            in docs/choosing.md, "Defaults on non-convex networks"). The Rayleigh quotient never
+            exceeds ``λ_max``, so ``α = 1/λ`` errs on the large side; a jump of ``λ_max`` by 2× between
+            steps makes the series grow, which raises (``max_growth``).
         max_growth: raise :class:`DivergenceError` if a series term grows beyond
             ``max_growth·‖b‖`` (a convergent series on a symmetric ``A`` never grows).
         check_every: test for growth/NaN on the host every this many terms.
@@ -614,9 +649,16 @@ class Neumann(Solver):
     term shorter (``A x − b = −(I−αA)^{steps+1} b`` for the returned ``x``), hence an upper
     bound of the returned ``x``'s residual when the series converges (free: no extra product).
 
+    Negative curvature: the terms ``(I − αA)^j b`` concentrate on eigenvalues where ``|1 − αλ|`` is
+    largest, negative ones first, so the smallest Rayleigh quotient of the terms (one dot product per
+    term) finds it: ``info.extra["min_rayleigh_quotient"]`` and ``["indefinite"]`` report it, and
+    ``info.converged`` is then ``False`` (the series sums growing components, a direction no
+    minimum has). A dominant negative eigenvalue raises :class:`DivergenceError` (no step size).
+    ``info.extra["eigvec"]`` (with ``alpha=None``) is the eigenvector estimate for the next solve.
+
     Shapes: called on trees, ``b`` is a tree of any leaf shapes (``P`` entries in all) and the
     returned :class:`Solution` has the same keys and shapes; :meth:`solve_flat` takes and returns
-    vectors of shape ``(P,)``.
+    vectors of shape ``(P,)`` (and ``eigvec0`` of shape ``(P,)``).
 
     Example:
         >>> A = torch.tensor([[2., 0.], [0., 1.]])
@@ -631,6 +673,7 @@ class Neumann(Solver):
     alpha: Optional[float] = None
     damping: float = 0.0
     power_iters: int = 20
+    refresh_iters: int = 1
     max_growth: float = 1.001
     check_every: int = 5
     seed: int = 0
@@ -643,25 +686,31 @@ class Neumann(Solver):
             _check_number("bilevel.Neumann", "alpha", self.alpha, strict=True)
         _check_number("bilevel.Neumann", "damping", self.damping)
         _check_number("bilevel.Neumann", "power_iters", self.power_iters, low=1, integer=True)
+        _check_number("bilevel.Neumann", "refresh_iters", self.refresh_iters, low=1, integer=True)
         _check_number("bilevel.Neumann", "max_growth", self.max_growth, low=1.0)
         _check_number("bilevel.Neumann", "check_every", self.check_every, low=1, integer=True)
 
-    def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
+    def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None, *,
+                   eigvec0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
         """As :meth:`Solver.solve_flat`; ``x0`` (shape ``(P,)``) warm-starts the series: it then sums
         ``x0 + α Σ_j (I − αA)^j r₀`` with ``r₀ = b − A x0`` (Richardson iteration from ``x0``, one
-        more product)."""
+        more product). ``eigvec0`` (shape ``(P,)``, with ``alpha=None``): the eigenvector estimate of
+        a previous solve (``info.extra["eigvec"]``); ``λ_max`` is then refreshed from it with
+        ``refresh_iters`` products instead of ``power_iters`` from a random vector."""
         A = self._damped(matvec)
         bnorm = self._check_b(b)
         matvecs = 0
         lam_max: Optional[float] = None
+        eigvec: Optional[Tensor] = None
         if self.alpha is None:
-            lam = power_iteration(A, b, iters=self.power_iters, seed=self.seed)
-            matvecs += self.power_iters
+            iters = self.power_iters if eigvec0 is None else self.refresh_iters
+            lam, eigvec = power_iteration(A, b, iters=iters, seed=self.seed, v0=eigvec0, return_vector=True)
+            matvecs += iters
             lam_max = float(lam)
             if not (math.isfinite(lam_max) and lam_max > 0):
                 raise DivergenceError(
                     f"bilevel.Neumann: expected a positive dominant eigenvalue of H + damping·I to choose alpha, "
-                    f"got λ ≈ {lam_max:.3e} from {self.power_iters} power iterations (damping={self.damping}). "
+                    f"got λ ≈ {lam_max:.3e} from {iters} power iterations (damping={self.damping}). "
                     f"The inner loss has strong negative curvature at params (or matvec returns NaN). "
                     f"Fix: add damping larger than |λ|, solve the inner problem further, or use CG(on_indefinite='stop')."
                 )
@@ -676,12 +725,20 @@ class Neumann(Solver):
         p = r0.clone()
         acc = r0.clone()
         alpha_t = torch.tensor(alpha, dtype=b.dtype, device=b.device)
-        limit = self.max_growth * (bnorm if x0 is None else torch.linalg.vector_norm(r0))
+        pp = torch.dot(r0, r0)
+        limit = self.max_growth * torch.sqrt(pp)
+        # NOTE: the Rayleigh quotient of each term (one dot product, no host sync) detects negative
+        # curvature: the terms (I − αA)^j b concentrate on the eigenvalues where |1 − αλ| is largest,
+        # negative ones first (factor > 1), so a negative quotient appears within a few terms.
+        tiny = torch.finfo(b.dtype).tiny
+        min_rq = torch.full((), math.inf, dtype=b.dtype, device=b.device)
         for j in range(1, self.steps + 1):
-            sq = neumann_step(p, A(p), acc, alpha_t, backend=backend)   # in place: p ← p − αAp; acc += p
+            Ap = A(p)
+            min_rq = torch.minimum(min_rq, torch.dot(p, Ap) / pp.clamp_min(tiny))
+            pp = neumann_step(p, Ap, acc, alpha_t, backend=backend)   # in place: p ← p − αAp; acc += p
             matvecs += 1
             if j % self.check_every == 0 or j == self.steps:
-                pn = torch.sqrt(sq)
+                pn = torch.sqrt(pp)
                 if not bool(torch.isfinite(pn)) or bool(pn > limit):
                     raise DivergenceError(
                         f"bilevel.Neumann: expected the series terms (I − αA)^j b to shrink, but at term {j} "
@@ -691,10 +748,15 @@ class Neumann(Solver):
                         f"damping > 0, or the CG solver."
                     )
         x = alpha * acc if x0 is None else x0 + alpha * acc
-        res = float(torch.linalg.vector_norm(p))
-        info = SolverInfo("Neumann", self.steps, matvecs, res, float(bnorm), True,
-                          {"alpha": alpha, "lambda_max": lam_max, "residual_is_bound": True})
-        return x, info
+        res = float(torch.sqrt(pp))
+        rq_min = float(min_rq)
+        # negative beyond rounding, on the scale 1/α of the operator
+        indefinite = rq_min < -_FLAT_EPS * torch.finfo(b.dtype).eps / alpha
+        extra: Dict[str, Any] = {"alpha": alpha, "lambda_max": lam_max, "residual_is_bound": True,
+                                 "min_rayleigh_quotient": rq_min, "indefinite": indefinite}
+        if eigvec is not None:
+            extra["eigvec"] = eigvec
+        return x, SolverInfo("Neumann", self.steps, matvecs, res, float(bnorm), not indefinite, extra)
 
 
 def _sym_pinv_apply(M: Tensor, y: Tensor, rcond: float) -> Tensor:
