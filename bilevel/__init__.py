@@ -6,7 +6,9 @@
 :class:`Exact`), implicit differentiation (:func:`implicit_hypergrad`,
 :func:`implicit_diff`) and unrolled differentiation (:func:`unrolled_hypergrad`).
 The stateful edge is :class:`HyperOptimizer`, driven by a method object
-(:class:`Implicit`, :class:`Unrolled`, :class:`FiniteDifference`, :class:`FirstOrder`).
+(:class:`Implicit`, :class:`Unrolled`, :class:`FiniteDifference`, :class:`FirstOrder`); it records a
+:class:`Trajectory` that :func:`bilevel.plot.trajectory` draws. Framework callbacks live in
+:mod:`bilevel.integrations` (imported on demand).
 """
 
 from ._errors import BilevelError, DivergenceError, NonFiniteError, ShapeError
@@ -17,8 +19,9 @@ from .solvers import CG, Exact, Identity, Neumann, Nystrom, Solver, SolverInfo
 from .implicit import ImplicitSolution, implicit_diff, implicit_hypergrad
 from .unroll import UnrollInfo, unrolled_hypergrad
 from .methods import FiniteDifference, FirstOrder, Implicit, Method, MethodResult, Problem, Unrolled
-from .hyperopt import HyperOptimizer, HyperStepStats
-from . import hparams, inner, kernels, losses, nas
+from .trajectory import HyperStepStats, Trajectory
+from .hyperopt import HyperOptimizer
+from . import hparams, inner, kernels, losses, nas, plot, trajectory
 
 __version__ = "0.1.0"
 
@@ -47,6 +50,7 @@ __all__ = [
     "unrolled_hypergrad",
     "HyperOptimizer",
     "HyperStepStats",
+    "Trajectory",
     "Implicit",
     "Unrolled",
     "FiniteDifference",
@@ -59,4 +63,6 @@ __all__ = [
     "kernels",
     "losses",
     "nas",
+    "plot",
+    "trajectory",
 ]

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 #: The public surface whose every name must carry a docstring (and appear in docs/api/).
 PUBLIC_MODULES = ("bilevel", "bilevel.nas", "bilevel.kernels", "bilevel.inner", "bilevel.losses",
-                  "bilevel.hparams")
+                  "bilevel.hparams", "bilevel.plot")
 
 
 def public_names(modname: str) -> list[str]:
