@@ -172,6 +172,10 @@ class HyperOptimizer:
         """Validation batches taken from ``outer_loader`` so far."""
         return self._outer.taken
 
+    def next_outer_batch(self) -> Any:
+        """The next validation batch of ``outer_loader`` (cycled; counted in :attr:`outer_batches` and checkpoints)."""
+        return self._outer.next()
+
     def _fail(self, err: BaseException, where: str) -> None:
         self.skipped += 1
         if self.on_error == "raise":
@@ -332,7 +336,7 @@ class HyperOptimizer:
         self._calls += 1
         self.step_stats = None
         if self._calls % self.hyper_every == 0:
-            self.step_stats = self.hyper_step(batch, self._outer.next())
+            self.step_stats = self.hyper_step(batch, self.next_outer_batch())
         self._run.update(calls=self._calls, hyper_steps=self.hyper_steps)
         return loss
 
