@@ -1,5 +1,6 @@
-"""What every integration checks before training starts: the framework's version, and inputs that
-would make a run silently useless (hyperparameters no loss reads, nothing to train, no validation data)."""
+"""What the integrations share: the checks before training starts (the framework's version, and
+inputs that would make a run silently useless: hyperparameters no loss reads, nothing to train, no
+validation data), and the checkpoint state of a framework callback."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["require", "check_trainable", "first_batch", "check_hparams_reach_a_loss", "check_before_training"]
+__all__ = ["require", "check_trainable", "first_batch", "check_hparams_reach_a_loss", "check_before_training",
+           "callback_state", "restore_callback_state"]
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -97,3 +99,24 @@ def check_before_training(hopt: Any, inner_batch: Any, outer_batch: Any, fn: str
     check_hparams_reach_a_loss({"inner_loss": inner, "outer_loss": lambda: hopt.outer_loss(hopt.model, hopt.hparams,
                                                                                           outer_batch)},
                                hopt.hparams, params, fn)
+
+
+#: the parts of a HyperOptimizer's state a framework callback keeps (the framework saves the model
+#: and its optimizer itself)
+STATE_KEYS = ("hparams", "outer_optimizer", "counters", "outer_batches", "method_state", "trajectory")
+
+
+def callback_state(hopt: Any, last_step: int, loaded: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """A callback's checkpoint: :data:`STATE_KEYS` of ``hopt.state_dict()`` and the last step it acted on
+    (what was loaded, when ``hopt`` is not built yet)."""
+    if hopt is None:
+        return dict(loaded or {})
+    state = hopt.state_dict()
+    return {**{k: state[k] for k in STATE_KEYS}, "last_step": last_step}
+
+
+def restore_callback_state(hopt: Any, state: Mapping[str, Any]) -> int:
+    """Load :func:`callback_state` into ``hopt`` (the model and inner optimizer stay as the framework
+    restored them); returns the last step."""
+    hopt.load_state_dict({**hopt.state_dict(), **{k: state[k] for k in STATE_KEYS if k in state}})
+    return int(state.get("last_step", -1))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._errors import check_tree
 from ..hyperopt import HyperOptimizer
-from .checks import check_before_training, first_batch, require
+from .checks import callback_state, check_before_training, first_batch, require, restore_callback_state
 
 FN = "bilevel.integrations.lightning.HyperCallback"
 try:
@@ -33,9 +33,6 @@ except ImportError as _err:
         raise _err from None
 
 __all__ = ["HyperCallback", "training_step_loss"]
-
-#: the parts of a HyperOptimizer's state the callback keeps (Lightning saves the module and its optimizers)
-STATE_KEYS = ("hparams", "outer_optimizer", "counters", "outer_batches", "method_state", "trajectory")
 
 
 def training_step_loss(module: Any, hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
@@ -193,10 +190,7 @@ class HyperCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, outer optimizer, counters, validation position, method state, trajectory
         (Lightning saves the module and its optimizer itself)."""
-        if self.hyperoptimizer is None:
-            return dict(self._loaded or {})
-        state = self.hyperoptimizer.state_dict()
-        return {**{k: state[k] for k in STATE_KEYS}, "last_step": self._last_step}
+        return callback_state(self.hyperoptimizer, self._last_step, self._loaded)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (now, or when fitting starts if the HyperOptimizer is not built yet)."""
@@ -205,9 +199,7 @@ class HyperCallback(pl.Callback):
             self._restore(self._loaded)
 
     def _restore(self, state: Mapping[str, Any]) -> None:
-        hopt = self.hyperoptimizer
-        hopt.load_state_dict({**hopt.state_dict(), **{k: state[k] for k in STATE_KEYS if k in state}})
-        self._last_step = int(state.get("last_step", -1))
+        self._last_step = restore_callback_state(self.hyperoptimizer, state)
         self._checked = True
 
 
