@@ -7,7 +7,9 @@
 implicit differentiation (:func:`implicit_hypergrad`, :func:`implicit_diff`, :func:`implicit_root`,
 :func:`implicit_fixed_point`) and unrolled differentiation (:func:`unrolled_hypergrad`).
 The stateful edge is :class:`HyperOptimizer`, driven by a method object
-(:class:`Implicit`, :class:`Unrolled`, :class:`FiniteDifference`, :class:`FirstOrder`).
+(:class:`Implicit`, :class:`Unrolled`, :class:`FiniteDifference`, :class:`FirstOrder`); it records a
+:class:`Trajectory` that :func:`bilevel.plot.trajectory` draws. Framework callbacks live in
+:mod:`bilevel.integrations` (imported on demand).
 """
 
 from ._errors import BilevelError, DivergenceError, NonFiniteError, ShapeError
@@ -19,8 +21,9 @@ from .implicit import ImplicitSolution, implicit_diff, implicit_fixed_point, imp
 from .unroll import UnrollInfo, unrolled_hypergrad
 from .meta import imaml_grad
 from .methods import FiniteDifference, FirstOrder, Implicit, Method, MethodResult, Problem, Unrolled
-from .hyperopt import HyperOptimizer, HyperStepStats
-from . import hparams, inner, kernels, losses, meta, nas
+from .trajectory import HyperStepStats, Trajectory
+from .hyperopt import HyperOptimizer
+from . import hparams, inner, kernels, losses, meta, nas, plot, trajectory
 
 __version__ = "0.1.0"
 
@@ -55,6 +58,7 @@ __all__ = [
     "imaml_grad",
     "HyperOptimizer",
     "HyperStepStats",
+    "Trajectory",
     "Implicit",
     "Unrolled",
     "FiniteDifference",
@@ -68,4 +72,6 @@ __all__ = [
     "losses",
     "meta",
     "nas",
+    "plot",
+    "trajectory",
 ]

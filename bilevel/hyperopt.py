@@ -18,7 +18,6 @@ import math
 import time
 import warnings
 import weakref
-from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
@@ -31,55 +30,12 @@ from ._rng import set_state as set_rng
 from ._training import (CLOSURE_OPTIMIZERS, ModelFunctions, OuterBatches, Snapshot, check_hparams, check_options,
                         check_weights, clone_state, nonfinite_inner, unwrap_ddp, warn_if_no_hyper_step)
 from ._tree import Tree, tree_norm
+from .hparams import WeightDecay
 from .distributed import all_reduce_mean_grads, broadcast_from_first_, check_group, world_size
 from .methods import FirstOrder, Implicit, Problem, Unrolled
+from .trajectory import HyperStepStats, Trajectory
 
 __all__ = ["HyperOptimizer", "HyperStepStats", "Implicit", "Unrolled", "FirstOrder"]
-
-
-@dataclass
-class HyperStepStats:
-    """What one hyper step did.
-
-    Attributes:
-        hypergrad_norm: ``‖dL_V/dλ‖`` (``nan`` when skipped).
-        outer_loss: ``L_V`` at the weights used.
-        inner_grad_norm: ``‖∇_w L_T‖`` at the weights used (how far from stationary).
-        solver_iterations, solver_residual, matvecs: the linear solve's diagnostics (Implicit).
-        skipped: the step changed nothing (``on_error="skip"``); ``error`` says why.
-        seconds: wall time of the hyper step.
-        method: the method's class name (``"Implicit"``, ``"Unrolled"``, ``"FirstOrder"``...).
-        negative_curvature: the linear solve met negative curvature (``info.extra["indefinite"]``).
-
-    Example:
-        >>> model = nn.Linear(3, 1)
-        >>> hp = {"log_wd": torch.tensor(-3.0, requires_grad=True)}
-        >>> inner = lambda m, h, b: F.mse_loss(m(b[0]), b[1]) + h["log_wd"].exp() * (m.weight ** 2).sum()
-        >>> outer = lambda m, h, b: F.mse_loss(m(b[0]), b[1])
-        >>> hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=outer,
-        ...     inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        ...     outer_optimizer=torch.optim.Adam(hp.values(), lr=0.01), method=bl.Implicit(solver=bl.CG(maxiter=5)))
-        >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
-        >>> stats = hopt.hyper_step(batch, batch)
-        >>> stats.skipped, stats.solver_iterations, sorted(stats.as_dict())[:3]
-        (False, 4, ['error', 'hypergrad_norm', 'inner_grad_norm'])
-    """
-
-    hypergrad_norm: float = math.nan
-    outer_loss: float = math.nan
-    inner_grad_norm: float = math.nan
-    solver_iterations: Optional[int] = None
-    solver_residual: Optional[float] = None
-    matvecs: Optional[int] = None
-    skipped: bool = False
-    error: Optional[str] = None
-    seconds: float = 0.0
-    method: str = ""
-    negative_curvature: Optional[bool] = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The statistics as a plain ``dict`` (for logging)."""
-        return asdict(self)
 
 
 class HyperOptimizer:
@@ -196,11 +152,31 @@ class HyperOptimizer:
         weakref.finalize(self, warn_if_no_hyper_step, self._run)
         self.last_stats: Optional[HyperStepStats] = None
         self.step_stats: Optional[HyperStepStats] = None
+        #: one row per hyper step (diagnostics, hyperparameter summaries): :class:`bilevel.Trajectory`;
+        #: ``None`` keeps nothing
+        self.trajectory: Optional[Trajectory] = Trajectory(penalty if isinstance(penalty, WeightDecay) else None)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The outer optimizer's ``param_groups`` (the hyperparameters' learning rates), as ``torch.optim``
+        has them. Schedule them with any ``torch.optim.lr_scheduler`` on ``hopt.outer_optimizer``, and
+        the weights' with one on ``hopt.inner_optimizer``: every hyper step reads the current numbers
+        (``bl.Unrolled`` differentiates through steps at the inner optimizer's current lr)."""
+        return self.outer_optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the hyperparameters and of the inner optimizer's parameters."""
+        self.outer_optimizer.zero_grad(set_to_none=set_to_none)
+        self.inner_optimizer.zero_grad(set_to_none=set_to_none)
 
     @property
     def outer_batches(self) -> int:
         """Validation batches taken from ``outer_loader`` so far."""
         return self._outer.taken
+
+    def next_outer_batch(self) -> Any:
+        """The next validation batch of ``outer_loader`` (cycled; counted in :attr:`outer_batches` and checkpoints)."""
+        return self._outer.next()
 
     def _fail(self, err: BaseException, where: str) -> None:
         self.skipped += 1
@@ -331,6 +307,8 @@ class HyperOptimizer:
             self._apply(hg, stats)
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
+        if self.trajectory is not None:
+            self.trajectory.record(stats, self.hparams, inner_step=self.inner_steps)
         return stats
 
     def _apply(self, hg: Tree, stats: HyperStepStats) -> None:
@@ -368,7 +346,7 @@ class HyperOptimizer:
         self._calls += 1
         self.step_stats = None
         if self._calls % self.hyper_every == 0:
-            self.step_stats = self.hyper_step(batch, self._outer.next())
+            self.step_stats = self.hyper_step(batch, self.next_outer_batch())
         self._run.update(calls=self._calls, hyper_steps=self.hyper_steps)
         return loss
 
@@ -386,6 +364,7 @@ class HyperOptimizer:
             "rng": {"cpu": cpu, "cuda": list(cuda) if cuda is not None else []},
             "outer_batches": self._outer.state_dict(),
             "method_state": clone_state(self.method_state),
+            "trajectory": None if self.trajectory is None else self.trajectory.state_dict(),
             "version": 2,
         }
 
@@ -438,6 +417,8 @@ class HyperOptimizer:
         self._outer.load_state_dict(state.get("outer_batches", {"taken": c["outer_batches"]}))
         # "adjoint": the method state of checkpoints written before method objects (Implicit's warm start)
         self.method_state = clone_state(state.get("method_state", state.get("adjoint")))
+        if self.trajectory is not None and state.get("trajectory") is not None:
+            self.trajectory.load_state_dict(state["trajectory"])
         cuda = state["rng"]["cuda"]
         set_rng((state["rng"]["cpu"], cuda if cuda else None))
 

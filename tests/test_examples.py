@@ -127,3 +127,18 @@ def test_maml_sinusoid_smoke():
                         "joint training + 5 steps"}
     for r in res.values():
         assert math.isfinite(r["mse"]) and r["ci95"] > 0 and r["mse_before_adaptation"] > 0
+
+
+def test_optuna_hybrid_smoke(tmp_path):
+    pytest.importorskip("optuna")
+    out = _load("optuna_hybrid").main(smoke=True, seeds=(0,), out=str(tmp_path / "p.png"), verbose=False)
+    runs = {r["kind"]: r for r in out["runs"]}
+    assert set(runs) == {"tpe", "hybrid"}
+    for r in runs.values():                    # smoke: two trials each, whatever they cost
+        assert r["n_trials"] == 2 and r["curve"][0][0] < r["curve"][1][0] <= out["budget_s"]
+        assert r["curve"][1][1] == min(r["curve"][0][1], r["curve"][1][1]) == r["best_val"]   # best so far
+        assert math.isfinite(r["best_val"]) and math.isfinite(r["test_of_best"])
+    assert {"width", "optimizer", "batch_size", "weight_decay/0.weight"} <= set(runs["hybrid"]["best_params"])
+    assert {"decay0", "decay1"} <= set(runs["tpe"]["best_params"])
+    if out["plot"]:
+        assert (tmp_path / "p.png").stat().st_size > 5000

@@ -16,12 +16,13 @@ LAYERS = {
     "losses": 4, "hparams": 5, "solvers": 4, "inner": 4,
     "operators": 6, "hvp": 7,
     "implicit": 8, "unroll": 8,
-    "methods": 9, "_training": 9, "meta": 9,
+    "methods": 9, "_training": 9, "meta": 9, "trajectory": 9,
     "hyperopt": 10,
-    "nas": 11,
-    "__init__": 12,
-    "demo": 13,
-    "__main__": 14,
+    "nas": 11, "plot": 11,
+    "integrations": 12,
+    "__init__": 13,
+    "demo": 14,
+    "__main__": 15,
 }
 
 

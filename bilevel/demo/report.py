@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
+from ..plot import diagnostics_panel
 from .settings import DemoError
 
 __all__ = ["MPL_MISSING", "Progress", "format_report", "format_logreg_report", "format_mlp_report", "plot_lines",
@@ -198,16 +199,8 @@ def save_logreg_plot(result: Dict[str, Any], out_dir: str) -> str:
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3, which="both")
 
-    gn = [r["inner_grad_norm"] for r in hist]
-    its = [r["solver_iters"] if r["solver_iters"] is not None else np.nan for r in hist]
-    ax3.semilogy(steps[:-1], gn, color="C3", lw=1, label="inner gradient norm")
-    ax3.set_xlabel("outer step")
-    ax3.set_ylabel("‖∇_w L_T‖ at w*", color="C3")
-    ax3b = ax3.twinx()
-    ax3b.plot(steps[:-1], its, color="C4", lw=1, drawstyle="steps-mid", label=f"{result['solver']} iterations")
-    ax3b.set_ylabel(f"{result['solver']} iterations", color="C4")
-    ax3.set_title("hypergradient diagnostics")
-    ax3.grid(alpha=0.3)
+    diagnostics_panel(ax3, steps[:-1], [r["inner_grad_norm"] for r in hist], [r["solver_iters"] for r in hist],
+                      solver=result["solver"])
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"demo_logreg_{result['dataset']}_{result['solver']}_seed{result['seed']}.png")

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 #: The public surface whose every name must carry a docstring (and appear in docs/api/).
 PUBLIC_MODULES = ("bilevel", "bilevel.nas", "bilevel.kernels", "bilevel.inner", "bilevel.losses",
-                  "bilevel.hparams", "bilevel.meta")
+                  "bilevel.hparams", "bilevel.meta", "bilevel.plot", "bilevel.integrations.lightning",
+                  "bilevel.integrations.hf", "bilevel.integrations.optuna")
 
 
 def public_names(modname: str) -> list[str]:
