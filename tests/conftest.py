@@ -7,12 +7,21 @@ relative, float32 at ~1e-4.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+
+# NOTE: Triton reads TRITON_INTERPRET when it is first imported, and other packages the suite uses
+# (transformers, through the Trainer integration's tests) import it earlier than tests/test_kernels.py
+# could set it: the kernel tests then failed with "Cannot call @triton.jit'd outside of the scope of a
+# kernel" only when run after them. Without a GPU, the CPU kernel tests need the interpreter: set it
+# before anything is imported. With a GPU it stays unset so that tests/test_kernels_gpu.py compiles.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 RTOL = {torch.float64: 1e-8, torch.float32: 2e-4}
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
