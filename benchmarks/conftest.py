@@ -81,6 +81,8 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Optional[p
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--ratios-json", default=None, metavar="PATH",
                      help="bilevel benchmarks: also write the ratio table as JSON to PATH.")
+    parser.addoption("--gpu-report", default=None, metavar="PATH",
+                     help="bench_gpu.py: also write its ratio table as markdown to PATH (and JSON beside it).")
 
 
 def _cpu_model() -> str:
