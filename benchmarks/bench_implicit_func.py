@@ -41,8 +41,8 @@ def _data(seed: int = 0, n: int = N, d: int = D) -> Tuple[Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     X, Xv = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
     w = torch.randn(d, generator=g) / (d / D) ** 0.5
-    y = (torch.rand(N, generator=g) < torch.sigmoid(X @ w)).float()
-    yv = (torch.rand(N, generator=g) < torch.sigmoid(Xv @ w)).float()
+    y = (torch.rand(n, generator=g) < torch.sigmoid(X @ w)).float()
+    yv = (torch.rand(n, generator=g) < torch.sigmoid(Xv @ w)).float()
     return X, y, Xv, yv
 
 
