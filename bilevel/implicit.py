@@ -853,11 +853,15 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
     - forward mode (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``):
       ``(H + damping I) y = −(∂²inner_loss/∂params∂hparams) t``, the tangent of params (JAXopt's
       ``root_jvp``);
-    - ``torch.func.vmap`` over hyperparameters or data: the solver is vmapped (it must be batchable:
-      fixed iteration counts, no ``.item()``; an unbatchable one raises ``RuntimeError`` saying so),
-      each derivative rule solves item by item. Semantics are per item: a solver cannot mix the
-      items of a vmapped batch. Pass batched data as arguments of the decorated function, never
-      captured by ``inner_loss`` (the rules run outside the vmap level, as torch.func requires).
+    - ``torch.func.vmap`` over hyperparameters or data: the solver is vmapped when vmap can batch it
+      (fixed iteration counts, no ``.item()``), else it runs item by item (noted in
+      ``solve.diagnostics.notes``). With a batchable linear solver (``bl.CG``, ``bl.Exact``) the
+      derivative rules solve the ``B`` items together: CG runs the ``B`` systems in lockstep, each
+      with its own step sizes and stopping test, on one vmapped Hessian-vector product per step;
+      other solvers, ``hvp_mode="gauss_newton"`` and losses vmap cannot batch solve item by item
+      (noted too). Semantics are per item: a solver cannot mix the items of a vmapped batch. Pass
+      batched data as arguments of the decorated function, never captured by ``inner_loss`` (the
+      rules run outside the vmap level, as torch.func requires).
 
     ``outer(solve(hparams)).backward()`` fills ``hparams[k].grad``.
 
@@ -875,11 +879,15 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
         A decorator. The wrapped function returns an :class:`ImplicitSolution` (a params tree;
         ``.info`` is filled by the derivative rules, ``None`` under vmap/jacrev/jacfwd), or
         ``(solution, aux)`` with ``has_aux``. Derivatives flow to ``hparams`` only, not through
-        ``*args``/``**kwargs`` (their derivative is zero).
+        ``*args``/``**kwargs`` (their derivative is zero). The decorated function's
+        ``.diagnostics`` holds ``.info`` (the :class:`HypergradInfo` of the last derivative rule of any
+        call, under torch.func too; under vmap with a batched solve, ``info.solver`` holds the worst
+        item's figures and ``info.solver.extra["items"]`` each item's) and ``.notes`` (one line per
+        part that ran item by item under vmap).
 
     Raises:
         ValueError: outside torch.func, no ``hparams`` tensor requires grad while grad mode is on.
-        RuntimeError: the solver cannot run under ``torch.func.vmap``; second derivatives requested.
+        RuntimeError: second derivatives requested.
 
     Shapes: ``hparams`` and the returned params are trees of any leaf shapes; ``hparams[k].grad``
     gets the shape of ``hparams[k]``; ``torch.func.jacrev(lambda h: solve(h)[a])(h)[b]`` has shape
