@@ -14,7 +14,7 @@ together (CG in lockstep on one vmapped Hessian-vector product). Three cases:
   backward (one CG solve per setting) dominates;
 - ``solve``: logistic regression with 256 features (256 hyperparameters), 100 gradient-descent
   steps, and the library's default adjoint solver ``bl.CG()`` (tol 1e-10, at most 100 steps):
-  the adjoint solve dominates (about 3/4 of the loop's time).
+  the adjoint solve dominates (about 2/3 of the loop's time).
 
 Every case's hypergradients are checked against the loop's before timing.
 """

@@ -16,7 +16,7 @@ import inspect
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.utils._pytree as pytree
@@ -589,8 +589,8 @@ def _items_unsupported(problem: _Problem) -> Optional[str]:
 
 
 def _run_items(problem: _Problem, tensors: Sequence[Tensor], lead: int,
-               rule: Callable[..., tuple[Tensor, ...]]) -> Optional[tuple[Tensor, ...]]:
-    """``rule`` on all the items of ``problem.batch`` at once (``None``, with a note, where it cannot)."""
+               rule: Callable[..., tuple[Tensor, ...]]) -> Union[tuple[Tensor, ...], str]:
+    """``rule`` on all the items of ``problem.batch`` at once, or why it cannot (noted in the record)."""
     why = _items_unsupported(problem)
     size = math.prod(problem.batch)
     flat = [t.reshape(size, *t.shape[len(problem.batch):]) for t in tensors]
@@ -601,7 +601,7 @@ def _run_items(problem: _Problem, tensors: Sequence[Tensor], lead: int,
             why = f"torch.func.vmap cannot batch the loss ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
     if why is not None:
         problem.record.note(f"{problem.name}: solved the {size} vmapped items one by one: {why}.")
-        return None
+        return why
     outs = rule(problem, lin, flat[:lead])
     return tuple(o.reshape(*problem.batch, *o.shape[1:]) for o in outs)
 
@@ -612,7 +612,7 @@ def _run(problem: _Problem, tensors: Sequence[Tensor], lead: int, rule: Callable
     if not problem.batch:
         return rule(problem, problem.linearize(tensors[lead:]), tensors[:lead])
     together = _run_items(problem, tensors, lead, rule)
-    if together is not None:
+    if not isinstance(together, str):
         return together
     outs, key, lin = [], None, None
     for idx in itertools.product(*(range(n) for n in problem.batch)):
@@ -622,6 +622,9 @@ def _run(problem: _Problem, tensors: Sequence[Tensor], lead: int, rule: Callable
         if here != key:
             lin, key = problem.linearize(item[lead:]), here
         outs.append(rule(problem, lin, item[:lead]))
+    info = problem.record.info
+    if info is not None and isinstance(info.solver, SolverInfo):    # the last item's, and why it was alone
+        info.solver.extra["vmap"] = f"per item: {together}"
     return tuple(torch.stack(col).reshape(*problem.batch, *col[0].shape) for col in zip(*outs))
 
 
