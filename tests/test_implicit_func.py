@@ -322,6 +322,10 @@ def test_root_with_a_non_symmetric_jacobian_against_the_dense_oracle():
     lb = lam + 0.3 * torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=DT)
     gb = torch.func.vmap(torch.func.grad(lambda l: root({"l": l})["x"] @ c))(lb)
     assert max(rel_err(gb[i], jacobian(lb[i]).T @ c) for i in range(5)) < TOL
+    assert root.diagnostics.info.solver.extra["vmap"] == "batched: 5 systems in lockstep"
+    Jb = torch.func.vmap(torch.func.jacfwd(lambda l: root({"l": l})["x"]))(lb)     # 5 items × 2 tangents
+    assert max(rel_err(Jb[i], jacobian(lb[i])) for i in range(5)) < TOL
+    assert root.diagnostics.info.solver.extra["vmap"] == "batched: 10 systems in lockstep"
 
 
 @pytest.mark.parametrize("solver", [bl.GMRES(maxiter=50, tol=1e-13), bl.BiCGSTAB(maxiter=50, tol=1e-13),
