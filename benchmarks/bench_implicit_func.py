@@ -5,15 +5,18 @@ hypergradient each). The benchmark: the same 16 hypergradients in one call of
 ``torch.func.vmap(torch.func.grad(outer ∘ fit))``. Paired ratio = time(vmap) / time(loop); the target
 is at most 1/3 (vmap at least 3× faster).
 
-Two inner solvers, because what vmap can batch is the solver the user wrote, not the IFT rule:
+Under vmap the user's solver is vmapped, and the adjoint systems of the 16 settings are solved
+together (CG in lockstep on one vmapped Hessian-vector product). Three cases:
 
 - ``gd``: L2-regularized logistic regression (per-feature log decay, 32 hyperparameters) solved by
-  300 fixed steps of gradient descent: batchable, and the forward solve dominates the cost;
+  300 fixed steps of gradient descent: the forward solve dominates the cost;
 - ``closed``: ridge regression solved by one ``torch.linalg.solve``: the forward is cheap, the
-  backward (one CG solve per setting, run item by item since its loop checks convergence on the
-  host) dominates.
+  backward (one CG solve per setting) dominates;
+- ``solve``: logistic regression with 256 features (256 hyperparameters), 100 gradient-descent
+  steps, and the library's default adjoint solver ``bl.CG()`` (tol 1e-10, at most 100 steps):
+  the adjoint solve dominates (about 2/3 of the loop's time).
 
-Both hypergradients are checked against the loop's before timing.
+Every case's hypergradients are checked against the loop's before timing.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from conftest import Measure
 GROUP = "implicit-func"
 SETTINGS = 16
 N, D, STEPS, LR = 256, 32, 300, 0.5
+#: the ``solve`` case: samples, features, gradient steps
+N_SOLVE, D_SOLVE, STEPS_SOLVE = 512, 256, 100
 
 
-def _data(seed: int = 0) -> Tuple[Tensor, ...]:
+def _data(seed: int = 0, n: int = N, d: int = D) -> Tuple[Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    X, Xv = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
-    w = torch.randn(D, generator=g)
-    y = (torch.rand(N, generator=g) < torch.sigmoid(X @ w)).float()
-    yv = (torch.rand(N, generator=g) < torch.sigmoid(Xv @ w)).float()
+    X, Xv = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    w = torch.randn(d, generator=g) / (d / D) ** 0.5
+    y = (torch.rand(n, generator=g) < torch.sigmoid(X @ w)).float()
+    yv = (torch.rand(n, generator=g) < torch.sigmoid(Xv @ w)).float()
     return X, y, Xv, yv
 
 
@@ -45,13 +50,17 @@ def logistic_inner(p: Dict[str, Tensor], h: Dict[str, Tensor], X: Tensor, y: Ten
     return torch.nn.functional.binary_cross_entropy_with_logits(X @ p["w"], y) + 0.5 * (h["l"].exp() * p["w"] ** 2).sum()
 
 
-def gd_fit(h: Dict[str, Tensor], X: Tensor, y: Tensor) -> Dict[str, Tensor]:
-    """300 fixed gradient steps (closed-form gradient: no autograd graph, batchable)."""
+def gd_fit(h: Dict[str, Tensor], X: Tensor, y: Tensor, steps: int = STEPS) -> Dict[str, Tensor]:
+    """``steps`` fixed gradient steps (closed-form gradient: no autograd graph, batchable)."""
     w = torch.zeros(X.shape[1], dtype=X.dtype)
     decay = h["l"].exp()
-    for _ in range(STEPS):
+    for _ in range(steps):
         w = w - LR * (X.T @ (torch.sigmoid(X @ w) - y) / X.shape[0] + decay * w)
     return {"w": w}
+
+
+def gd_fit_short(h: Dict[str, Tensor], X: Tensor, y: Tensor) -> Dict[str, Tensor]:
+    return gd_fit(h, X, y, STEPS_SOLVE)
 
 
 def ridge_inner(p: Dict[str, Tensor], h: Dict[str, Tensor], X: Tensor, y: Tensor) -> Tensor:
@@ -73,36 +82,40 @@ def one_thread() -> Any:
     torch.set_num_threads(n)
 
 
-CASES: Dict[str, Tuple[Callable[..., Tensor], Callable[..., Dict[str, Tensor]]]] = {
-    "gd": (logistic_inner, gd_fit), "closed": (ridge_inner, ridge_fit)}
+#: case -> (inner loss, inner solver, adjoint solver (None: the library's default, bl.CG()), n, d, log decays)
+CASES: Dict[str, Tuple[Callable[..., Tensor], Callable[..., Dict[str, Tensor]], Any, int, int, Tuple[float, float]]] = {
+    "gd": (logistic_inner, gd_fit, bl.CG(maxiter=50, tol=1e-6), N, D, (-4.0, -1.0)),
+    "closed": (ridge_inner, ridge_fit, bl.CG(maxiter=50, tol=1e-6), N, D, (-4.0, -1.0)),
+    "solve": (logistic_inner, gd_fit_short, None, N_SOLVE, D_SOLVE, (-6.0, -3.0))}
 
 
-def hypergradient_fns(case: str) -> Tuple[Callable[[], Any], Callable[[], Any]]:
-    """``(loop, vmapped)``: both return the (16, D) hypergradients of the validation loss."""
-    inner, solve = CASES[case]
-    fit = bl.implicit_diff(inner, solver=bl.CG(maxiter=50, tol=1e-6))(solve)
-    X, y, Xv, yv = _data()
-    hb = {"l": torch.linspace(-4.0, -1.0, SETTINGS)[:, None] + 0.1 * torch.randn(SETTINGS, D,
-                                                                                   generator=torch.Generator().manual_seed(1))}
+def hypergradient_fns(case: str) -> Tuple[Callable[[], Any], Callable[[], Any], Any]:
+    """``(loop, vmapped, fit)``: the first two return the (16, d) hypergradients of the validation loss."""
+    inner, solve, solver, n, d, (lo, hi) = CASES[case]
+    fit = bl.implicit_diff(inner, solver=solver)(solve)
+    X, y, Xv, yv = _data(n=n, d=d)
+    hb = {"l": torch.linspace(lo, hi, SETTINGS)[:, None] + 0.1 * torch.randn(SETTINGS, d,
+                                                                               generator=torch.Generator().manual_seed(1))}
     outer = lambda h: torch.nn.functional.binary_cross_entropy_with_logits(Xv @ fit(h, X, y)["w"], yv) \
-        if case == "gd" else 0.5 * ((Xv @ fit(h, X, y)["w"] - yv) ** 2).mean()
+        if inner is logistic_inner else 0.5 * ((Xv @ fit(h, X, y)["w"] - yv) ** 2).mean()
     grad = torch.func.grad(outer)
     loop = lambda: torch.stack([grad({"l": hb["l"][i]})["l"] for i in range(SETTINGS)])
     vmapped = lambda: torch.func.vmap(grad)(hb)["l"]
-    return loop, vmapped
+    return loop, vmapped, fit
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_loop(case: str, measure: Measure) -> None:
     """The unit: 16 separate hypergradient calls."""
-    loop, _ = hypergradient_fns(case)
+    loop, _, _ = hypergradient_fns(case)
     measure(loop, group=f"{GROUP}-{case}", name=f"{case}: loop of {SETTINGS} grad calls (unit)", unit=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_vmap(case: str, measure: Measure) -> None:
     """The same 16 hypergradients in one vmapped call, checked against the loop first."""
-    loop, vmapped = hypergradient_fns(case)
+    loop, vmapped, fit = hypergradient_fns(case)
     a, b = loop(), vmapped()
     assert float((a - b).norm() / b.norm()) < 1e-4          # the same hypergradients (float32, CG tol 1e-6)
+    assert fit.diagnostics.info.solver.extra["vmap"] == f"batched: {SETTINGS} systems in lockstep"
     measure(vmapped, group=f"{GROUP}-{case}", name=f"{case}: vmap(grad) over {SETTINGS} settings", paired_with=loop)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.utils._pytree as pytree
@@ -226,19 +227,44 @@ def implicit_hypergrad(
 # with F = ∇_x inner_loss (J_x = H, symmetric) for `implicit_diff`, F itself for roots. `_Solution`
 # only clones, so torch.func may vmap it (generate_vmap_rule). Its rules call `_Adjoint` / `_Tangent`,
 # whose forward runs a linear solver (Python loops, host syncs), which vmap cannot trace: their own
-# vmap rule moves the batch to the front and solves one item at a time (`_run`), reusing one
-# linearization while the point (x*, λ, data) is the same (jacrev/jacfwd batch only the cotangents).
+# vmap rule moves the batch to the front (`_run`). With a batchable solver (bl.CG, bl.Exact) the B
+# items are solved together (`_Items`): F of the batch is torch.func.vmap(F) over the items, and as
+# item i reads only its own (x*_i, λ_i, data_i), J_x of the batch is block diagonal, so ONE product
+# on the batch's graph is the B items' products, and CG runs the B systems in lockstep (per-item
+# steps and stopping masks, `CG.solve_flat_batched`). Otherwise (another solver, a loss vmap cannot
+# batch, Gauss-Newton) it solves one item at a time, reusing one linearization while the point
+# (x*, λ, data) is the same (jacrev/jacfwd batch only the cotangents), and says so in the record.
+# A solver that vmap cannot batch runs item by item the same way (`_Itemwise`).
 # Every tensor the rules read (x*, λ, the tensors among *args/**kwargs) is an input of the Functions,
 # never captured, as torch.func requires. Second derivatives through the rules are not supported.
 
 
 class _Record:
-    """Where the rules of one decorated call leave the diagnostics of their last solve."""
+    """Where the rules of a decorated call leave the diagnostics of their last solve.
 
-    __slots__ = ("info",)
+    ``notes``: one line per fallback taken (a part that ran item by item under vmap). A record
+    with a ``parent`` (the decorated function's own record) copies everything there too.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("info", "notes", "parent", "unbatchable", "why")
+
+    def __init__(self, parent: Optional["_Record"] = None) -> None:
         self.info: Optional[HypergradInfo] = None
+        self.notes: list[str] = []
+        self.parent = parent
+        self.unbatchable = False      # the solver failed under vmap once: run it item by item from then on
+        self.why = ""
+
+    def set(self, info: HypergradInfo) -> None:
+        self.info = info
+        if self.parent is not None:
+            self.parent.set(info)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+        if self.parent is not None:
+            self.parent.note(text)
 
 
 class ImplicitSolution(dict):
@@ -332,6 +358,38 @@ class _Problem:
         f = self.fn if not kwargs else functools.partial(_with_kwargs, self.fn, kwargs)
         return make_operator(f, x, h, args, mode=self.hvp_mode, penalty=self.penalty, name=self.name)
 
+    def linearize_items(self, tensors: Sequence[Tensor]) -> "_Items":
+        """``J_x`` of ``B`` items at once: ``tensors = (x*, λ, arg tensors)``, each with a leading dim ``B``.
+
+        The loss (or residual) of the batch is ``torch.func.vmap`` of ``fn`` over the items (an arg
+        tensor that is the same for every item, an expanded one, is passed once, unbatched). Item
+        ``i`` reads only ``x*_i`` and ``λ_i``, so the batch's ``J_x`` is block diagonal and one product
+        on its graph is the ``B`` items' products. Raises whatever vmap raises on ``fn``.
+        """
+        size = tensors[0].shape[0]
+        # NOTE: x* and λ as separate memory per item, also where they are one expanded tensor (jacrev's
+        # batch of cotangents at one point): the items' derivatives must not land in shared memory.
+        x = {k: t.contiguous() for k, t in zip(self.xkeys, tensors[:self.nx])}
+        h = {k: t.contiguous() for k, t in zip(self.hkeys, tensors[self.nx:self.nx + self.nh])}
+        shared = [size > 1 and t.dim() > 0 and t.stride(0) == 0 for t in tensors[self.nx + self.nh:]]
+        data = tuple(t[0] if s else t for t, s in zip(tensors[self.nx + self.nh:], shared))
+
+        def item(xi: Tree, hi: Tree, *ti: Tensor) -> Any:
+            leaves = list(self.leaves)
+            for i, t in zip(self.tensor_at, ti):
+                leaves[i] = t
+            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+            out = self.fn(xi, hi, *args, **kwargs)
+            return check_scalar(out, self.name, "inner_loss(params, hparams, *args)") if self.kind == "min" else out
+
+        batch = torch.func.vmap(item, in_dims=(0, 0, *(None if s else 0 for s in shared)))
+        if self.kind == "root":
+            return _Items(_RootJacobian(batch, x, h, data, {}, self.name), size)
+        penalty = None if self.penalty is None else (lambda p, hh: torch.func.vmap(self.penalty)(p, hh).sum())
+        op = make_operator(lambda p, hh, *ti: batch(p, hh, *ti).sum(), x, h, data, mode=self.hvp_mode,
+                           penalty=penalty, name=self.name)
+        return _Items(op, size)
+
     def products(self, lin: Any) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
         """``(v ↦ J_x v, v ↦ J_xᵀ v)``: for a symmetric ``J_x`` (a Hessian, or asserted) one product serves both,
         the one that reuses a graph (a root's ``J_xᵀ v``)."""
@@ -372,7 +430,8 @@ class _RootJacobian:
             res = _check_residual(self.x, F(self.x, self.h, *args, **kwargs), name, "F(x, hparams, *args)")
         self._live = [(k, r) for k, r in res.items() if r.requires_grad]
         self._transposed: dict[str, tuple] = {}
-        self.grad_norm = tree_norm({k: r.detach() for k, r in res.items()})
+        self.grad = {k: r.detach() for k, r in res.items()}      # F(x*): the residual, in the place of a gradient
+        self.grad_norm = tree_norm(self.grad)
         self.loss = torch.tensor(float("nan"))
 
     def _vjp(self, inputs: Tree, cot: Sequence[Tensor], create_graph: bool = False) -> Tree:
@@ -414,13 +473,72 @@ class _RootJacobian:
         return self._jvp("h", t)
 
 
+class _ItemsFlat:
+    """The layout of a tree whose leaves share a leading batch dim ``B``, as a ``(B, P)`` matrix (row i: item i)."""
+
+    def __init__(self, fl: Flat, size: int) -> None:
+        self.size, self.keys = size, fl.keys
+        self.shapes = [s[1:] for s in fl.shapes]
+        self.numels = [math.prod(s) for s in self.shapes]
+
+    def flatten(self, tree: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat([tree[k].reshape(self.size, -1) for k in self.keys], 1)
+
+    def unflatten(self, mat: Tensor) -> Tree:
+        cols = torch.split(mat, self.numels, 1)
+        return {k: c.reshape(self.size, *s) for k, c, s in zip(self.keys, cols, self.shapes)}
+
+
+class _Items:
+    """A linearization of ``B`` items on one block-diagonal operator ``lin`` (from
+    :meth:`_Problem.linearize_items`), with the interface of a single one on ``(B, P)`` matrices."""
+
+    def __init__(self, lin: Any, size: int) -> None:
+        self.lin, self.size, self.mode = lin, size, lin.mode
+        self.flat = _ItemsFlat(lin.flat, size)
+        rows = self.flat.flatten(lin.grad)
+        self.grad_norms = torch.linalg.vector_norm(rows, dim=1)
+        self.grad_norm = self.grad_norms.max()              # the least stationary item
+        self.loss = lin.loss / size                         # the items' mean (nan for a root)
+
+    def _through(self, product: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+        fl = self.lin.flat
+        return self.flat.flatten(fl.unflatten(product(fl.flatten(self.flat.unflatten(v)))))
+
+    def matvec_flat(self, v: Tensor) -> Tensor:
+        return self._through(self.lin.matvec_flat, v)
+
+    def rmatvec_flat(self, v: Tensor) -> Tensor:
+        return self._through(self.lin.rmatvec_flat, v)
+
+    def mixed_vjp(self, u: Mapping[str, Tensor]) -> Tree:
+        return self.lin.mixed_vjp(u)
+
+    def mixed_jvp(self, t: Mapping[str, Tensor]) -> Tree:
+        return self.lin.mixed_jvp(t)
+
+
+def _solve_items(solver: Solver, flat: _ItemsFlat, matvec_flat: Callable[[Tensor], Tensor], b: Mapping[str, Tensor]
+                 ) -> tuple[Tree, SolverInfo]:
+    """``B`` systems in one batched solve; one :class:`SolverInfo` for all (the worst item's figures),
+    the items' own in ``extra["items"]``."""
+    x, infos = solver.solve_flat_batched(matvec_flat, flat.flatten(b))
+    worst = max(range(len(infos)), key=lambda i: infos[i].relative_residual)
+    extra = {**infos[worst].extra, "vmap": f"batched: {len(infos)} systems in lockstep", "items": infos}
+    info = SolverInfo(infos[0].solver, max(i.iterations for i in infos), infos[0].matvecs, infos[worst].residual_norm,
+                      infos[worst].b_norm, all(i.converged for i in infos), extra)
+    return flat.unflatten(x), info
+
+
 def _solve(solver: Any, flat: Flat, matvec_flat: Callable[[Tensor], Tensor], b: Mapping[str, Tensor],
            u0: Optional[Mapping[str, Tensor]] = None, matvec: Optional[Callable[[Tree], Tree]] = None,
            rmatvec_flat: Optional[Callable[[Tensor], Tensor]] = None, **solver_kw: Any
            ) -> tuple[Tree, Optional[SolverInfo]]:
     """``A x = b`` with ``A`` given by ``matvec_flat`` (and ``Aᵀ`` by ``rmatvec_flat``, for solvers that
     use it): built-in solvers on flat buffers (``solver_kw``: further keywords of ``solve_flat``), any
-    other callable ``solver(matvec, b) -> tree`` on trees."""
+    other callable ``solver(matvec, b) -> tree`` on trees; a batch of items (``_ItemsFlat``) in one batched solve."""
+    if isinstance(flat, _ItemsFlat):
+        return _solve_items(solver, flat, matvec_flat, b)
     if isinstance(solver, Solver):
         kw: dict[str, Any] = dict(solver_kw) if u0 is None else {**solver_kw, "x0": flat.flatten(u0)}
         if solver.uses_rmatvec and rmatvec_flat is not None:
@@ -447,7 +565,7 @@ def _adjoint_rule(problem: _Problem, lin: Any, cot: Sequence[Tensor]) -> tuple[T
     forward, transposed = problem.products(lin)
     u, sinfo = _solve(problem.solver, lin.flat, transposed, dict(zip(problem.xkeys, cot)), rmatvec_flat=forward)
     mixed = _finite(lin.mixed_vjp(u), lin, problem.name, "implicit gradient")
-    problem.record.info = HypergradInfo(float(lin.grad_norm), float(lin.loss), float("nan"), sinfo, lin.mode)
+    problem.record.set(HypergradInfo(float(lin.grad_norm), float(lin.loss), float("nan"), sinfo, lin.mode))
     return tuple(-mixed[k] for k in problem.hkeys)
 
 
@@ -457,14 +575,45 @@ def _tangent_rule(problem: _Problem, lin: Any, tangent: Sequence[Tensor]) -> tup
     forward, transposed = problem.products(lin)
     y, sinfo = _solve(problem.solver, lin.flat, forward, {k: -v for k, v in rhs.items()}, rmatvec_flat=transposed)
     y = _finite(y, lin, problem.name, "implicit tangent")
-    problem.record.info = HypergradInfo(float(lin.grad_norm), float(lin.loss), float("nan"), sinfo, lin.mode)
+    problem.record.set(HypergradInfo(float(lin.grad_norm), float(lin.loss), float("nan"), sinfo, lin.mode))
     return tuple(y[k] for k in problem.xkeys)
 
 
+def _items_unsupported(problem: _Problem) -> Optional[str]:
+    """Why the items of a batch cannot be solved together (``None``: they can)."""
+    if not getattr(problem.solver, "batchable", False):
+        return f"{getattr(problem.solver, 'name', type(problem.solver).__name__)} has no batched solve"
+    if problem.hvp_mode == "gauss_newton":
+        return "hvp_mode='gauss_newton' is not batched"
+    return None
+
+
+def _run_items(problem: _Problem, tensors: Sequence[Tensor], lead: int,
+               rule: Callable[..., tuple[Tensor, ...]]) -> Union[tuple[Tensor, ...], str]:
+    """``rule`` on all the items of ``problem.batch`` at once, or why it cannot (noted in the record)."""
+    why = _items_unsupported(problem)
+    size = math.prod(problem.batch)
+    flat = [t.reshape(size, *t.shape[len(problem.batch):]) for t in tensors]
+    if why is None:
+        try:
+            lin = problem.linearize_items(flat[lead:])
+        except Exception as err:        # noqa: BLE001 -- anything vmap refuses; the item loop re-raises real errors
+            why = f"torch.func.vmap cannot batch the loss ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    if why is not None:
+        problem.record.note(f"{problem.name}: solved the {size} vmapped items one by one: {why}.")
+        return why
+    outs = rule(problem, lin, flat[:lead])
+    return tuple(o.reshape(*problem.batch, *o.shape[1:]) for o in outs)
+
+
 def _run(problem: _Problem, tensors: Sequence[Tensor], lead: int, rule: Callable[..., tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-    """``rule`` on ``tensors = (lead vectors, x*, λ, arg tensors)`` at every item of ``problem.batch``."""
+    """``rule`` on ``tensors = (lead vectors, x*, λ, arg tensors)`` at every item of ``problem.batch``:
+    all items at once where the solver and the loss allow it, else one at a time."""
     if not problem.batch:
         return rule(problem, problem.linearize(tensors[lead:]), tensors[:lead])
+    together = _run_items(problem, tensors, lead, rule)
+    if not isinstance(together, str):
+        return together
     outs, key, lin = [], None, None
     for idx in itertools.product(*(range(n) for n in problem.batch)):
         item = [t[idx] for t in tensors]
@@ -473,6 +622,9 @@ def _run(problem: _Problem, tensors: Sequence[Tensor], lead: int, rule: Callable
         if here != key:
             lin, key = problem.linearize(item[lead:]), here
         outs.append(rule(problem, lin, item[:lead]))
+    info = problem.record.info
+    if info is not None and isinstance(info.solver, SolverInfo):    # the last item's, and why it was alone
+        info.solver.extra["vmap"] = f"per item: {together}"
     return tuple(torch.stack(col).reshape(*problem.batch, *col[0].shape) for col in zip(*outs))
 
 
@@ -561,18 +713,80 @@ def _has_tangent(t: Tensor) -> bool:
     return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
-def _run_solver(solve: Callable[..., Any], hparams: Tree, args: tuple, kwargs: dict, fn: str) -> Any:
-    try:
-        with torch.enable_grad():
-            return solve(hparams, *args, **kwargs)
-    except RuntimeError as err:
-        if not (_transformed() and "vmap" in str(err)):
-            raise
-        raise RuntimeError(
-            f"{fn}: the solver runs under torch.func.vmap (once per batch, per-item semantics), and vmap cannot "
-            f"batch what it does: {err}. Fix: make the solver batchable (a fixed number of iterations instead of "
-            f"`while tensor > tol`, torch.where instead of `if tensor`, no .item()/float() on tensors, no in-place "
-            f"writes into unbatched tensors), or loop over the batch in Python.") from err
+def _call_solver(solve: Callable[..., Any], hparams: Tree, args: tuple, kwargs: dict) -> Any:
+    with torch.enable_grad():
+        return solve(hparams, *args, **kwargs)
+
+
+def _run_solver(solve: Callable[..., Any], hparams: Tree, args: tuple, kwargs: dict, fn: str, record: _Record) -> Any:
+    """The user's solver; under ``torch.func.vmap`` batched, or item by item where vmap cannot batch it."""
+    top = record if record.parent is None else record.parent
+    if not (top.unbatchable and _transformed()):
+        try:
+            return _call_solver(solve, hparams, args, kwargs)
+        except RuntimeError as err:
+            if not (_transformed() and "vmap" in str(err)):
+                raise
+            top.unbatchable = True
+            top.why = str(err).splitlines()[0][:200]
+    record.note(f"{fn}: the solver ran item by item under torch.func.vmap, which cannot batch it ({top.why}). A "
+                f"batchable solver (fixed iteration counts, torch.where instead of `if tensor`, no .item()) runs "
+                f"the items together, faster.")
+    leaves, spec = pytree.tree_flatten((hparams, args, kwargs))
+    at = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor))
+    call = _SolverCall(solve, tuple(None if i in at else leaf for i, leaf in enumerate(leaves)), at, spec)
+    outs = _Itemwise.apply(call, *(leaves[i] for i in at))
+    return call.rebuild(outs)
+
+
+class _SolverCall:
+    """One call of a user's solver with its tensors taken out (for :class:`_Itemwise`); remembers how
+    to rebuild what the solver returns (its tensors become the Function's outputs)."""
+
+    def __init__(self, solve: Callable[..., Any], leaves: tuple, at: tuple, spec: Any) -> None:
+        self.solve, self.leaves, self.at, self.spec = solve, leaves, at, spec
+        self.out_leaves: Optional[list] = None
+        self.out_spec: Any = None
+
+    def __call__(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        leaves = list(self.leaves)
+        for i, t in zip(self.at, tensors):
+            leaves[i] = t
+        hparams, args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        out_leaves, out_spec = pytree.tree_flatten(_call_solver(self.solve, hparams, args, kwargs))
+        if self.out_leaves is None:
+            self.out_leaves, self.out_spec = out_leaves, out_spec
+        return tuple(leaf.detach() for leaf in out_leaves if isinstance(leaf, Tensor))
+
+    def rebuild(self, tensors: Sequence[Tensor]) -> Any:
+        assert self.out_leaves is not None
+        it = iter(tensors)
+        return pytree.tree_unflatten([next(it) if isinstance(leaf, Tensor) else leaf for leaf in self.out_leaves],
+                                     self.out_spec)
+
+
+class _Itemwise(torch.autograd.Function):
+    """``(hparams and arg tensors) -> the solver's tensors``, run item by item under vmap (no derivative:
+    the solution's derivative is :class:`_Solution`'s)."""
+
+    @staticmethod
+    def forward(call: _SolverCall, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return call(tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.mark_non_differentiable(*output)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
+        return None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, call: _SolverCall, *tensors: Tensor) -> tuple[tuple[Tensor, ...], tuple]:  # type: ignore[override]
+        items = [_Itemwise.apply(call, *(t if d is None else t.select(d, i) for t, d in zip(tensors, in_dims[1:])))
+                 for i in range(info.batch_size)]
+        out = tuple(torch.stack(col) for col in zip(*items))
+        return out, (0,) * len(out)
 
 
 def _decorator(kind: str, fn: Callable[..., Any], api: str, *, solver: Any, hvp_mode: str = "auto",
@@ -583,12 +797,14 @@ def _decorator(kind: str, fn: Callable[..., Any], api: str, *, solver: Any, hvp_
 
     def decorator(solve: Callable[..., Any]) -> Callable[..., Any]:
         name = getattr(solve, "__name__", "solve")
+        shared = _Record()
 
         @functools.wraps(solve)
         def wrapped(hparams: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
             fname = f"bilevel.{api}({name})"
             hp = check_tree(hparams, fname, "hparams")
-            raw = _run_solver(solve, _detached(hp), args, kwargs, fname)
+            record = _Record(shared)
+            raw = _run_solver(solve, _detached(hp), args, kwargs, fname, record)
             aux = None
             if has_aux:
                 if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
@@ -612,11 +828,12 @@ def _decorator(kind: str, fn: Callable[..., Any], api: str, *, solver: Any, hvp_
             at = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor))
             problem = _Problem(kind, fn, solver, hvp_mode, penalty, symmetric, f"{fname} (derivative)", tuple(params),
                                tuple(hp), tuple(None if i in at else leaf for i, leaf in enumerate(leaves)), at,
-                               spec, _Record())
+                               spec, record)
             outs = _Solution.apply(problem, *params.values(), *hp.values(), *(leaves[i] for i in at))
             out = ImplicitSolution(dict(zip(params, outs)), problem.record)
             return (out, aux) if has_aux else out
 
+        wrapped.diagnostics = shared  # type: ignore[attr-defined]
         return wrapped
 
     return decorator
@@ -639,11 +856,15 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
     - forward mode (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``):
       ``(H + damping I) y = −(∂²inner_loss/∂params∂hparams) t``, the tangent of params (JAXopt's
       ``root_jvp``);
-    - ``torch.func.vmap`` over hyperparameters or data: the solver is vmapped (it must be batchable:
-      fixed iteration counts, no ``.item()``; an unbatchable one raises ``RuntimeError`` saying so),
-      each derivative rule solves item by item. Semantics are per item: a solver cannot mix the
-      items of a vmapped batch. Pass batched data as arguments of the decorated function, never
-      captured by ``inner_loss`` (the rules run outside the vmap level, as torch.func requires).
+    - ``torch.func.vmap`` over hyperparameters or data: the solver is vmapped when vmap can batch it
+      (fixed iteration counts, no ``.item()``), else it runs item by item (noted in
+      ``solve.diagnostics.notes``). With a batchable linear solver (``bl.CG``, ``bl.Exact``) the
+      derivative rules solve the ``B`` items together: CG runs the ``B`` systems in lockstep, each
+      with its own step sizes and stopping test, on one vmapped Hessian-vector product per step;
+      other solvers, ``hvp_mode="gauss_newton"`` and losses vmap cannot batch solve item by item
+      (noted too). Semantics are per item: a solver cannot mix the items of a vmapped batch. Pass
+      batched data as arguments of the decorated function, never captured by ``inner_loss`` (the
+      rules run outside the vmap level, as torch.func requires).
 
     ``outer(solve(hparams)).backward()`` fills ``hparams[k].grad``.
 
@@ -661,11 +882,15 @@ def implicit_diff(inner_loss: Callable[..., Tensor], *, solver: Any = None, hvp_
         A decorator. The wrapped function returns an :class:`ImplicitSolution` (a params tree;
         ``.info`` is filled by the derivative rules, ``None`` under vmap/jacrev/jacfwd), or
         ``(solution, aux)`` with ``has_aux``. Derivatives flow to ``hparams`` only, not through
-        ``*args``/``**kwargs`` (their derivative is zero).
+        ``*args``/``**kwargs`` (their derivative is zero). The decorated function's
+        ``.diagnostics`` holds ``.info`` (the :class:`HypergradInfo` of the last derivative rule of any
+        call, under torch.func too; under vmap with a batched solve, ``info.solver`` holds the worst
+        item's figures and ``info.solver.extra["items"]`` each item's) and ``.notes`` (one line per
+        part that ran item by item under vmap).
 
     Raises:
         ValueError: outside torch.func, no ``hparams`` tensor requires grad while grad mode is on.
-        RuntimeError: the solver cannot run under ``torch.func.vmap``; second derivatives requested.
+        RuntimeError: second derivatives requested.
 
     Shapes: ``hparams`` and the returned params are trees of any leaf shapes; ``hparams[k].grad``
     gets the shape of ``hparams[k]``; ``torch.func.jacrev(lambda h: solve(h)[a])(h)[b]`` has shape

@@ -148,6 +148,9 @@ class Solver:
     #: Whether :meth:`solve_flat` takes ``rmatvec`` (``v -> Hᵀ v``): solvers of the normal
     #: equations need transpose products. ``True`` on :class:`NormalCG`.
     uses_rmatvec: ClassVar[bool] = False
+    #: Whether :meth:`solve_flat_batched` solves a batch of independent systems at once (one batched
+    #: product per iteration for all of them). ``True`` on :class:`CG` and :class:`Exact`.
+    batchable: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -167,6 +170,17 @@ class Solver:
         Returns ``(x, info)``.
         """
         raise NotImplementedError
+
+    def solve_flat_batched(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, list[SolverInfo]]:
+        """Solve ``B`` independent systems ``(H_i + damping I) x_i = b_i`` at once (``batchable`` solvers).
+
+        ``b`` has shape ``(B, P)``; ``matvec`` maps ``V`` of shape ``(B, P)`` to the ``(B, P)`` tensor
+        whose row ``i`` is ``H_i V[i]``: one call serves every system (e.g. one vmapped
+        Hessian-vector product). Returns ``(x, infos)``: ``x`` of shape ``(B, P)`` and one
+        :class:`SolverInfo` per system (``matvecs`` counts batched products).
+        """
+        raise NotImplementedError(f"bilevel.{self.name}: no batched solve (batchable = False). Fix: call solve_flat "
+                                  f"on each system, or use bl.CG() / bl.Exact().")
 
     def __call__(self, matvec: Callable[[Tree], Tree], b: Mapping[str, Tensor], *,
                  rmatvec: Optional[Callable[[Tree], Tree]] = None) -> Solution:
@@ -191,7 +205,7 @@ class Solver:
                 f"bilevel.{self.name}: expected a finite right-hand side b, got NaN/Inf entries. "
                 f"Fix: check the outer loss and its gradient for NaN/Inf."
             )
-        return torch.linalg.vector_norm(b)
+        return torch.linalg.vector_norm(b, dim=-1)
 
     def _residual(self, A: FlatMatvec, x: Tensor, b: Tensor) -> float:
         return float(torch.linalg.vector_norm(A(x) - b))
@@ -216,6 +230,16 @@ class Solver:
 _FLAT_EPS = 64.0
 _FLOOR_EPS = 8.0
 _RUNNING, _NEGATIVE, _FLAT = 0, 1, 2     # the status codes of bilevel.kernels.CG_STATE_FIELDS
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` over the last dim: 0-dim for vectors, ``(B,)`` for a batch ``(B, P)`` of them."""
+    return torch.dot(a, b) if a.dim() == 1 else torch.linalg.vecdot(a, b)
+
+
+def _col(t: Tensor) -> Tensor:
+    """A per-system scalar ready to scale its vector: 0-dim as is, ``(B,)`` as ``(B, 1)``."""
+    return t if t.dim() == 0 else t.unsqueeze(-1)
 
 
 def _threshold(bnorm: Tensor, tol: float, atol: float) -> Tensor:
@@ -255,8 +279,8 @@ class _SymmetryProbe:
             return
         u, Au = self._first
         self._first = None
-        num = (torch.dot(v, Au) - torch.dot(u, Av)).abs()
-        nrm = torch.linalg.vector_norm
+        num = (_dot(v, Au) - _dot(u, Av)).abs()
+        nrm = lambda t: torch.linalg.vector_norm(t, dim=-1)
         den = nrm(u) * nrm(Av) + nrm(v) * nrm(Au)
         self.gap = num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
@@ -288,6 +312,9 @@ class _HestenesStiefelCG:
     """Textbook CG (``x += αp; r −= αAp; p = r + βp``) with device-side masks and no host sync.
 
     ``keep_best``: also keep the iterate of smallest residual (for ``on_indefinite="stop"``).
+    ``b`` of shape ``(B, P)`` runs ``B`` independent systems in lockstep (``A`` maps ``(B, P)`` to
+    ``(B, P)``): every scalar (``α``, ``β``, ``‖r‖²``, status, masks) is then a ``(B,)`` tensor, and a
+    system that has stopped is frozen by its own mask while the others go on.
     """
 
     def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: Tensor, flat_tol: float,
@@ -295,10 +322,10 @@ class _HestenesStiefelCG:
         self.A, self.thresh, self.flat_tol = A, thresh, flat_tol
         self.x, self.r, self.matvecs = _initial_residual(A, b, x0)
         self.p = self.r.clone()
-        self.rs = torch.dot(self.r, self.r)
+        self.rs = _dot(self.r, self.r)
         # ‖p‖² by the recurrence ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖² (r_{k+1} ⊥ p_k): saves a pass per iteration.
         self.pp = self.rs
-        scalar = lambda v, dt=b.dtype: torch.full((), v, dtype=dt, device=b.device)
+        scalar = lambda v, dt=b.dtype: torch.full(b.shape[:-1], v, dtype=dt, device=b.device)
         self.status, self.steps = scalar(_RUNNING, torch.long), scalar(0, torch.long)
         self.negative_code, self.flat_code = scalar(_NEGATIVE, torch.long), scalar(_FLAT, torch.long)
         self.tiny = torch.finfo(b.dtype).tiny
@@ -318,7 +345,7 @@ class _HestenesStiefelCG:
         Ap = self.A(p)
         self.matvecs += 1
         self.probe.see(p, Ap, self.b0)
-        pAp = torch.dot(p, Ap)
+        pAp = _dot(p, Ap)
         # the curvature along p (Rayleigh quotient), on the scale of H's eigenvalues
         rq = pAp / self.pp.clamp_min(self.tiny)
         # every Rayleigh quotient of a symmetric A is at most ‖A‖, so scale needs no mask (fmax skips NaN)
@@ -335,24 +362,29 @@ class _HestenesStiefelCG:
         alpha = torch.where(ok, self.rs / torch.where(ok, pAp, 1.0), self.zero)
         # NOTE: fused in-place updates (one kernel each, no temporaries). A frozen solve has
         # alpha = 0, so x and r stay put; p is then never used again, so it needs no mask.
-        x.addcmul_(alpha, p)
-        r.addcmul_(alpha, Ap, value=-1.0)
-        rs_new = torch.where(ok, torch.dot(r, r), self.rs)
+        x.addcmul_(_col(alpha), p)
+        r.addcmul_(_col(alpha), Ap, value=-1.0)
+        rs_new = torch.where(ok, _dot(r, r), self.rs)
         beta = torch.where(ok, rs_new / torch.where(self.rs > 0, self.rs, 1.0), self.zero)
-        torch.addcmul(r, beta, p, out=p)   # in place: no 4-byte-per-weight allocation per iteration
+        torch.addcmul(r, _col(beta), p, out=p)   # in place: no 4-byte-per-weight allocation per iteration
         self.pp = rs_new + beta * beta * self.pp
         self.rs = rs_new
         self.steps = self.steps + ok
         if self.best is not None:
             better = rs_new < self.best[1]
-            self.best = (torch.where(better, x, self.best[0]), torch.where(better, rs_new, self.best[1]))
+            self.best = (torch.where(_col(better), x, self.best[0]), torch.where(better, rs_new, self.best[1]))
 
     def outcome(self, loop_iterations: int) -> _CGOutcome:
+        return self.outcomes(loop_iterations)[0]
+
+    def outcomes(self, loop_iterations: int) -> list[_CGOutcome]:
+        """One outcome per system (one host sync): a list of one for a single system."""
         x, rs = self.best if self.best is not None else (self.x, self.rs)
         gap = self.probe.gap if self.probe.gap is not None else torch.full_like(rs, math.nan)
-        rs_h, status, steps, min_rq, scale, asym = torch.stack(
-            [rs, self.status.to(rs.dtype), self.steps.to(rs.dtype), self.min_rq, self.scale, gap]).tolist()
-        return _CGOutcome(x, rs_h, int(steps), loop_iterations, self.matvecs, int(status), min_rq, scale, asym)
+        rows = torch.stack([rs, self.status.to(rs.dtype), self.steps.to(rs.dtype), self.min_rq, self.scale, gap], -1)
+        xs = [x] if x.dim() == 1 else list(x)
+        return [_CGOutcome(xi, rs_h, int(steps), loop_iterations, self.matvecs, int(status), min_rq, scale, asym)
+                for xi, (rs_h, status, steps, min_rq, scale, asym) in zip(xs, rows.reshape(-1, 6).tolist())]
 
 
 class _ChronopoulosGearCG:
@@ -413,15 +445,16 @@ def _iterate_cg(run: Union[_HestenesStiefelCG, _ChronopoulosGearCG], maxiter: in
     after a stop are no-ops on the device. Returns the number of loop iterations run.
     """
     it = 0
-    if bool(run.residual_sq() <= thresh):
+    if bool((run.residual_sq() <= thresh).all()):
         return it
     while it < maxiter:
         run.step()
         it += 1
         if it % check_every == 0 or it == maxiter:
-            stop = (run.residual_sq() <= thresh) | (run.status != _RUNNING)
+            # systems run in lockstep: stop when every one has stopped, or any one is asymmetric (an error)
+            stop = ((run.residual_sq() <= thresh) | (run.status != _RUNNING)).all()
             if run.probe.gap is not None:
-                stop = stop | (run.probe.gap > sym_tol)
+                stop = stop | (run.probe.gap > sym_tol).any()
             if bool(stop):
                 break
     return it
@@ -482,6 +515,7 @@ class CG(Solver):
     """
 
     warm_startable: ClassVar[bool] = True
+    batchable: ClassVar[bool] = True
 
     maxiter: int = 100
     tol: float = 1e-10
@@ -525,9 +559,35 @@ class CG(Solver):
         fused = "triton" if _use_triton(self.backend, b, "bilevel.CG") else None
         return self._solve(matvec, b, x0, fused)
 
-    def _solve(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str]
-               ) -> tuple[Tensor, SolverInfo]:
-        """The solve; ``fused``: run the Chronopoulos–Gear form on that kernel backend, else textbook CG."""
+    def solve_flat_batched(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None
+                           ) -> tuple[Tensor, list[SolverInfo]]:
+        """As :meth:`Solver.solve_flat_batched`: ``B`` systems in lockstep, textbook CG (any ``backend``).
+
+        Each system has its own step sizes ``α_i``, ``β_i``, residual test and curvature stop (a
+        ``(B,)`` mask freezes the systems that have stopped); the loop ends when all have stopped, or
+        at ``maxiter``. Each system's iterates are those :meth:`solve_flat` takes on it alone.
+        ``x0``: starting points, shape ``(B, P)``.
+
+        Example:
+            >>> D = torch.tensor([[1., 2.], [4., 8.]])                 # two diagonal systems
+            >>> x, infos = bl.CG().solve_flat_batched(lambda V: D * V, torch.ones(2, 2))
+            >>> x, [i.converged for i in infos]
+            (tensor([[1.0000, 0.5000],
+                    [0.2500, 0.1250]]), [True, True])
+        """
+        if b.dim() != 2 or (x0 is not None and x0.shape != b.shape):
+            raise ShapeError(f"bilevel.CG.solve_flat_batched: expected b of shape (B, P) and x0 None or of b's shape, "
+                             f"got b {tuple(b.shape)}, x0 {None if x0 is None else tuple(x0.shape)}. Fix: stack the "
+                             f"systems' right-hand sides as rows.")
+        run, bnorm, thresh = self._start(matvec, b, x0, None)
+        it = _iterate_cg(run, self.maxiter, self.check_every, thresh, _symmetry_tol(b.dtype))
+        assert isinstance(run, _HestenesStiefelCG)
+        outs = [self._result(o, b, bn, th, None) for o, bn, th in zip(run.outcomes(it), bnorm, thresh.tolist())]
+        return torch.stack([x for x, _ in outs]), [info for _, info in outs]
+
+    def _start(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str]
+               ) -> tuple[Union[_HestenesStiefelCG, _ChronopoulosGearCG], Tensor, Tensor]:
+        """``(run, ‖b‖, squared residual threshold)``, per system for a batch ``b`` of shape ``(B, P)``."""
         A = self._damped(matvec)
         bnorm = self._check_b(b)
         eps = torch.finfo(b.dtype).eps
@@ -535,10 +595,13 @@ class CG(Solver):
         thresh = _threshold(bnorm, self.tol, self.atol) ** 2
         flat_tol = _FLAT_EPS * eps
         if fused is not None:
-            run: Union[_HestenesStiefelCG, _ChronopoulosGearCG] = _ChronopoulosGearCG(A, b, x0, thresh, flat_tol,
-                                                                                      fused)
-        else:
-            run = _HestenesStiefelCG(A, b, x0, thresh, flat_tol, keep_best=self.on_indefinite == "stop")
+            return _ChronopoulosGearCG(A, b, x0, thresh, flat_tol, fused), bnorm, thresh
+        return _HestenesStiefelCG(A, b, x0, thresh, flat_tol, keep_best=self.on_indefinite == "stop"), bnorm, thresh
+
+    def _solve(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str]
+               ) -> tuple[Tensor, SolverInfo]:
+        """The solve; ``fused``: run the Chronopoulos–Gear form on that kernel backend, else textbook CG."""
+        run, bnorm, thresh = self._start(matvec, b, x0, fused)
         it = _iterate_cg(run, self.maxiter, self.check_every, thresh, _symmetry_tol(b.dtype))
         return self._result(run.outcome(it), b, bnorm, float(thresh), fused)
 
@@ -926,6 +989,8 @@ class Exact(Solver):
         tensor([0.0909, 0.6364], dtype=torch.float64)
     """
 
+    batchable: ClassVar[bool] = True
+
     damping: float = 0.0
     dtype: Optional[torch.dtype] = torch.float64
     max_size: int = 20_000
@@ -935,7 +1000,20 @@ class Exact(Solver):
         _check_number("bilevel.Exact", "max_size", self.max_size, low=1, integer=True)
 
     def solve_flat(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, SolverInfo]:
-        P = b.shape[0]
+        x, infos = self._dense(matvec, b)
+        return x, infos[0]
+
+    def solve_flat_batched(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, list[SolverInfo]]:
+        """As :meth:`Solver.solve_flat_batched`: ``P`` batched products build the ``B`` matrices, one
+        batched dense solve."""
+        if b.dim() != 2:
+            raise ShapeError(f"bilevel.Exact.solve_flat_batched: expected b of shape (B, P), got {tuple(b.shape)}. "
+                             f"Fix: stack the systems' right-hand sides as rows.")
+        return self._dense(matvec, b)
+
+    def _dense(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, list[SolverInfo]]:
+        """``b`` of shape ``(P,)`` or ``(B, P)``; one info per system."""
+        P = b.shape[-1]
         if P > self.max_size:
             raise ShapeError(
                 f"bilevel.Exact: expected at most max_size={self.max_size} unknowns for a dense solve, got {P}. "
@@ -944,20 +1022,21 @@ class Exact(Solver):
         bnorm = self._check_b(b)
         A = self._damped(matvec)
         eye = torch.eye(P, dtype=b.dtype, device=b.device)
-        H = torch.stack([A(eye[:, j].contiguous()) for j in range(P)], dim=1)
+        H = torch.stack([A(eye[j].expand_as(b).contiguous()) for j in range(P)], dim=-1)   # column j: A e_j
         if not bool(torch.isfinite(H).all()):
             raise DivergenceError("bilevel.Exact: matvec returned NaN/Inf. Fix: check the inner loss at params.")
         dt = self.dtype or b.dtype
         Hd = H.to(dt)
         x, info_code = torch.linalg.solve_ex(Hd, b.to(dt))
-        if int(info_code) != 0 or not all_finite(x):
+        if bool((info_code != 0).any()) or not all_finite(x):
             raise DivergenceError(
                 f"bilevel.Exact: the {P}x{P} operator H + damping·I is singular (damping={self.damping}). "
                 f"Fix: add damping > 0, or remove parameters the inner loss does not use."
             )
         x = x.to(b.dtype)
-        res = float(torch.linalg.vector_norm(Hd @ x.to(dt) - b.to(dt)))
-        return x, SolverInfo("Exact", P, P, res, float(bnorm), True)
+        res = torch.linalg.vector_norm((Hd @ x.to(dt).unsqueeze(-1)).squeeze(-1) - b.to(dt), dim=-1)
+        return x, [SolverInfo("Exact", P, P, r, bn, True) for r, bn in zip(res.reshape(-1).tolist(),
+                                                                           bnorm.reshape(-1).tolist())]
 
 
 # -- non-symmetric systems ---------------------------------------------------------------------------

@@ -322,6 +322,10 @@ def test_root_with_a_non_symmetric_jacobian_against_the_dense_oracle():
     lb = lam + 0.3 * torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=DT)
     gb = torch.func.vmap(torch.func.grad(lambda l: root({"l": l})["x"] @ c))(lb)
     assert max(rel_err(gb[i], jacobian(lb[i]).T @ c) for i in range(5)) < TOL
+    assert root.diagnostics.info.solver.extra["vmap"] == "batched: 5 systems in lockstep"
+    Jb = torch.func.vmap(torch.func.jacfwd(lambda l: root({"l": l})["x"]))(lb)     # 5 items × 2 tangents
+    assert max(rel_err(Jb[i], jacobian(lb[i])) for i in range(5)) < TOL
+    assert root.diagnostics.info.solver.extra["vmap"] == "batched: 10 systems in lockstep"
 
 
 @pytest.mark.parametrize("solver", [bl.GMRES(maxiter=50, tol=1e-13), bl.BiCGSTAB(maxiter=50, tol=1e-13),
@@ -377,18 +381,94 @@ def test_fixed_point_map_that_does_not_match_x_is_refused():
     assert leaf.grad is None
 
 
-def test_unbatchable_solver_under_vmap_gets_a_clear_error():
+def test_a_solver_vmap_cannot_batch_runs_item_by_item():
     X, y, h = ridge_data()
+    Xv, yv = validation()
+    calls = []
 
-    @bl.implicit_diff(ridge_inner)
+    @bl.implicit_diff(ridge_inner, solver=bl.CG(maxiter=200, tol=1e-13))
     def until_converged(hh, X, y):             # data-dependent control flow: not batchable
+        calls.append(1)
         sol = ridge_solve(hh, X, y)
         if float(sol["w"].norm()) > 0:
             return sol
         return sol
 
-    with pytest.raises(RuntimeError, match=r"implicit_diff\(until_converged\).*vmap.*Fix: make the solver batchable"):
-        torch.func.vmap(lambda hh: dict(until_converged(hh, X, y)))(hparam_batch(h, 3))
+    hb = hparam_batch(h, 3)
+    items = [{k: v[i] for k, v in hb.items()} for i in range(3)]
+    sols = torch.func.vmap(lambda hh: dict(until_converged(hh, X, y)))(hb)
+    assert len(calls) == 1 + 3                 # one vmapped try, then one call per item
+    assert rel_err(sols["w"], torch.stack([ridge_solve(hi, X, y)["w"] for hi in items])) < 1e-12
+    [note] = until_converged.diagnostics.notes
+    assert "until_converged" in note and "item by item" in note and ".item()" in note
+    grads = torch.func.vmap(torch.func.grad(lambda hh: outer_loss(until_converged(hh, X, y), Xv, yv)))(hb)
+    assert len(calls) == 4 + 3                 # no second try: it is known not to batch
+    ref = torch.stack([oracle_hypergrad(hi, X, y, Xv, yv) for hi in items])
+    assert rel_err(torch.cat([grads["lam"], grads["c"]], 1), ref) < TOL
+    assert until_converged.diagnostics.info.solver.extra["vmap"] == "batched: 3 systems in lockstep"
+
+
+# -- the items of a vmapped batch solved together ----------------------------------------------------
+def ill_conditioned_batch(size, n=40, d=10, seed=7):
+    """Ridge data with column scales 1..1e-2 and ``size`` settings of the decay from e⁴ to e⁻⁸: the
+    items' Hessians range from condition ~2 to ~1e4, so CG needs a different number of steps on each."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT) * torch.logspace(0, -2, d, dtype=DT)
+    y = X @ torch.randn(d, generator=g, dtype=DT) + 0.1 * torch.randn(n, generator=g, dtype=DT)
+    hb = {"lam": torch.linspace(4, -8, size, dtype=DT)[:, None] + 0.1 * torch.randn(size, d, generator=g, dtype=DT),
+          "c": 0.2 * torch.randn(size, d, generator=g, dtype=DT)}
+    return X, y, hb, [{k: v[i] for k, v in hb.items()} for i in range(size)]
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_vmap_solves_the_items_together_each_to_its_own_convergence(size):
+    X, y, hb, items = ill_conditioned_batch(size)
+    Xv, yv = validation(d=X.shape[1])
+    d = X.shape[1]
+    fit = bl.implicit_diff(ridge_inner, solver=bl.CG(maxiter=300, tol=1e-14, check_every=1))(ridge_solve)
+    one = lambda hh: outer_loss(fit(hh, X, y), Xv, yv)
+    # reverse mode: one adjoint system per setting
+    grads = torch.func.vmap(torch.func.grad(one))(hb)
+    info = fit.diagnostics.info.solver
+    assert info.extra["vmap"] == f"batched: {size} systems in lockstep" and fit.diagnostics.notes == []
+    steps = [i.iterations for i in info.extra["items"]]
+    assert all(i.converged for i in info.extra["items"]) and info.matvecs == max(steps)
+    if size > 1:
+        assert len(set(steps)) >= 3, steps     # the items stop at different iterations
+    ref = torch.stack([oracle_hypergrad(hi, X, y, Xv, yv) for hi in items])
+    assert rel_err(torch.cat([grads["lam"], grads["c"]], 1), ref) < TOL
+    loop = torch.stack([torch.cat(list(torch.func.grad(one)(hi).values())) for hi in items])
+    assert rel_err(torch.cat([grads["lam"], grads["c"]], 1), loop) < 1e-12
+    assert fit.diagnostics.info.solver.extra.get("vmap") is None          # a plain call: one system
+    # Jacobians of the solution: jacrev (d + 1 adjoint systems per setting) and jacfwd (2d tangent systems)
+    for jac, systems in ((torch.func.jacrev, d + 1), (torch.func.jacfwd, 2 * d)):
+        J = torch.func.vmap(jac(lambda hh: dict(fit(hh, X, y))))(hb)
+        assert fit.diagnostics.info.solver.extra["vmap"] == f"batched: {size * systems} systems in lockstep"
+        for i, hi in enumerate(items):
+            Ji = flat_jacobian({a: {b: J[a][b][i] for b in J[a]} for a in J}, d)
+            assert rel_err(Ji, ridge_jacobian(hi, X, y)) < TOL, (jac.__name__, i)
+            assert rel_err(Ji, flat_jacobian(jac(lambda hh: dict(fit(hh, X, y)))(hi), d)) < 1e-12, (jac.__name__, i)
+
+
+def test_vmap_falls_back_to_one_item_at_a_time_with_a_note():
+    X, y, h = ridge_data()
+    Xv, yv = validation()
+    hb = hparam_batch(h, 4)
+    ref = torch.stack([oracle_hypergrad({k: v[i] for k, v in hb.items()}, X, y, Xv, yv) for i in range(4)])
+
+    def unbatchable_loss(p, hh, X, y):          # vmap cannot batch a host read of a batched tensor
+        float(hh["lam"].detach().sum())
+        return ridge_inner(p, hh, X, y)
+
+    cases = {"GMRES has no batched solve": bl.implicit_diff(ridge_inner, solver=bl.GMRES(tol=1e-13))(ridge_solve),
+             "cannot batch the loss": bl.implicit_diff(unbatchable_loss, solver=bl.CG(tol=1e-13))(ridge_solve)}
+    for why, fit in cases.items():
+        grads = torch.func.vmap(torch.func.grad(lambda hh: outer_loss(fit(hh, X, y), Xv, yv)))(hb)
+        assert rel_err(torch.cat([grads["lam"], grads["c"]], 1), ref) < TOL, why
+        [note] = fit.diagnostics.notes
+        assert "solved the 4 vmapped items one by one" in note and why in note, note
+        vmap_info = fit.diagnostics.info.solver.extra["vmap"]
+        assert vmap_info.startswith("per item: ") and why in vmap_info, vmap_info
 
 
 def test_has_aux_without_a_pair_and_second_derivatives_are_refused():

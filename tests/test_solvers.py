@@ -349,3 +349,47 @@ def test_warm_startable_is_true_exactly_on_solvers_that_take_x0():
         # started at the solution, a solve stays there (one product for the starting residual)
         x, info = solver.solve_flat(lambda v: A @ v, b, x0=ref.clone())
         assert rel_err(x, ref) < 1e-12 and info.matvecs >= 1, type(solver).__name__
+
+
+# -- batches of independent systems in lockstep ------------------------------------------------------
+def batch_matvec(As):
+    """Row i of the result: As[i] @ V[i] (one batched product for all systems)."""
+    return lambda V: (As @ V.unsqueeze(-1)).squeeze(-1)
+
+
+def test_batched_cg_solves_each_system_with_its_own_steps_and_stop():
+    conds = [1.0, 10.0, 1e2, 1e3, 1e4]                 # from one step to many
+    As = torch.stack([spd(30, c, seed=i) for i, c in enumerate(conds)])
+    b = torch.randn(5, 30, generator=torch.Generator().manual_seed(0), dtype=DT)
+    cg = bl.CG(maxiter=400, tol=1e-12, check_every=1)
+    x, infos = cg.solve_flat_batched(batch_matvec(As), b)
+    alone = [cg.solve_flat(lambda v, A=A: A @ v, bi) for A, bi in zip(As, b)]
+    steps = [i.iterations for i in infos]
+    assert steps[0] == 1 and steps == sorted(steps) and len(set(steps)) == 5
+    assert infos[0].matvecs == max(steps)              # the batch runs until its slowest system stops
+    for i, (xi, info) in enumerate(alone):
+        assert infos[i].converged and info.converged
+        assert abs(infos[i].iterations - info.iterations) <= 2 + info.iterations // 10, i   # same iterates to rounding
+        assert rel_err(x[i], torch.linalg.solve(As[i], b[i])) < 1e-12 * conds[i], i
+        assert rel_err(x[i], xi) < 1e-12 * conds[i], i
+    xe, einfos = bl.Exact().solve_flat_batched(batch_matvec(As), b)
+    assert rel_err(xe, torch.linalg.solve(As, b)) < 1e-12 and len(einfos) == 5 and einfos[3].solver == "Exact"
+
+
+def test_batched_cg_stops_an_indefinite_system_alone():
+    As = torch.stack([spd(4, 3.0, seed=1), torch.diag(torch.tensor([3.0, 1.0, -1.0, 2.0], dtype=DT)),
+                      torch.zeros(4, 4, dtype=DT)])
+    b = torch.ones(3, 4, dtype=DT)
+    b[2] = 0.0                                         # converged before the first step
+    x, infos = bl.CG(on_indefinite="stop", tol=1e-12).solve_flat_batched(batch_matvec(As), b)
+    assert infos[0].converged and rel_err(x[0], torch.linalg.solve(As[0], b[0])) < 1e-12
+    assert infos[1].extra["indefinite"] and not infos[1].converged and torch.isfinite(x[1]).all()
+    assert infos[2].converged and infos[2].iterations == 0 and not x[2].any()
+    with pytest.raises(bl.DivergenceError, match="positive definite"):
+        bl.CG().solve_flat_batched(batch_matvec(As[:2]), b[:2])
+    with pytest.raises(bl.ShapeError, match=r"solve_flat_batched.*\(B, P\)"):
+        bl.CG().solve_flat_batched(lambda V: V, torch.ones(4, dtype=DT))
+    with pytest.raises(NotImplementedError, match="no batched solve"):
+        bl.GMRES().solve_flat_batched(lambda V: V, b)
+    assert {s.name for s in (bl.CG(), bl.Exact(), bl.GMRES(), bl.Neumann(), bl.BiCGSTAB()) if s.batchable} == \
+        {"CG", "Exact"}
