@@ -298,6 +298,7 @@ class _CGOutcome:
     min_rq: float
     scale: float
     asymmetry: float          # nan when not probed (fewer than 2 iterations)
+    fallback: bool = False    # stopped before the first step; x = b / scale (see CG's on_indefinite)
 
 
 def _initial_residual(A: FlatMatvec, b: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
@@ -311,14 +312,14 @@ def _initial_residual(A: FlatMatvec, b: Tensor, x0: Optional[Tensor]) -> tuple[T
 class _HestenesStiefelCG:
     """Textbook CG (``x += αp; r −= αAp; p = r + βp``) with device-side masks and no host sync.
 
-    ``keep_best``: also keep the iterate of smallest residual (for ``on_indefinite="stop"``).
+    ``fallback``: a system that stops before its first step returns ``b / scale`` (``CG(on_indefinite="stop")``).
     ``b`` of shape ``(B, P)`` runs ``B`` independent systems in lockstep (``A`` maps ``(B, P)`` to
     ``(B, P)``): every scalar (``α``, ``β``, ``‖r‖²``, status, masks) is then a ``(B,)`` tensor, and a
     system that has stopped is frozen by its own mask while the others go on.
     """
 
     def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: Tensor, flat_tol: float,
-                 keep_best: bool) -> None:
+                 fallback: bool = False) -> None:
         self.A, self.thresh, self.flat_tol = A, thresh, flat_tol
         self.x, self.r, self.matvecs = _initial_residual(A, b, x0)
         self.p = self.r.clone()
@@ -332,10 +333,8 @@ class _HestenesStiefelCG:
         self.min_rq, self.scale, self.zero = scalar(math.inf), scalar(0.0), scalar(0.0)
         self.probe = _SymmetryProbe()
         self.b0 = b if x0 is None else None      # the first direction p equals b then
-        # NOTE: with on_indefinite="stop" the operator may be indefinite, where CG's residual is not
-        # monotone and iterates before the detected negative curvature can be poor: keep the
-        # iterate of smallest residual (never worse than the start).
-        self.best = (self.x.clone(), self.rs) if keep_best else None
+        # stop mode from zero: a stop before the first step falls back to x = b / scale (see CG)
+        self.fallback = scalar(False, torch.bool) if fallback and x0 is None else None
 
     def residual_sq(self) -> Tensor:
         return self.rs
@@ -360,31 +359,38 @@ class _HestenesStiefelCG:
         self.min_rq = torch.where(active, torch.minimum(self.min_rq, rq), self.min_rq)
         ok = active & ~(negative | flat)
         alpha = torch.where(ok, self.rs / torch.where(ok, pAp, 1.0), self.zero)
+        moved = ok
+        if self.fallback is not None:
+            # stopped before any step, so x = 0 and p = b: x = b / scale, r = b − Ab / scale
+            first = active & (negative | flat) & (self.steps == 0) & (self.scale > 0) & torch.isfinite(self.scale)
+            alpha = torch.where(first, 1.0 / torch.where(first, self.scale, 1.0), alpha)
+            self.fallback = self.fallback | first
+            moved = ok | first
         # NOTE: fused in-place updates (one kernel each, no temporaries). A frozen solve has
         # alpha = 0, so x and r stay put; p is then never used again, so it needs no mask.
         x.addcmul_(_col(alpha), p)
         r.addcmul_(_col(alpha), Ap, value=-1.0)
-        rs_new = torch.where(ok, _dot(r, r), self.rs)
+        rs_new = torch.where(moved, _dot(r, r), self.rs)
         beta = torch.where(ok, rs_new / torch.where(self.rs > 0, self.rs, 1.0), self.zero)
         torch.addcmul(r, _col(beta), p, out=p)   # in place: no 4-byte-per-weight allocation per iteration
         self.pp = rs_new + beta * beta * self.pp
         self.rs = rs_new
         self.steps = self.steps + ok
-        if self.best is not None:
-            better = rs_new < self.best[1]
-            self.best = (torch.where(_col(better), x, self.best[0]), torch.where(better, rs_new, self.best[1]))
 
     def outcome(self, loop_iterations: int) -> _CGOutcome:
         return self.outcomes(loop_iterations)[0]
 
     def outcomes(self, loop_iterations: int) -> list[_CGOutcome]:
         """One outcome per system (one host sync): a list of one for a single system."""
-        x, rs = self.best if self.best is not None else (self.x, self.rs)
+        x, rs = self.x, self.rs
         gap = self.probe.gap if self.probe.gap is not None else torch.full_like(rs, math.nan)
-        rows = torch.stack([rs, self.status.to(rs.dtype), self.steps.to(rs.dtype), self.min_rq, self.scale, gap], -1)
+        fb = self.fallback if self.fallback is not None else torch.zeros_like(self.status, dtype=torch.bool)
+        rows = torch.stack([rs, self.status.to(rs.dtype), self.steps.to(rs.dtype), self.min_rq, self.scale, gap,
+                            fb.to(rs.dtype)], -1)
         xs = [x] if x.dim() == 1 else list(x)
-        return [_CGOutcome(xi, rs_h, int(steps), loop_iterations, self.matvecs, int(status), min_rq, scale, asym)
-                for xi, (rs_h, status, steps, min_rq, scale, asym) in zip(xs, rows.reshape(-1, 6).tolist())]
+        return [_CGOutcome(xi, rs_h, int(steps), loop_iterations, self.matvecs, int(status), min_rq, scale, asym,
+                           bool(f)) for xi, (rs_h, status, steps, min_rq, scale, asym, f) in
+                zip(xs, rows.reshape(-1, 7).tolist())]
 
 
 class _ChronopoulosGearCG:
@@ -396,8 +402,9 @@ class _ChronopoulosGearCG:
     """
 
     def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: Tensor, flat_tol: float,
-                 backend: str) -> None:
+                 backend: str, fallback: bool = False) -> None:
         self.A, self.thresh, self.flat_tol, self.backend = A, float(thresh), flat_tol, backend
+        self.fallback = fallback and x0 is None
         self.x, self.r, self.matvecs = _initial_residual(A, b, x0)
         self.p, self.s = torch.zeros_like(b), torch.zeros_like(b)
         self.gamma_parts = partial_dot(self.r, self.r, backend=backend)
@@ -433,8 +440,16 @@ class _ChronopoulosGearCG:
             vals = torch.cat([self.state, rs.reshape(1), gap.to(self.state.dtype).reshape(1)]).tolist()
             st = dict(zip(CG_STATE_FIELDS, vals))
             rs_h, asym = vals[-2], vals[-1]
+        fell_back = (self.fallback and int(st["status"]) != _RUNNING and int(st["steps"]) == 0
+                     and 0 < st["scale"] < math.inf)
+        if fell_back:
+            # stopped before any step: x = 0, r = b, and the update left s = A r (β = 0). As the
+            # textbook path: x = b / scale, r = b − Ab / scale.
+            self.x.add_(self.r, alpha=1.0 / st["scale"])
+            self.r.sub_(self.s, alpha=1.0 / st["scale"])
+            rs_h = float(torch.dot(self.r, self.r))
         return _CGOutcome(self.x, rs_h, int(st["steps"]), loop_iterations, self.matvecs, int(st["status"]),
-                          st["min_rayleigh_quotient"], st["scale"], asym)
+                          st["min_rayleigh_quotient"], st["scale"], asym, fell_back)
 
 
 def _iterate_cg(run: Union[_HestenesStiefelCG, _ChronopoulosGearCG], maxiter: int, check_every: int,
@@ -479,13 +494,19 @@ class CG(Solver):
         check_every: test convergence on the host every this many iterations.
         on_indefinite: ``"raise"`` (default): a direction of negative curvature or NaN
             raises :class:`DivergenceError`; ``"stop"``: stop there (Steihaug truncation) and
-            return the iterate of smallest residual so far (never worse than ``x0``), with
-            ``info.converged = False`` and ``info.extra["indefinite"] = True``.
+            return the last iterate before it (CG's iterates decrease the quadratic model
+            ``½xᵀAx − bᵀx`` while the curvature is positive), with ``info.converged = False`` and
+            ``info.extra["indefinite"] = True``. A solve from zero
+            that stops before its first step (``b`` itself has non-positive curvature, common at a
+            random initialization) returns ``b / scale`` rather than zero (which would make the
+            hypergradient zero), ``scale = |bᵀAb|/bᵀb``: the identity approximation of ``A``, at no
+            extra product; ``info.extra["fallback"]`` says so and ``residual_norm`` is its own.
         backend: ``"auto"`` (fused Triton updates for CUDA vectors when Triton is installed,
             torch otherwise), ``"torch"``, or ``"triton"`` (see :mod:`bilevel.kernels`). The
             fused path runs the Chronopoulos–Gear form of CG (the same iterates in exact
             arithmetic) with every reduction on the device; ``on_indefinite="stop"`` there
-            returns the iterate from before the direction of non-positive curvature.
+            returns the iterate from before the direction of non-positive curvature (or the
+            same ``b / scale`` fallback).
 
     Curvature is judged relative to the operator's scale and to rounding: with ``ρ = pᵀAp/pᵀp``
     and ``scale`` the largest ``|ρ|`` seen so far, ``ρ < −64·eps·scale`` (or NaN) is negative
@@ -595,8 +616,13 @@ class CG(Solver):
         thresh = _threshold(bnorm, self.tol, self.atol) ** 2
         flat_tol = _FLAT_EPS * eps
         if fused is not None:
-            return _ChronopoulosGearCG(A, b, x0, thresh, flat_tol, fused), bnorm, thresh
-        return _HestenesStiefelCG(A, b, x0, thresh, flat_tol, keep_best=self.on_indefinite == "stop"), bnorm, thresh
+            return _ChronopoulosGearCG(A, b, x0, thresh, flat_tol, fused, fallback=self.on_indefinite == "stop"), \
+                bnorm, thresh
+        # NOTE: on_indefinite="stop" returns the last iterate (Steihaug's truncation), not the one of
+        # smallest residual: CG's iterates decrease the quadratic model ½xᵀAx − bᵀx monotonically while
+        # the curvature is positive, but not the residual, and a smallest-residual rule returned the
+        # zero start (a zero hypergradient) at most steps of a random or partly trained network.
+        return _HestenesStiefelCG(A, b, x0, thresh, flat_tol, fallback=self.on_indefinite == "stop"), bnorm, thresh
 
     def _solve(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str]
                ) -> tuple[Tensor, SolverInfo]:
@@ -624,6 +650,8 @@ class CG(Solver):
             raise DivergenceError(f"bilevel.CG: the iterate became non-finite after {out.loop_iterations} "
                                   f"iterations. Fix: check matvec for NaN/Inf, or add damping.")
         extra: Dict[str, Any] = {"min_rayleigh_quotient": out.min_rq, "indefinite": indefinite}
+        if out.fallback:
+            extra["fallback"] = "b / scale: stopped before the first step (x = 0 would give a zero hypergradient)"
         if fused is not None:
             extra["backend"] = fused
         return x, SolverInfo("CG", out.steps, out.matvecs, rnorm, float(bnorm), converged and not indefinite, extra)

@@ -74,6 +74,8 @@ def test_default_hyperoptimizer_takes_steps_at_a_random_tanh_mlp_reports_and_war
     assert all(s.negative_curvature for s in stats)
     assert all(math.isfinite(s.hypergrad_norm) for s in stats)
     assert all(s.matvecs <= 10 for s in stats)
+    # never a silently useless step: a solve that stops at once falls back to b / scale, not zero
+    assert all(s.hypergrad_norm > 0 for s in stats)
     ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "negative curvature" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in caught]
     # a second optimizer warns again (once per HyperOptimizer, not once per process)

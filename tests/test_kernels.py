@@ -255,7 +255,7 @@ def _cg_runs(A, b, backend, thresh=0.0):
 
     eps = torch.finfo(b.dtype).eps
     t = torch.tensor(thresh, dtype=b.dtype)
-    plain = S._HestenesStiefelCG(A, b, None, t, S._FLAT_EPS * eps, keep_best=False)
+    plain = S._HestenesStiefelCG(A, b, None, t, S._FLAT_EPS * eps)
     fused = S._ChronopoulosGearCG(A, b, None, t, S._FLAT_EPS * eps, backend)
     return plain, fused
 

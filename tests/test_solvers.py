@@ -167,6 +167,30 @@ def test_cg_indefinite_is_detected_stopped_or_damped():
     assert rel_err(x["x"], torch.linalg.solve(A + 2.0 * torch.eye(4, dtype=DT), b)) < 1e-10
 
 
+@pytest.mark.parametrize("path", [None, "torch"], ids=["textbook", "chronopoulos-gear"])
+def test_cg_stop_before_the_first_step_returns_the_scaled_right_hand_side(path):
+    # bᵀAb/bᵀb = (1 − 3 + 0.5)/3 = −0.5: negative curvature along b itself, so CG stops before any
+    # step. Zero would make the hypergradient zero; the fallback is b / |bᵀAb/bᵀb| = 2b.
+    A = torch.diag(torch.tensor([1.0, -3.0, 0.5], dtype=DT))
+    b = torch.ones(3, dtype=DT)
+    x, info = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: A @ v, b, None, path)
+    assert torch.allclose(x, 2.0 * b, rtol=1e-14, atol=0)
+    assert info.extra["indefinite"] and "fallback" in info.extra and not info.converged
+    assert abs(info.residual_norm - float((A @ x - b).norm())) < 1e-12        # its own residual
+    # a solve that made progress before the stop, or a warm start, is returned as before
+    A2 = torch.diag(torch.tensor([3.0, 1.0, -1.0, 2.0], dtype=DT))
+    x2, info2 = bl.CG(on_indefinite="stop")._solve(lambda v: A2 @ v, torch.ones(4, dtype=DT), None, path)
+    assert "fallback" not in info2.extra and info2.extra["indefinite"]
+    x0 = torch.full((3,), 0.1, dtype=DT)
+    x3, info3 = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: A @ v, b, x0, path)
+    assert "fallback" not in info3.extra
+    # a zero-curvature direction has no scale: x stays zero; and "raise" still raises
+    x4, info4 = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: 0 * v, b, None, path)
+    assert not x4.any() and "fallback" not in info4.extra
+    with pytest.raises(bl.DivergenceError, match="positive definite"):
+        bl.CG(maxiter=10)._solve(lambda v: A @ v, b, None, path)
+
+
 def test_cg_singular_inconsistent_system_is_not_silent():
     A = torch.diag(torch.tensor([1.0, 0.0], dtype=DT))
     with pytest.raises(bl.DivergenceError):
@@ -224,17 +248,25 @@ def test_config_validation_messages():
         bl.CG(on_indefinite="ignore")
 
 
-def test_cg_stop_never_returns_worse_than_start():
+def test_cg_stop_returns_the_last_iterate_which_decreases_the_quadratic_model():
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=DT))
     ev = torch.cat([torch.logspace(-3, 0, 48, dtype=DT), torch.tensor([-0.05, -0.2], dtype=DT)])
     A = (Q * ev) @ Q.T
     b = torch.randn(50, generator=g, dtype=DT)
-    x = solve(bl.CG(maxiter=20, on_indefinite="stop"), A, b)
-    true_res = float((A @ x["x"] - b).norm())
-    assert true_res <= float(b.norm()) * (1 + 1e-12)
-    assert abs(true_res - x.info.residual_norm) <= 1e-8 * float(b.norm())
-    assert x.info.extra["indefinite"] and not x.info.converged
+    x = solve(bl.CG(maxiter=20, on_indefinite="stop"), A, b)["x"]
+    info = solve(bl.CG(maxiter=20, on_indefinite="stop"), A, b).info
+    assert info.extra["indefinite"] and not info.converged and info.iterations >= 1
+    # Steihaug: the iterates before the negative curvature decrease m(x) = ½xᵀAx − bᵀx, from m(0) = 0
+    model = float(0.5 * x @ A @ x - b @ x)
+    assert model < 0
+    # it is CG's k-th iterate: the model's minimum on the Krylov space K_k(A, b) (A is positive there)
+    k = info.iterations
+    K = torch.stack([torch.linalg.matrix_power(A, i) @ b for i in range(k)], 1)
+    Kq, _ = torch.linalg.qr(K)
+    xk = Kq @ torch.linalg.solve(Kq.T @ A @ Kq, Kq.T @ b)
+    assert rel_err(x, xk) < 1e-8
+    assert abs(float((A @ x - b).norm()) - info.residual_norm) <= 1e-8 * float(b.norm())
 
 
 @pytest.mark.parametrize("alpha", [0.3, 4.0])
@@ -384,6 +416,8 @@ def test_batched_cg_stops_an_indefinite_system_alone():
     x, infos = bl.CG(on_indefinite="stop", tol=1e-12).solve_flat_batched(batch_matvec(As), b)
     assert infos[0].converged and rel_err(x[0], torch.linalg.solve(As[0], b[0])) < 1e-12
     assert infos[1].extra["indefinite"] and not infos[1].converged and torch.isfinite(x[1]).all()
+    single = bl.CG(on_indefinite="stop", tol=1e-12).solve_flat(lambda v: As[1] @ v, b[1])[0]
+    assert rel_err(x[1], single) < 1e-12
     assert infos[2].converged and infos[2].iterations == 0 and not x[2].any()
     with pytest.raises(bl.DivergenceError, match="positive definite"):
         bl.CG().solve_flat_batched(batch_matvec(As[:2]), b[:2])
