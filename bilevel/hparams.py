@@ -9,7 +9,7 @@ unconstrained *raw* tensor (DESIGN.md §4): a decay ``e^raw`` or
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "inverse_probability",
     "WeightDecay",
     "weight_decay",
+    "shared_groups",
     "example_weights",
     "normalized_weights",
     "weighted_mean",
@@ -33,6 +34,8 @@ __all__ = [
 
 POSITIVE = ("exp", "softplus")
 PER = ("parameter", "tensor", "model")
+#: how :func:`shared_groups` groups parameters under one shared global log-decay
+SHARED_BY = ("model", "module", "tensor")
 
 
 def positive(raw: Tensor, kind: str = "exp") -> Tensor:
@@ -109,13 +112,18 @@ class WeightDecay:
     swapped-in tensors, so passing the model works inside ``inner_loss``).
 
     Attributes:
-        keys: ``{param name: hparams key}`` for every decayed parameter.
+        keys: ``{param name: hparams key}`` for every decayed parameter (its raw decay, or with
+            ``shared`` its offset ``δ``).
         per: ``"parameter"`` (one decay per weight), ``"tensor"`` or ``"model"``.
         kind: ``"exp"`` or ``"softplus"`` (decay = positive(raw)).
+        shared: ``{param name: hparams key}`` of the shared global raw decay ``g`` each decayed
+            parameter adds to its offset (a hierarchical parameterization: ``raw = g + δ``, so
+            for ``kind="exp"`` ``log decay_i = g + δ_i``); empty: no shared term.
 
     Shapes: with ``per="parameter"`` each raw decay has its parameter's shape, with ``"tensor"``
-    or ``"model"`` it is 0-dim; the penalty is 0-dim; :meth:`hessian_diag` returns a tree shaped
-    like the params, :meth:`mixed_closed_form` one shaped like ``hparams``.
+    or ``"model"`` it is 0-dim; a shared global is 0-dim; the penalty is 0-dim;
+    :meth:`hessian_diag` returns a tree shaped like the params, :meth:`mixed_vjp` one shaped
+    like ``hparams``.
 
     Example:
         >>> hp, penalty = bl.hparams.weight_decay({"w": torch.ones(3)}, init=0.5, per="tensor")
@@ -128,10 +136,23 @@ class WeightDecay:
     keys: Mapping[str, str]
     per: str
     kind: str
+    shared: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def decay_keys(self) -> list[str]:
+        """The hparams keys whose raw tensor alone stands for a decay (``positive(raw)``): every key
+        of ``keys`` without a shared term. Offsets and shared globals are log-scale terms, not decays."""
+        return list(dict.fromkeys(key for name, key in self.keys.items() if name not in self.shared))
+
+    def raw(self, hparams: Mapping[str, Tensor], name: str) -> Tensor:
+        """The raw decay of parameter ``name``: ``hparams[keys[name]]``, plus its shared global if any
+        (broadcastable to the parameter's shape)."""
+        r = hparams[self.keys[name]]
+        return r + hparams[self.shared[name]] if name in self.shared else r
 
     def decays(self, hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The positive decay of every decayed parameter (broadcastable to its shape)."""
-        return {name: positive(hparams[key], self.kind) for name, key in self.keys.items()}
+        return {name: positive(self.raw(hparams, name), self.kind) for name in self.keys}
 
     def __call__(self, params: Union[nn.Module, Mapping[str, Tensor]], hparams: Mapping[str, Tensor]) -> Tensor:
         p = dict(params.named_parameters()) if isinstance(params, nn.Module) else params
@@ -139,7 +160,7 @@ class WeightDecay:
         if missing:
             raise ShapeError(f"bilevel.hparams.WeightDecay: expected parameters {missing[:3]} (of the tree "
                              f"the decays were built from), got a tree without them. Fix: pass the same model.")
-        terms = [(positive(hparams[key], self.kind) * p[name].square()).sum() for name, key in self.keys.items()]
+        terms = [(positive(self.raw(hparams, name), self.kind) * p[name].square()).sum() for name in self.keys]
         return 0.5 * torch.stack(terms).sum()
 
     def hessian_diag(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -148,7 +169,7 @@ class WeightDecay:
         Lets the curvature operators apply the penalty's Hessian as ``decay ⊙ v``
         (``penalty=`` of :func:`bilevel.implicit_hypergrad`).
         """
-        return {name: positive(hparams[key], self.kind).expand_as(params[name]) for name, key in self.keys.items()}
+        return {name: positive(self.raw(hparams, name), self.kind).expand_as(params[name]) for name in self.keys}
 
     def hvp(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
             v: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -159,20 +180,63 @@ class WeightDecay:
                   u: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``∇_hparams <∇_w penalty, u>`` in closed form: ``decay'(raw) ⊙ w ⊙ u`` (summed per hparam).
 
-        For ``kind="exp"`` this is ``e^raw ⊙ w ⊙ u`` (DESIGN.md §3), one pass, no autograd.
+        For ``kind="exp"`` this is ``e^raw ⊙ w ⊙ u`` (DESIGN.md §3), one pass, no autograd. A shared
+        global ``g`` gets the sum of its parameters' terms (``∂raw_i/∂g = 1``).
         """
         out: dict[str, Tensor] = {}
-        for name, key in self.keys.items():
-            raw = hparams[key]
-            g = decay_mixed(raw, params[name], u[name], self.kind)     # one fused pass on CUDA
-            if g.shape != raw.shape:
-                g = g.sum() if raw.numel() == 1 else g
-                g = g.reshape(raw.shape)
+
+        def add(key: str, g: Tensor) -> None:
             out[key] = out[key] + g if key in out else g
+
+        for name, key in self.keys.items():
+            own = hparams[key]
+            g = decay_mixed(self.raw(hparams, name), params[name], u[name], self.kind)   # one fused pass on CUDA
+            if name in self.shared:
+                add(self.shared[name], g.sum().reshape(hparams[self.shared[name]].shape))
+            if g.shape != own.shape:
+                g = g.sum() if own.numel() == 1 else g
+                g = g.reshape(own.shape)
+            add(key, g)
         return out
 
     #: the former name of :meth:`mixed_vjp`
     mixed_closed_form = mixed_vjp
+
+
+def shared_groups(model: Union[nn.Module, Mapping[str, Tensor]], *, by: str = "model",
+                  exclude: Sequence[str] = ()) -> dict[str, str]:
+    """Which shared global log-decay each parameter adds to its own (``shared=`` of :func:`weight_decay`).
+
+    Args:
+        model: an ``nn.Module`` or a params tree.
+        by: ``"model"``: one group for all parameters (group name ``""``); ``"module"``: one per
+            module (the name up to the last dot, e.g. ``"0"`` for ``"0.weight"``); ``"tensor"``: one
+            per parameter tensor (its own name).
+        exclude: substrings of parameter names left out (as in :func:`weight_decay`).
+
+    Returns:
+        ``{param name: group name}``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> bl.hparams.shared_groups(model, by="module", exclude=("bias",))
+        {'0.weight': '0', '2.weight': '2'}
+        >>> hp, pen = bl.hparams.weight_decay(model, exclude=("bias",), shared=bl.hparams.shared_groups(model, by="module"))
+        >>> sorted(hp)
+        ['weight_decay/0.weight', 'weight_decay/2.weight', 'weight_decay/global/0', 'weight_decay/global/2']
+    """
+    if by not in SHARED_BY:
+        raise ValueError(f"bilevel.hparams.shared_groups: expected by in {SHARED_BY}, got {by!r}.")
+    named = dict(model.named_parameters()) if isinstance(model, nn.Module) else dict(model)
+    out: dict[str, str] = {}
+    for name in named:
+        if any(s in name for s in exclude):
+            continue
+        if by == "tensor":
+            out[name] = name
+        else:
+            out[name] = name.rsplit(".", 1)[0] if by == "module" and "." in name else ""
+    return out
 
 
 def weight_decay(
@@ -184,6 +248,7 @@ def weight_decay(
     exclude: Sequence[str] = (),
     prefix: str = "weight_decay",
     requires_grad: bool = True,
+    shared: Union[bool, str, Mapping[str, str]] = False,
 ) -> tuple[dict[str, Tensor], WeightDecay]:
     """Weight decays as hyperparameters: the hparams tree and the penalty using it.
 
@@ -196,14 +261,24 @@ def weight_decay(
         exclude: substrings of parameter names left undecayed (e.g. ``("bias", "norm")``).
         prefix: hparams keys are ``f"{prefix}/{param name}"`` (or ``prefix`` for ``per="model"``).
         requires_grad: make the raw tensors leaves that require grad.
+        shared: a hierarchical parameterization ``raw_i = g + δ_i``: a shared global raw decay
+            ``g`` (for ``kind="exp"`` a global log-decay) learned together with the offsets ``δ_i``.
+            ``g`` starts at ``inverse_positive(init)`` and every ``δ_i`` at 0, so the initial
+            penalty is that of ``shared=False``. ``True`` (or ``"model"``): one ``g`` for all decayed
+            parameters, key ``f"{prefix}/global"``; ``"module"`` or ``"tensor"``: one per module or
+            per parameter tensor (:func:`shared_groups`); or a mapping ``{param name: group name}``
+            covering every decayed parameter, one ``g`` per group, key ``f"{prefix}/global/{group}"``
+            (``f"{prefix}/global"`` for the group ``""``). With Adam on the raw tensors, ``g``
+            moves all decays of its group together at the outer learning rate, however small each
+            weight's own gradient is. Needs ``per="parameter"`` or ``"tensor"``.
 
     Returns:
         ``(hparams, penalty)``: ``hparams`` a tree of raw tensors (same device/dtype as the
         parameters), ``penalty`` a :class:`WeightDecay` to add to the inner loss.
 
     Shapes: ``per="parameter"``: ``hparams[f"{prefix}/{name}"]`` has the shape of parameter
-    ``name``; ``"tensor"``: 0-dim per parameter; ``"model"``: one 0-dim tensor. ``penalty(...)``
-    returns a 0-dim tensor.
+    ``name``; ``"tensor"``: 0-dim per parameter; ``"model"``: one 0-dim tensor; each shared
+    global is 0-dim. ``penalty(...)`` returns a 0-dim tensor.
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -213,6 +288,11 @@ def weight_decay(
         >>> inner_loss = lambda m, h, b: F.cross_entropy(m(b[0]), b[1]) + penalty(m, h)
         >>> inner_loss(model, hp, (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))).shape
         torch.Size([])
+        >>> hp, penalty = bl.hparams.weight_decay(model, init=1e-3, shared=True)   # log λ_i = g + δ_i
+        >>> {k: tuple(v.shape) for k, v in hp.items()}
+        {'weight_decay/weight': (2, 3), 'weight_decay/bias': (2,), 'weight_decay/global': ()}
+        >>> float(penalty.decays(hp)["weight"][0, 0])                            # e^(g + 0)
+        0.001...
     """
     fn = "bilevel.hparams.weight_decay"
     if per not in PER:
@@ -239,10 +319,53 @@ def weight_decay(
             shape = p.shape if per == "parameter" else ()
             hparams[key] = torch.full(shape, raw0, dtype=p.dtype, device=p.device)
         keys[name] = key
+    groups = _shared_map(shared, named, per, fn)
+    global_keys: dict[str, str] = {}
+    if groups:
+        for name in named:
+            hparams[keys[name]].zero_()                    # offsets δ_i = 0: raw_i = g at the start
+            group = groups[name]
+            gkey = f"{prefix}/global" if group == "" else f"{prefix}/global/{group}"
+            if gkey in hparams and gkey not in global_keys.values():
+                raise ValueError(f"{fn}: the shared global key {gkey!r} is also a parameter's key. "
+                                 f"Fix: rename the group or pass another prefix.")
+            if gkey not in hparams:
+                p = named[name]
+                hparams[gkey] = torch.full((), raw0, dtype=p.dtype, device=p.device)
+            global_keys[name] = gkey
     if requires_grad:
         for v in hparams.values():
             v.requires_grad_(True)
-    return hparams, WeightDecay(keys, per, kind)
+    return hparams, WeightDecay(keys, per, kind, global_keys)
+
+
+def _shared_map(shared: Union[bool, str, Mapping[str, str]], named: Mapping[str, Tensor], per: str,
+                fn: str) -> dict[str, str]:
+    """``{param name: group name}`` for ``shared=`` of :func:`weight_decay` (empty: no shared term)."""
+    if shared is False or shared is None:
+        return {}
+    if per == "model":
+        raise ValueError(f"{fn}: shared={shared!r} needs per='parameter' or 'tensor', got per='model' "
+                         f"(one decay in all already). Fix: pass per='parameter' or shared=False.")
+    if shared is True:
+        shared = "model"
+    if isinstance(shared, str):
+        if shared not in SHARED_BY:
+            raise ValueError(f"{fn}: expected shared True, False, one of {SHARED_BY} or a mapping "
+                             f"{{param name: group}}, got {shared!r}.")
+        return {name: g for name, g in shared_groups(named, by=shared).items() if name in named}
+    if not isinstance(shared, Mapping):
+        raise TypeError(f"{fn}: expected shared True, False, one of {SHARED_BY} or a mapping "
+                        f"{{param name: group}}, got {type(shared).__name__}.")
+    missing = [n for n in named if n not in shared]
+    if missing:
+        raise ValueError(f"{fn}: expected shared to give a group for every decayed parameter, got none for "
+                         f"{missing[:3]}. Fix: build it with bl.hparams.shared_groups(model, exclude=...) "
+                         f"with the same exclude.")
+    bad = [g for g in shared.values() if not isinstance(g, str)]
+    if bad:
+        raise TypeError(f"{fn}: expected shared's group names to be strings, got {bad[0]!r}.")
+    return {n: shared[n] for n in named}
 
 
 def example_weights(n: int, *, key: str = "example_logits", dtype: Optional[torch.dtype] = None,

@@ -73,7 +73,7 @@ def _decay_kinds(decays: Union[None, WeightDecay, Mapping[str, str]], fn: str) -
     if decays is None:
         return {}
     if isinstance(decays, WeightDecay):
-        return {key: decays.kind for key in decays.keys.values()}
+        return {key: decays.kind for key in decays.decay_keys}     # (shared offsets and globals: raw)
     if isinstance(decays, Mapping) and all(k in POSITIVE for k in decays.values()):
         return dict(decays)
     raise TypeError(f"{fn}: expected decays None, a bl.hparams.WeightDecay penalty or a mapping "

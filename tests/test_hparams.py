@@ -71,3 +71,115 @@ def test_errors():
         H.weight_decay(_model(), init=0.0)
     with pytest.raises(bl.ShapeError, match="at least one"):
         H.weight_decay(_model(), exclude=("",))
+
+
+# --------------------------------------------------------------------------- shared global log-decay
+def _perturbed(hp, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v.detach() + 0.3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in hp.items()}
+
+
+@pytest.mark.parametrize("shared", [True, "module", "tensor"])
+@pytest.mark.parametrize("per", ["parameter", "tensor"])
+@pytest.mark.parametrize("kind", ["exp", "softplus"])
+def test_shared_decay_is_the_plain_decay_of_g_plus_offset(shared, per, kind):
+    """Oracle: the non-shared penalty with raw_i = g + δ_i; at the start (δ = 0) the same penalty."""
+    m = _model()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    hp, pen = H.weight_decay(m, init=2e-2, per=per, kind=kind, exclude=("0.bias",), shared=shared)
+    plain_hp, plain = H.weight_decay(m, init=2e-2, per=per, kind=kind, exclude=("0.bias",))
+    assert math.isclose(float(pen(params, hp).detach()), float(plain(params, plain_hp).detach()), rel_tol=1e-12)
+    offsets = {k for k in hp if "/global" not in k}
+    assert offsets == set(plain_hp) and all(float(hp[k].abs().max()) == 0 for k in offsets)
+    n_groups = {True: 1, "module": 2, "tensor": 3}[shared]
+    assert len(hp) - len(offsets) == n_groups and pen.decay_keys == []
+    hp = _perturbed(hp)
+    raw = {plain.keys[n]: pen.raw(hp, n).expand_as(hp[pen.keys[n]]) for n in pen.keys}
+    assert math.isclose(float(pen(params, hp).detach()), float(plain(params, raw).detach()), rel_tol=1e-12)
+    for n, d in pen.hessian_diag(params, hp).items():
+        assert rel_err(d, plain.hessian_diag(params, raw)[n]) < 1e-14
+
+
+@pytest.mark.parametrize("shared", [True, "module", "tensor"])
+@pytest.mark.parametrize("per", ["parameter", "tensor"])
+@pytest.mark.parametrize("kind", ["exp", "softplus"])
+def test_shared_mixed_vjp_matches_autograd(shared, per, kind):
+    m = _model()
+    hp, pen = H.weight_decay(m, init=3e-2, per=per, kind=kind, shared=shared)
+    hp = _perturbed(hp)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    u = {k: torch.randn_like(v) for k, v in params.items()}
+    ref = bl.mixed_vjp(lambda p, h: pen(p, h), params, hp, u)
+    got = pen.mixed_vjp(params, hp, u)
+    assert set(got) == set(hp)
+    for k in hp:
+        assert got[k].shape == hp[k].shape and rel_err(got[k], ref[k]) < 1e-12, k
+    # the chain rule of raw_i = g + δ_i: each global's gradient is the sum of its offsets' gradients
+    if shared is True:
+        assert rel_err(got["weight_decay/global"], sum(got[k].sum() for k in hp if "/global" not in k)) < 1e-12
+
+
+def test_shared_implicit_hypergradient_against_dense_solve_and_finite_differences():
+    """Ridge regression with log λ_i = g_layer + δ_i: w*(λ) in closed form (a dense solve in float64);
+    the implicit hypergradient (bl.Exact) against central finite differences of L_V(w*(λ))."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 40, 6
+    X, Xv = torch.randn(n, d, generator=gen, dtype=DT), torch.randn(30, d, generator=gen, dtype=DT)
+    w_true = torch.randn(d, generator=gen, dtype=DT)
+    y = X @ w_true + 0.5 * torch.randn(n, generator=gen, dtype=DT)
+    yv = Xv @ w_true + 0.5 * torch.randn(30, generator=gen, dtype=DT)
+    tree = {"a.w": torch.zeros(4, dtype=DT), "b.w": torch.zeros(2, dtype=DT)}
+    hp, pen = H.weight_decay(tree, init=0.3, shared="module")
+    hp = _perturbed(hp, seed=3)
+    assert set(hp) == {"weight_decay/a.w", "weight_decay/b.w", "weight_decay/global/a", "weight_decay/global/b"}
+
+    def split(w):
+        return {"a.w": w[:4], "b.w": w[4:]}
+
+    def w_star(h):
+        lam = torch.cat([pen.decays(h)["a.w"].expand(4), pen.decays(h)["b.w"].expand(2)])
+        return torch.linalg.solve(X.T @ X / n + torch.diag(lam), X.T @ y / n)
+
+    def inner(p, h):
+        w = torch.cat([p["a.w"], p["b.w"]])
+        return 0.5 * ((X @ w - y) ** 2).mean()
+
+    def outer(p, h):
+        w = torch.cat([p["a.w"], p["b.w"]])
+        return 0.5 * ((Xv @ w - yv) ** 2).mean()
+
+    hg = bl.implicit_hypergrad(inner, outer, split(w_star(hp)), hp, solver=bl.Exact(), penalty=pen)
+    eps = 1e-6
+    for k, v in hp.items():
+        for i in range(v.numel()):
+            e = torch.zeros_like(v).reshape(-1)
+            e[i] = eps
+            plus = {**hp, k: v + e.reshape(v.shape)}
+            minus = {**hp, k: v - e.reshape(v.shape)}
+            fd = (outer(split(w_star(plus)), plus) - outer(split(w_star(minus)), minus)) / (2 * eps)
+            assert abs(float(hg[k].reshape(-1)[i]) - float(fd)) < 1e-7 * max(1.0, abs(float(fd))), (k, i)
+
+
+def test_shared_groups_and_errors():
+    m = _model()
+    assert H.shared_groups(m) == {n: "" for n, _ in m.named_parameters()}
+    assert H.shared_groups(m, by="module", exclude=("bias",)) == {"0.weight": "0", "2.weight": "2"}
+    assert H.shared_groups(m, by="tensor", exclude=("0.",)) == {"2.weight": "2.weight", "2.bias": "2.bias"}
+    groups = {"0.weight": "in", "0.bias": "in", "2.weight": "out", "2.bias": "out"}
+    hp, pen = H.weight_decay(m, shared=groups)
+    assert {k for k in hp if "/global" in k} == {"weight_decay/global/in", "weight_decay/global/out"}
+    assert pen.shared["2.bias"] == "weight_decay/global/out"
+    with pytest.raises(ValueError, match="per='model'"):
+        H.weight_decay(m, per="model", shared=True)
+    with pytest.raises(ValueError, match="shared_groups"):
+        H.weight_decay(m, shared={"0.weight": "a"})
+    with pytest.raises(ValueError, match="expected shared"):
+        H.weight_decay(m, shared="layer")
+    with pytest.raises(ValueError, match="expected by"):
+        H.shared_groups(m, by="layer")
+
+
+def test_shared_trajectory_summary_keeps_offsets_raw():
+    hp, pen = H.weight_decay({"w": torch.ones(3, dtype=DT)}, init=0.5, shared=True)
+    s = bl.trajectory.hparam_summary(hp, pen)
+    assert s["weight_decay/w/mean"] == 0.0 and math.isclose(s["weight_decay/global/mean"], math.log(0.5))

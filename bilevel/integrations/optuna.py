@@ -76,7 +76,7 @@ def hparam_values(hopt: HyperOptimizer, *, max_values: int = 64) -> dict[str, An
         {'weight_decay/weight': 0.5, 'weight_decay/bias': 0.5}
     """
     kinds = hopt.penalty.kind if isinstance(hopt.penalty, WeightDecay) else None
-    decays = set(hopt.penalty.keys.values()) if kinds else set()
+    decays = set(hopt.penalty.decay_keys) if kinds else set()
     out: dict[str, Any] = {}
     for k, v in hopt.hparams.items():
         x = positive(v.detach(), kinds) if k in decays else v.detach()
