@@ -191,3 +191,19 @@ def test_peak_rss_growth_sees_a_known_allocation(measure_mod):
 def test_run_in_fresh_process_reports_a_failing_child(measure_mod):
     with pytest.raises(RuntimeError, match=r"run_in_fresh_process: expected exit status 0 .* got 3"):
         measure_mod.run_in_fresh_process(["-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"])
+
+
+def test_compare_starts_smoke(tmp_path):
+    """benchmarks/compare_starts.py at tiny sizes: every (seed, start) row, reached as defined, the committed
+    JSON renders."""
+    pytest.importorskip("sklearn", reason="the demo's datasets ship with scikit-learn")
+    cs = import_benchmark("compare_starts")
+    res = cs.main(["--smoke", "--out", str(tmp_path), "--seeds", "0"])
+    assert [r["start"] for r in res["rows"]] == [1e-6, 1e-4, 1e-2, 1e-1] and res["runs"] == 4
+    for r in res["rows"]:
+        assert r["reached"] == (r["test_loss"] <= r["grid_best_test_loss"]) and r["wall_s"] > 0
+    assert json.loads((tmp_path / "results_starts.json").read_text())["rows"] == res["rows"]
+    committed = cs.HERE / "results_starts.json"
+    if committed.exists():
+        text = cs.render_table(json.loads(committed.read_text()))
+        assert text.count("\n") == 1 + len(json.loads(committed.read_text())["rows"])

@@ -45,13 +45,34 @@ def _check_mlp_result(res: dict) -> None:
     assert base["val_loss"] == min(r["val_loss"] for r in base["grid"])
     assert len(base["grid"]) == len(cfg["grid"])
     assert tuned["curve"]["step"][-1] == base["curve"]["step"][-1] == cfg["inner_steps"]
-    assert tuned["hyper_steps"] == cfg["inner_steps"] // cfg["hyper_every"]
+    early = cfg["early_steps"]
+    assert tuned["hyper_steps"] == (early // cfg["early_hyper_every"] + cfg["inner_steps"] // cfg["hyper_every"]
+                                    - early // cfg["hyper_every"])
     assert 0 <= tuned["skipped_hyper_steps"] <= tuned["hyper_steps"] // 2
     ds = tuned["decay_stats"]
     assert sum(sum(h) for h in ds["hist"].values()) == res["n_hparams"]
-    assert 0 < ds["min"] < ds["max"] and ds["min"] < base["decay"] < ds["max"]   # the decays moved apart
+    # the decays moved apart, from a start fixed in advance (not the grid's choice)
+    assert tuned["decay"] == cfg["init_decay"] and 0 < ds["min"] < tuned["decay"] < ds["max"]
+    _check_starts(res)
     # Step 0: the same initialization in both runs.
     assert tuned["curve"]["val_loss"][0] == pytest.approx(base["curve"]["val_loss"][0], rel=1e-6)
+
+
+def _check_starts(res: dict) -> None:
+    """The tuned runs against the grid: reached means a test loss no higher than the lowest of the grid's."""
+    st, grid = res["starts"], res["baseline"]["grid"]
+    assert st["grid_best_test_loss"] == min(r["test_loss"] for r in grid)
+    assert st["grid_wall_s"] == res["baseline"]["grid_wall_s"] > 0
+    starts = res["config"]["starts"] or [res["config"]["init_decay"]]
+    assert [r["start"] for r in st["runs"]] == starts
+    for r in st["runs"]:
+        assert r["reached"] == (r["test_loss"] <= st["grid_best_test_loss"])
+        assert r["time_vs_grid"] == pytest.approx(r["wall_s"] / st["grid_wall_s"])
+        assert math.isfinite(r["test_loss"]) and r["median_decay"] > 0
+        assert len(r["final_global_decays"]) == (len(res["layers"]) - 1 if res["config"]["shared"] == "module" else 1)
+    for r in st["runs"]:
+        if r["start"] == res["tuned"]["decay"]:          # the main tuned run is reused, not run twice
+            assert r["test_loss"] == res["tuned"]["test_loss"]
 
 
 def test_default_config_has_over_100k_hyperparameters() -> None:
@@ -67,6 +88,29 @@ def test_default_config_has_over_100k_hyperparameters() -> None:
     # --quick keeps the network (so the same number of hyperparameters) and shortens the run.
     q = mlp.MLPConfig(quick=True).resolved()
     assert q.n_hparams == cfg.n_hparams and q.inner_steps < cfg.inner_steps and len(q.grid) < len(cfg.grid)
+    # the tuned run starts at a fixed decay (not the grid's choice); 100 early hyper steps every 2, then every 10
+    assert cfg.init_decay == mlp.DEFAULT_START == 1e-4 and cfg.shared == "module" and cfg.outer_eps == 1e-12
+    assert mlp.n_hyper_steps(cfg) == 100 // 2 + 90
+
+
+def test_mlp_from_several_starts_against_the_grid() -> None:
+    res = mlp.run(progress=False, hidden=(16,), inner_steps=40, hyper_every=5, early_steps=10, grid=(1e-3, 1e-2),
+                  starts=(1e-6, 1e-3, 1e-1), shared="model")
+    _check_starts(res)
+    assert len(res["starts"]["runs"]) == 3 and res["tuned"]["decay"] == 1e-4     # the default start runs too
+    assert res["tuned"]["hyper_steps"] == 10 // 2 + 40 // 5 - 10 // 5
+    assert "tuned run vs the grid of 2 global decays" in demo.format_report(res)
+    # the start equal to a grid point reuses nothing: a tuned run is not a grid run
+    assert res["starts"]["runs"][1]["hyper_steps"] == res["tuned"]["hyper_steps"]
+
+
+def test_shared_log_decays_move_all_decays_of_a_layer() -> None:
+    """From a far start (1e-6) the layers' globals leave it: Adam's eps=1e-12 lets tiny hypergradients through."""
+    cfg = mlp.MLPConfig(hidden=(16,), inner_steps=40, hyper_every=5, early_steps=0).resolved()
+    data = mlp.load_data(cfg)
+    run = mlp.train_run(cfg, data, decay=1e-6, tune=True)
+    moved = [abs(math.log(g / 1e-6)) for g in run["hyper"][-1]["global_decays"]]
+    assert len(moved) == 2 and min(moved) > 0.5 * cfg.global_lr * 2      # at least a couple of steps' worth
 
 
 def test_main_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -215,7 +259,7 @@ def test_help_explains_the_options(capsys: pytest.CaptureFixture) -> None:
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for opt in ("--task", "--quick", "--out", "--seed", "--json", "--solver", "--inner-steps", "--hyper-every",
-                "--init-decay", "--dataset", "--outer-steps", "166,400", "logreg"):
+                "--init-decay", "--starts", "--compare-starts", "--dataset", "--outer-steps", "166,400", "logreg"):
         assert opt in text, opt
     args = build_parser().parse_args(["demo"])
     assert args.task == "mlp"
@@ -235,6 +279,12 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture) -> None:
     assert main(["demo", "--dataset", "breast_cancer"]) == 2
     assert main(["demo", "--task", "logreg", "--inner-steps", "5"]) == 2
     assert "belongs to --task mlp" in capsys.readouterr().err
+    assert main(["demo", "--task", "logreg", "--compare-starts"]) == 2
+    assert "belongs to --task mlp" in capsys.readouterr().err
+    assert main(["demo", "--starts", "1e-3", "--compare-starts"]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--starts", "0"])
     with pytest.raises(TypeError, match="unknown settings"):
         demo.run(task="logreg", quick=True, progress=False, n_epochs=3)
     with pytest.raises(TypeError, match="unknown settings"):
@@ -321,6 +371,21 @@ def test_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     finally:
         ro.chmod(0o755)
     assert calls == []
+
+
+def test_starts_options_reach_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list = []
+
+    def record(**kwargs: object) -> dict:
+        seen.append(kwargs)
+        raise demo.DemoError("stopped by the test")
+
+    monkeypatch.setattr(demo, "run", record)
+    assert main(["demo", "--compare-starts", "--no-progress"]) == 2
+    assert main(["demo", "--starts", "1e-5", "0.3", "--no-progress"]) == 2
+    assert main(["demo", "--no-progress"]) == 2
+    assert seen[0]["starts"] == mlp.COMPARE_STARTS == (1e-6, 1e-4, 1e-2, 1e-1)
+    assert seen[1]["starts"] == (1e-5, 0.3) and "starts" not in seen[2]
 
 
 def test_missing_output_folders_are_created_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

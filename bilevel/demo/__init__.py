@@ -81,11 +81,17 @@ def _settings(args: Any) -> Dict[str, Any]:
         if args.outer_steps is not None:
             raise DemoError("bilevel demo: --outer-steps belongs to --task logreg; for --task mlp use "
                             "--inner-steps and --hyper-every.")
+        if args.starts and args.compare_starts:
+            raise DemoError("bilevel demo: give --starts or --compare-starts, not both (--compare-starts is "
+                            "--starts 1e-6 1e-4 1e-2 1e-1).")
+        starts = tuple(args.starts) if args.starts else (mlp.COMPARE_STARTS if args.compare_starts else None)
         s = dict(seed=args.seed, quick=args.quick, inner_steps=args.inner_steps, solver=args.solver,
-                 outer_lr=args.lr, hyper_every=args.hyper_every, init_decay=args.init_decay, threads=args.threads)
+                 outer_lr=args.lr, hyper_every=args.hyper_every, init_decay=args.init_decay, threads=args.threads,
+                 starts=starts)
     else:
         for opt, val in (("--inner-steps", args.inner_steps), ("--hyper-every", args.hyper_every),
-                         ("--init-decay", args.init_decay)):
+                         ("--init-decay", args.init_decay), ("--starts", args.starts),
+                         ("--compare-starts", args.compare_starts or None)):
             if val is not None:
                 raise DemoError(f"bilevel demo: {opt} belongs to --task mlp (the default), not --task logreg.")
         s = dict(seed=args.seed, quick=args.quick, dataset=args.dataset, solver=args.solver,

@@ -219,9 +219,14 @@ def format_mlp_report(result: Dict[str, Any]) -> str:
              f"(bl.hparams.weight_decay(model, per=\"parameter\"), biases not decayed; {result['n_params']:,} parameters)")
     L.append(f"  training budget (baseline and tuned alike): {c['inner_steps']} Adam(lr={c['inner_lr']}) steps, "
              f"minibatches of {c['batch_size']}, L2 penalty ½ Σ decay·w²")
-    L.append(f"  hyper steps: every {c['hyper_every']} inner steps, bl.Implicit({result['solver_repr']}) on the "
+    early = (f"every {c['early_hyper_every']} inner steps for the first {c['early_steps']}, then "
+             if c.get("early_steps") else "")
+    shared = {"module": "one shared log-decay per layer + per-weight offsets",
+              "model": "one shared log-decay + per-weight offsets"}.get(c.get("shared", ""), "per-weight log-decays")
+    L.append(f"  hyper steps: {early}every {c['hyper_every']} inner steps, bl.Implicit({result['solver_repr']}) on the "
              f"training minibatch, {'the whole validation set' if c['val_batch'] <= 0 else str(c['val_batch']) + ' validation images'}; "
-             f"Adam(lr={c['outer_lr']}) on the log-decays")
+             f"Adam on the log-decays ({shared}; lr {c['outer_lr']}"
+             + (f", globals {c['global_lr']}" if c.get("shared") else "") + f", eps {c.get('outer_eps', 1e-8):g})")
     L.append(f"  hyper steps taken: {t['hyper_steps']}, skipped: {t['skipped_hyper_steps']} "
              f"(HyperOptimizer(on_error='skip') drops a step whose solve diverges)")
     for e in t.get("skip_errors", [])[:2]:
@@ -245,17 +250,32 @@ def format_mlp_report(result: Dict[str, Any]) -> str:
     verdict = "improved" if dt < 0 else "did NOT improve"
     L.append(f"  The decays were fitted to the validation set, so its figures flatter them; the test set "
              f"(never used) is the honest comparison: test loss {verdict}.")
-    start = ("which starts from that best decay" if c["init_decay"] is None
-             else f"which starts from --init-decay {t['decay']:.1e}")
     L.append(f"  wall s: the baseline's best run ({b['wall_s']:.1f} s; the whole grid {b['grid_wall_s']:.1f} s) vs the "
-             f"tuned run, {start} (its hyper steps: {t['hyper_s']:.1f} s).")
+             f"tuned run, which starts from a fixed decay {t['decay']:.1e}, not from the grid's (its hyper steps: "
+             f"{t['hyper_s']:.1f} s).")
     L.append(f"  learned decays: median {ds['median']:.1e}, 5%-95% {ds['q05']:.1e}..{ds['q95']:.1e}, "
              f"range {ds['min']:.1e}..{ds['max']:.1e}; {ds['frac_above_baseline']:.0%} above and "
-             f"{ds['frac_below_baseline']:.0%} below the baseline's {b['decay']:.1e}")
-    if t["decay"] != b["decay"]:
-        L.append(f"  (the tuned decays started at {t['decay']:.1e}, not at the baseline's decay)")
+             f"{ds['frac_below_baseline']:.0%} below their start {t['decay']:.1e}")
+    L += _starts_table(result)
     L.append(f"  total wall time {result.get('total_wall_s', float('nan')):.1f} s")
     return "\n".join(L + plot_lines(result))
+
+
+def _starts_table(result: Dict[str, Any]) -> List[str]:
+    """The tuned run from each start against the whole grid: test loss and wall time."""
+    st = result.get("starts")
+    if not st:
+        return []
+    n = len(result["baseline"]["grid"])
+    L = ["", f"  tuned run vs the grid of {n} global decays (reached: tuned test loss <= the lowest test loss of "
+             f"the {n} grid runs, {st['grid_best_test_loss']:.4f}; the grid took {st['grid_wall_s']:.1f} s):",
+         f"  {'start':>9} {'test loss':>9} {'- grid best':>11} {'reached':>7} {'wall s':>7} {'time/grid':>9} "
+         f"{'median decay':>12}"]
+    for r in st["runs"]:
+        L.append(f"  {r['start']:>9.1e} {r['test_loss']:>9.4f} {r['test_loss_minus_grid_best']:>+11.4f} "
+                 f"{'yes' if r['reached'] else 'NO':>7} {r['wall_s']:>7.1f} {r['time_vs_grid']:>9.2f} "
+                 f"{r['median_decay']:>12.1e}")
+    return L
 
 
 def save_mlp_plots(result: Dict[str, Any], out_dir: str) -> List[str]:
@@ -317,7 +337,8 @@ def save_mlp_plots(result: Dict[str, Any], out_dir: str) -> List[str]:
         ax1.stairs(bottom + c, edges, baseline=bottom, fill=True, alpha=0.8, color=f"C{i}",
                    label=f"layer {i + 1}: {name} ({shape})")
         bottom = bottom + c
-    ax1.axvline(math.log10(b["decay"]), color="k", ls="--", lw=1, label=f"start = baseline decay {b['decay']:.0e}")
+    ax1.axvline(math.log10(t["decay"]), color="k", ls="--", lw=1, label=f"start {t['decay']:.0e}")
+    ax1.axvline(math.log10(b["decay"]), color="C7", ls=":", lw=1, label=f"grid's best global decay {b['decay']:.0e}")
     ax1.set_yscale("log")
     ax1.set_xlabel("log10 learned decay")
     ax1.set_ylabel("number of weights (stacked by layer)")

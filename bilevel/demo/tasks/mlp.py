@@ -9,21 +9,28 @@
   regularization it overfits, so the decays matter.
 - model: MLP 64-512-256-10 with ReLU, float32, initialized from the seed.
 - hyperparameters: ``bl.hparams.weight_decay(model, per="parameter",
-  exclude=("bias",))``, one L2 decay ``exp(raw)`` per weight: 64·512 + 512·256 +
-  256·10 = 166,400 hyperparameters.
+  exclude=("bias",), shared="module")``, one L2 decay per weight: 64·512 +
+  512·256 + 256·10 = 166,400 hyperparameters, ``log decay_i = g_layer + δ_i``
+  with a shared global log-decay per layer (3 more) learned with the offsets.
 - inner problem: Adam (lr 1e-3) on minibatches of 64 training images of
   ``CE + ½ Σ decay ⊙ w²``, 1000 steps.
 - outer problem: validation cross-entropy. Every 10 inner steps
   ``bl.HyperOptimizer.step`` takes a hyper step: implicit hypergradient at the
   current weights, ``H u = ∇_w L_V`` solved by a 5-term Neumann series
-  (``alpha=0.1``) on the current training minibatch, then Adam (lr 0.05) on the
-  raw log-decays. ``on_error="skip"`` drops a hyper step whose solve diverges
-  (the MLP's Hessian is indefinite early in training); their number is reported.
-- baseline: the same model, optimizer, minibatch order and number of inner
-  steps with ONE global decay, the best (by final validation loss) of a grid
-  of 9 half-decades 1e-5 .. 1e-1. The tuned run starts its 166,400 decays at
-  that best value (``--init-decay`` changes this), so apart from the hyper
-  steps the two runs are the same computation.
+  (``alpha=0.1``) on the current training minibatch, then Adam (eps 1e-12) on
+  the raw log-decays: lr 0.05 on the offsets, 0.2 on the layers' globals. For
+  the first 100 inner steps a hyper step every 2, so that a far start is left
+  before the weights settle under it (140 hyper steps in all).
+  ``on_error="skip"`` drops a hyper step whose solve diverges (the MLP's
+  Hessian is indefinite early in training); their number is reported.
+- the tuned run starts every decay at a fixed 1e-4 (``--init-decay``), not at
+  a value the grid found: it replaces the grid search. ``--starts`` /
+  ``--compare-starts`` run it from other starts too (1e-6, 1e-4, 1e-2, 1e-1).
+- grid: the same model, optimizer, minibatch order and number of inner steps
+  with ONE global decay, each of 9 half-decades 1e-5 .. 1e-1; the best by
+  validation loss is the "baseline" row. Each tuned run is compared with the
+  lowest *test* loss of the 9 (``reached``) and its wall time with the whole
+  grid's (``result["starts"]``).
 
 :func:`run` returns a plain JSON-serializable dict of numbers (tests and
 scripts check it without parsing text); :mod:`bilevel.demo.report` prints and
@@ -44,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bilevel as bl
+from bilevel import hparams as hparams_mod
 
 from .. import report
 from ..data import Split, load_split
@@ -54,6 +62,13 @@ __all__ = ["MLPConfig", "SOLVERS", "make_mlp", "make_solver", "solver_text", "lo
            "decay_stats"]
 
 SOLVERS = ("neumann", "cg")
+#: where the tuned run's decays start by default: a fixed global decay, not chosen by the grid
+DEFAULT_START = 1e-4
+#: ``shared`` settings: one shared log-decay per layer (module), one in all (model), or none ("")
+SHARED = ("module", "model", "")
+LR_SCHEDULES = ("constant", "cosine")
+#: the starts of ``--compare-starts``
+COMPARE_STARTS = (1e-6, 1e-4, 1e-2, 1e-1)
 DTYPE = torch.float32
 IN_FEATURES, N_CLASSES = 64, 10           # digits: 8x8 pixels, 10 classes
 
@@ -78,11 +93,25 @@ class MLPConfig:
         cg_damping: CG ``damping`` (CG stops at negative curvature: ``on_indefinite="stop"``).
         val_batch: validation images per hyper step (``0``: the whole validation set).
         grid: global decays tried by the baseline.
-        init_decay: where the per-weight decays start (``None``: the baseline's best decay).
+        init_decay: where the per-weight decays start (``None``: :data:`DEFAULT_START`, 1e-4, whatever the
+            grid finds: the tuned run replaces the grid search).
         eval_every: record train/val/test loss every this many inner steps (the curves; default
             40 points, 20 with ``quick``).
         quick: a run of a few seconds (fewer steps, a 3-point grid; same network, same 166,400 decays).
         threads: torch intra-op threads during the run (restored afterwards); ``None``: 1.
+        shared: ``"module"`` (default): ``log decay_i = g_layer + δ_i``, one shared global log-decay per
+            layer learned with the per-weight offsets (``bl.hparams.weight_decay(shared="module")``);
+            ``"model"``: one global in all; ``""``: plain per-weight log-decays.
+        outer_eps: Adam's ``eps`` on the log-decays (1e-12: see :func:`make_outer_optimizer`).
+        global_lr: Adam learning rate of the shared globals (the offsets use ``outer_lr``).
+        lr_schedule: the globals' rate over the hyper steps, ``"constant"`` or ``"cosine"`` (to 0).
+        warm_start: start each hypergradient solve from the last adjoint (``bl.Implicit(warm_start=True)``).
+        early_steps: for the first this many inner steps a hyper step every ``early_hyper_every`` steps
+            instead of ``hyper_every`` (``None``: a tenth of ``inner_steps``), so the globals travel
+            from a far start before the weights settle under it.
+        early_hyper_every: the hyper step interval of that first phase.
+        starts: more global decays to run the tuned run from (each one's test loss and wall time
+            against the grid: ``result["starts"]``); ``None``: only ``init_decay``.
     """
 
     seed: int = 0
@@ -104,6 +133,14 @@ class MLPConfig:
     eval_every: Optional[int] = None
     quick: bool = False
     threads: Optional[int] = None
+    shared: str = "module"
+    outer_eps: float = 1e-12
+    global_lr: float = 0.2
+    lr_schedule: str = "constant"
+    warm_start: bool = False
+    early_steps: Optional[int] = None
+    early_hyper_every: int = 2
+    starts: Optional[Tuple[float, ...]] = None
 
     def resolved(self) -> "MLPConfig":
         """A copy with every ``None`` replaced by its default; validates the fields."""
@@ -127,17 +164,35 @@ class MLPConfig:
                 raise ValueError(f"Invalid {name} for {fn}: {v!r} (expected a number > 0).")
         if self.init_decay is not None and not (self.init_decay > 0 and math.isfinite(self.init_decay)):
             raise ValueError(f"Invalid init_decay for {fn}: {self.init_decay!r} (expected a decay > 0).")
+        if self.starts is not None and any(not (float(x) > 0 and math.isfinite(float(x))) for x in self.starts):
+            raise ValueError(f"Invalid starts for {fn}: {self.starts!r} (expected decays > 0).")
         if self.val_batch < 0 or self.cg_damping < 0:
             raise ValueError(f"{fn}: expected val_batch >= 0 and cg_damping >= 0, got {self.val_batch}, {self.cg_damping}.")
         iters = self.solver_iters if self.solver_iters is not None else (5 if self.solver == "neumann" else 10)
+        early = self.early_steps if self.early_steps is not None else steps // 10
+        if self.shared not in SHARED:
+            raise ValueError(f"{fn}: expected shared in {SHARED}, got {self.shared!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{fn}: expected lr_schedule in {LR_SCHEDULES}, got {self.lr_schedule!r}.")
+        for name, v in (("outer_eps", self.outer_eps), ("global_lr", self.global_lr)):
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"Invalid {name} for {fn}: {v!r} (expected a number > 0).")
+        if early < 0 or self.early_hyper_every < 1:
+            raise ValueError(f"{fn}: expected early_steps >= 0 and early_hyper_every >= 1, got {early}, "
+                             f"{self.early_hyper_every}.")
         return MLPConfig(
             seed=int(self.seed), hidden=tuple(int(h) for h in self.hidden), n_train=int(self.n_train),
             n_val=int(self.n_val), inner_steps=steps, batch_size=self.batch_size, inner_lr=float(self.inner_lr),
             hyper_every=self.hyper_every, outer_lr=float(self.outer_lr), solver=self.solver, solver_iters=int(iters),
             neumann_alpha=float(self.neumann_alpha), cg_damping=float(self.cg_damping), val_batch=int(self.val_batch),
-            grid=grid, init_decay=self.init_decay,
+            grid=grid, init_decay=float(DEFAULT_START if self.init_decay is None else self.init_decay),
             eval_every=self.eval_every or max(1, steps // (20 if self.quick else 40)), quick=self.quick,
             threads=1 if self.threads is None else max(1, int(self.threads)),
+            shared=self.shared, outer_eps=float(self.outer_eps),
+            global_lr=float(self.global_lr),
+            lr_schedule=self.lr_schedule, warm_start=bool(self.warm_start),
+            early_steps=int(early), early_hyper_every=int(self.early_hyper_every),
+            starts=None if not self.starts else tuple(float(x) for x in self.starts),
         )
 
     @property
@@ -240,6 +295,45 @@ def evaluate(model: nn.Module, data: Split) -> Dict[str, float]:
     return out
 
 
+def make_outer_optimizer(cfg: MLPConfig, hp: Dict[str, Tensor], penalty: bl.hparams.WeightDecay) -> torch.optim.Adam:
+    """Adam on the raw log-decays: the per-weight offsets at ``outer_lr``, the shared globals at ``global_lr``.
+
+    NOTE: ``eps=1e-12``, not Adam's default 1e-8. A log-decay's hypergradient is
+    ``decay · w · u``: from a start of 1e-6 it is ~1e-12 per weight, and with
+    ``eps=1e-8`` Adam's step ``lr · m / (√v + eps)`` shrank to ~1e-4·lr, so the
+    decays never left the start.
+    """
+    gkeys = set(penalty.shared.values())
+    groups = [{"params": [v for k, v in hp.items() if k not in gkeys], "lr": cfg.outer_lr}]
+    if gkeys:
+        groups.append({"params": [hp[k] for k in sorted(gkeys)], "lr": cfg.global_lr})
+    return torch.optim.Adam(groups, lr=cfg.outer_lr, eps=cfg.outer_eps)
+
+
+def n_hyper_steps(cfg: MLPConfig) -> int:
+    """Hyper steps of a tuned run: every ``early_hyper_every`` inner steps for the first ``early_steps``,
+    then every ``hyper_every``."""
+    early = min(cfg.early_steps, cfg.inner_steps)
+    late = cfg.inner_steps // cfg.hyper_every - early // cfg.hyper_every
+    return (early // cfg.early_hyper_every if early > 0 else 0) + late
+
+
+def outer_schedule(cfg: MLPConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """The shared globals' learning rate over the run's hyper steps (stepped after each one taken):
+    ``"constant"``, or ``"cosine"`` (from ``global_lr`` down to 0). The offsets keep ``outer_lr``."""
+    total = max(1, n_hyper_steps(cfg))
+
+    def cosine(i: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
+
+    def constant(i: int) -> float:
+        return 1.0
+
+    n = len(optimizer.param_groups)
+    lambdas = [cosine if cfg.lr_schedule == "cosine" and g == 1 else constant for g in range(n)]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
 # --------------------------------------------------------------------------- one training run
 def train_run(cfg: MLPConfig, data: Split, *, decay: float, tune: bool,
               on_step: Optional[Callable[[int, str], None]] = None) -> Dict[str, Any]:
@@ -255,7 +349,10 @@ def train_run(cfg: MLPConfig, data: Split, *, decay: float, tune: bool,
     """
     model = make_mlp(cfg)
     # Biases are not decayed: one decay per *weight*.
-    hp, penalty = bl.hparams.weight_decay(model, init=decay, per="parameter" if tune else "model", exclude=("bias",))
+    shared = (cfg.shared or False) if tune else False
+    hp, penalty = bl.hparams.weight_decay(model, init=decay, per="parameter" if tune else "model", exclude=("bias",),
+                                          shared=shared)
+    outer_optimizer = make_outer_optimizer(cfg, hp, penalty)
 
     def inner_loss(m: nn.Module, h: Dict[str, Tensor], batch: Tuple[Tensor, Tensor]) -> Tensor:
         return ce(m, batch)    # + penalty, added by the HyperOptimizer (penalty= below)
@@ -266,13 +363,15 @@ def train_run(cfg: MLPConfig, data: Split, *, decay: float, tune: bool,
     hopt = bl.HyperOptimizer(
         model, hp, inner_loss=inner_loss, outer_loss=outer_loss,
         inner_optimizer=torch.optim.Adam(model.parameters(), lr=cfg.inner_lr),
-        outer_optimizer=torch.optim.Adam(hp.values(), lr=cfg.outer_lr),
-        method=bl.Implicit(solver=make_solver(cfg)),
+        outer_optimizer=outer_optimizer,
+        method=bl.Implicit(solver=make_solver(cfg), warm_start=cfg.warm_start),
         outer_loader=ValLoader(data.X_val, data.y_val, cfg.val_batch, cfg.seed + 2),
-        hyper_every=cfg.hyper_every, on_error="skip",
+        hyper_every=cfg.early_hyper_every if cfg.early_steps > 0 else cfg.hyper_every, on_error="skip",
         # a separable penalty given apart: its Hessian is applied elementwise in the hyper steps
         penalty=penalty,
     )
+    schedule = outer_schedule(cfg, outer_optimizer)
+    gkeys = sorted(set(penalty.shared.values()))
     batches = minibatches(data.X_train, data.y_train, cfg.batch_size, cfg.seed + 1)
     curve: Dict[str, List[float]] = {k: [] for k in ("step", "train_loss", "val_loss", "test_loss",
                                                        "train_acc", "val_acc", "test_acc")}
@@ -295,15 +394,21 @@ def train_run(cfg: MLPConfig, data: Split, *, decay: float, tune: bool,
         warnings.filterwarnings("ignore", message=r"bilevel\.HyperOptimizer", category=RuntimeWarning)
         for step in range(1, cfg.inner_steps + 1):
             batch = next(batches)
+            if step == cfg.early_steps + 1:
+                hopt.hyper_every = cfg.hyper_every
             if tune:
                 last = hopt.last_stats
                 loss = hopt.step(batch)
                 st = hopt.last_stats
                 if st is not None and st is not last:
+                    if not st.skipped:
+                        schedule.step()
                     hyper.append({"step": step, "skipped": st.skipped, "outer_loss": st.outer_loss,
                                   "hypergrad_norm": st.hypergrad_norm, "inner_grad_norm": st.inner_grad_norm,
                                   "solver_iterations": st.solver_iterations, "solver_residual": st.solver_residual,
-                                  "seconds": st.seconds})
+                                  "seconds": st.seconds,
+                                  "global_decays": [float(hparams_mod.positive(hp[k].detach(), penalty.kind))
+                                                    for k in gkeys]})
                     if st.skipped and st.error:
                         errors.append(f"step {step}: {st.error}")
             else:
@@ -390,14 +495,31 @@ def _run(cfg: MLPConfig, *, progress: bool, stream: Optional[TextIO]) -> Dict[st
     baseline = {**best, "grid": rows, "grid_wall_s": time.perf_counter() - t0}
 
     # -- tuned: one decay per weight, hyper steps during training ------------------------------
-    init = baseline["decay"] if cfg.init_decay is None else float(cfg.init_decay)
-    say(f"tuned: {cfg.inner_steps} Adam steps, a hyper step every {cfg.hyper_every} "
-        f"({solver_text(cfg)}), decays start at {init:.1e}")
+    init = float(cfg.init_decay)
+    say(f"tuned: {cfg.inner_steps} Adam steps, {n_hyper_steps(cfg)} hyper steps ({solver_text(cfg)}), "
+        f"decays start at {init:.1e}")
     bar = Progress(cfg.inner_steps, stream=stream, enabled=progress, label="tuned step")
     tuned = train_run(cfg, data, decay=init, tune=True, on_step=lambda s, text: bar.update(s, text))
     bar.close()
     decays = tuned.pop("_decays")
-    tuned["decay_stats"] = decay_stats(decays, baseline["decay"])
+    tuned["decay_stats"] = decay_stats(decays, init)
+
+    # -- the tuned run from other starts, against the whole grid ------------------------------
+    runs = [_start_row(tuned, baseline)]
+    for start in cfg.starts or ():
+        if any(start == r["start"] for r in runs):
+            continue
+        say(f"tuned from start {start:.0e}: {cfg.inner_steps} Adam steps")
+        bar = Progress(cfg.inner_steps, stream=stream, enabled=progress, label=f"tuned step (start {start:.0e})")
+        other = train_run(cfg, data, decay=start, tune=True, on_step=lambda s, text: bar.update(s, text))
+        bar.close()
+        other["median_decay"] = float(torch.cat([d.reshape(-1) for d in other.pop("_decays").values()]).median())
+        runs.append(_start_row(other, baseline))
+    order = list(dict.fromkeys(cfg.starts or (init,)))
+    by_start = {r["start"]: r for r in runs}
+    starts = {"grid_best_test_loss": min(r["test_loss"] for r in baseline["grid"]),
+              "grid_selected_test_loss": baseline["test_loss"], "grid_wall_s": baseline["grid_wall_s"],
+              "runs": [by_start[x] for x in order]}
 
     result: Dict[str, Any] = {
         "task": "mlp",
@@ -413,11 +535,24 @@ def _run(cfg: MLPConfig, *, progress: bool, stream: Optional[TextIO]) -> Dict[st
         "n_hparams": int(sum(d.numel() for d in decays.values())),
         "baseline": baseline,
         "tuned": tuned,
+        "starts": starts,
         "plots": [],
         "plot_skipped": None,
         "total_wall_s": time.perf_counter() - t_start,
     }
     return result
+
+
+def _start_row(run: Dict[str, Any], baseline: Dict[str, Any]) -> Dict[str, Any]:
+    """One tuned run against the grid: its start, test loss, wall time, and whether it reached the
+    grid's best test loss (the lowest of every grid point, not only the one chosen by validation)."""
+    best = min(r["test_loss"] for r in baseline["grid"])
+    median = run["decay_stats"]["median"] if "decay_stats" in run else run["median_decay"]
+    return {"start": run["decay"], "test_loss": run["test_loss"], "test_acc": run["test_acc"],
+            "val_loss": run["val_loss"], "wall_s": run["wall_s"], "reached": run["test_loss"] <= best,
+            "test_loss_minus_grid_best": run["test_loss"] - best, "time_vs_grid": run["wall_s"] / baseline["grid_wall_s"],
+            "median_decay": median, "hyper_steps": run["hyper_steps"], "skipped_hyper_steps": run["skipped_hyper_steps"],
+            "final_global_decays": run["hyper"][-1]["global_decays"] if run["hyper"] else []}
 
 
 def decay_stats(decays: Dict[str, Tensor], baseline_decay: float, bins: int = 60) -> Dict[str, Any]:
