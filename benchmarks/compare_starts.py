@@ -2,6 +2,9 @@
 
     python benchmarks/compare_starts.py                      # 3 seeds x 4 starts (about 15 min at 1 thread, idle)
     python benchmarks/compare_starts.py --render-only        # print the Markdown table from the JSON
+    # or one process per seed, then one JSON:
+    python benchmarks/compare_starts.py --seeds 0 --out /tmp/s0   # (and 1, 2, at the same time)
+    python benchmarks/compare_starts.py --merge /tmp/s0 /tmp/s1 /tmp/s2
     python benchmarks/compare_starts.py --smoke --out DIR    # tiny sizes (CI); nothing in the repository touched
 
 For each seed, ``python -m bilevel demo --compare-starts --seed S`` (:func:`bilevel.demo.run`) trains
@@ -78,6 +81,17 @@ def run(seeds=SEEDS, starts=mlp.COMPARE_STARTS, *, smoke: bool = False, progress
     }
 
 
+def merge(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One result from runs of the same configuration on different seeds (processes run side by side)."""
+    configs = {json.dumps(p["config"], sort_keys=True) for p in parts}
+    if len(configs) != 1:
+        raise ValueError("compare_starts.merge: expected runs of one configuration, got different configs.")
+    rows = [r for p in parts for r in p["rows"]]
+    return {**parts[0], "command": parts[0]["command"] + f" (one process per seed, {len(parts)} side by side; --merge)",
+            "date": " / ".join(p["date"] for p in parts), "seeds": [s for p in parts for s in p["seeds"]],
+            "rows": rows, "reached": sum(r["reached"] for r in rows), "runs": len(rows)}
+
+
 def render_table(res: Dict[str, Any]) -> str:
     """The Markdown table: seed, start, tuned test loss, grid best test loss, reached?, time tuned / grid."""
     lines = ["| seed | start | tuned test loss | grid best test loss | reached? | tuned − grid best | "
@@ -96,11 +110,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--out", default=None, help="folder of the JSON (default: benchmarks/)")
     ap.add_argument("--render-only", action="store_true", help="print the table from the JSON, run nothing")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="join the results_starts.json of these folders (runs of one seed each) into --out's")
     args = ap.parse_args(argv)
     if args.smoke and args.out is None:
         ap.error("--smoke writes only under --out DIR (so that the committed JSON is never overwritten)")
     path = Path(args.out or HERE) / "results_starts.json"
-    if args.render_only:
+    if args.merge:
+        parts = [json.loads((Path(d) / "results_starts.json").read_text()) for d in args.merge]
+        res = merge(parts)
+        path.write_text(json.dumps(res, indent=1) + "\n")
+    elif args.render_only:
         res = json.loads(path.read_text())
     else:
         torch.set_num_threads(1)

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  with 166,400 per-weight decays, tuned DURING training by bl.HyperOptimizer: Adam on the\n"
             "  weights (1000 steps, minibatches of 64), every 10 steps a hyper step with an implicit\n"
             "  hypergradient (Neumann series, 5 Hessian-vector products) and Adam on the log-decays,\n"
-            "  log decay_i = g_layer + d_i (a shared log-decay per layer learned with per-weight offsets).\n"
+            "  log decay_i = g + d_i (a shared global log-decay learned with the per-weight offsets).\n"
             "  The decays start at a fixed 1e-4 (--init-decay): the tuned run replaces a grid search.\n"
             "  Compared with: the same training (same steps, optimizer, minibatches) with one global decay,\n"
             "  each of 9 half-decades 1e-5..1e-1; the table shows the tuned test loss against the grid's\n"

@@ -89,13 +89,13 @@ def test_default_config_has_over_100k_hyperparameters() -> None:
     q = mlp.MLPConfig(quick=True).resolved()
     assert q.n_hparams == cfg.n_hparams and q.inner_steps < cfg.inner_steps and len(q.grid) < len(cfg.grid)
     # the tuned run starts at a fixed decay (not the grid's choice); 100 early hyper steps every 2, then every 10
-    assert cfg.init_decay == mlp.DEFAULT_START == 1e-4 and cfg.shared == "module" and cfg.outer_eps == 1e-12
+    assert cfg.init_decay == mlp.DEFAULT_START == 1e-4 and cfg.shared == "model" and cfg.outer_eps == 1e-12
     assert mlp.n_hyper_steps(cfg) == 100 // 2 + 90
 
 
 def test_mlp_from_several_starts_against_the_grid() -> None:
     res = mlp.run(progress=False, hidden=(16,), inner_steps=40, hyper_every=5, early_steps=10, grid=(1e-3, 1e-2),
-                  starts=(1e-6, 1e-3, 1e-1), shared="model")
+                  starts=(1e-6, 1e-3, 1e-1), shared="module")
     _check_starts(res)
     assert len(res["starts"]["runs"]) == 3 and res["tuned"]["decay"] == 1e-4     # the default start runs too
     assert res["tuned"]["hyper_steps"] == 10 // 2 + 40 // 5 - 10 // 5
@@ -106,7 +106,7 @@ def test_mlp_from_several_starts_against_the_grid() -> None:
 
 def test_shared_log_decays_move_all_decays_of_a_layer() -> None:
     """From a far start (1e-6) the layers' globals leave it: Adam's eps=1e-12 lets tiny hypergradients through."""
-    cfg = mlp.MLPConfig(hidden=(16,), inner_steps=40, hyper_every=5, early_steps=0).resolved()
+    cfg = mlp.MLPConfig(hidden=(16,), inner_steps=40, hyper_every=5, early_steps=0, shared="module").resolved()
     data = mlp.load_data(cfg)
     run = mlp.train_run(cfg, data, decay=1e-6, tune=True)
     moved = [abs(math.log(g / 1e-6)) for g in run["hyper"][-1]["global_decays"]]
@@ -146,7 +146,7 @@ def test_mlp_plot_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest
 
 
 def test_mlp_cg_solver_runs() -> None:
-    res = mlp.run(solver="cg", progress=False, hidden=(32,), inner_steps=30, hyper_every=5, grid=(1e-3,))
+    res = mlp.run(solver="cg", progress=False, hidden=(32,), inner_steps=30, hyper_every=5, early_steps=0, grid=(1e-3,))
     assert res["tuned"]["hyper_steps"] == 6 and "bl.CG" in res["solver_repr"]
     assert all(math.isfinite(h["hypergrad_norm"]) for h in res["tuned"]["hyper"] if not h["skipped"])
 

@@ -9,16 +9,16 @@
   regularization it overfits, so the decays matter.
 - model: MLP 64-512-256-10 with ReLU, float32, initialized from the seed.
 - hyperparameters: ``bl.hparams.weight_decay(model, per="parameter",
-  exclude=("bias",), shared="module")``, one L2 decay per weight: 64·512 +
-  512·256 + 256·10 = 166,400 hyperparameters, ``log decay_i = g_layer + δ_i``
-  with a shared global log-decay per layer (3 more) learned with the offsets.
+  exclude=("bias",), shared=True)``, one L2 decay per weight: 64·512 +
+  512·256 + 256·10 = 166,400 hyperparameters, ``log decay_i = g + δ_i`` with
+  one shared global log-decay ``g`` (one more) learned with the offsets.
 - inner problem: Adam (lr 1e-3) on minibatches of 64 training images of
   ``CE + ½ Σ decay ⊙ w²``, 1000 steps.
 - outer problem: validation cross-entropy. Every 10 inner steps
   ``bl.HyperOptimizer.step`` takes a hyper step: implicit hypergradient at the
   current weights, ``H u = ∇_w L_V`` solved by a 5-term Neumann series
   (``alpha=0.1``) on the current training minibatch, then Adam (eps 1e-12) on
-  the raw log-decays: lr 0.05 on the offsets, 0.2 on the layers' globals. For
+  the raw log-decays: lr 0.05 on the offsets, 0.2 on the global. For
   the first 100 inner steps a hyper step every 2, so that a far start is left
   before the weights settle under it (140 hyper steps in all).
   ``on_error="skip"`` drops a hyper step whose solve diverges (the MLP's
@@ -64,8 +64,8 @@ __all__ = ["MLPConfig", "SOLVERS", "make_mlp", "make_solver", "solver_text", "lo
 SOLVERS = ("neumann", "cg")
 #: where the tuned run's decays start by default: a fixed global decay, not chosen by the grid
 DEFAULT_START = 1e-4
-#: ``shared`` settings: one shared log-decay per layer (module), one in all (model), or none ("")
-SHARED = ("module", "model", "")
+#: ``shared`` settings: one shared log-decay in all (model), one per layer (module), or none ("")
+SHARED = ("model", "module", "")
 LR_SCHEDULES = ("constant", "cosine")
 #: the starts of ``--compare-starts``
 COMPARE_STARTS = (1e-6, 1e-4, 1e-2, 1e-1)
@@ -99,9 +99,9 @@ class MLPConfig:
             40 points, 20 with ``quick``).
         quick: a run of a few seconds (fewer steps, a 3-point grid; same network, same 166,400 decays).
         threads: torch intra-op threads during the run (restored afterwards); ``None``: 1.
-        shared: ``"module"`` (default): ``log decay_i = g_layer + δ_i``, one shared global log-decay per
-            layer learned with the per-weight offsets (``bl.hparams.weight_decay(shared="module")``);
-            ``"model"``: one global in all; ``""``: plain per-weight log-decays.
+        shared: ``"model"`` (default): ``log decay_i = g + δ_i``, one shared global log-decay learned
+            with the per-weight offsets (``bl.hparams.weight_decay(shared=True)``); ``"module"``: one
+            global per layer; ``""``: plain per-weight log-decays.
         outer_eps: Adam's ``eps`` on the log-decays (1e-12: see :func:`make_outer_optimizer`).
         global_lr: Adam learning rate of the shared globals (the offsets use ``outer_lr``).
         lr_schedule: the globals' rate over the hyper steps, ``"constant"`` or ``"cosine"`` (to 0).
@@ -133,7 +133,7 @@ class MLPConfig:
     eval_every: Optional[int] = None
     quick: bool = False
     threads: Optional[int] = None
-    shared: str = "module"
+    shared: str = "model"
     outer_eps: float = 1e-12
     global_lr: float = 0.2
     lr_schedule: str = "constant"
