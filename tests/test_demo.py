@@ -51,8 +51,9 @@ def _check_mlp_result(res: dict) -> None:
     assert 0 <= tuned["skipped_hyper_steps"] <= tuned["hyper_steps"] // 2
     ds = tuned["decay_stats"]
     assert sum(sum(h) for h in ds["hist"].values()) == res["n_hparams"]
-    # the decays moved apart, from a start fixed in advance (not the grid's choice)
-    assert tuned["decay"] == cfg["init_decay"] and 0 < ds["min"] < tuned["decay"] < ds["max"]
+    # from one start fixed in advance (not the grid's choice) the decays moved, and apart
+    assert tuned["decay"] == cfg["init_decay"] and 0 < ds["min"] and ds["max"] > 2 * ds["min"]
+    assert abs(math.log(ds["median"] / tuned["decay"])) > 0.1
     _check_starts(res)
     # Step 0: the same initialization in both runs.
     assert tuned["curve"]["val_loss"][0] == pytest.approx(base["curve"]["val_loss"][0], rel=1e-6)
