@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  Compared with: the same training (same steps, optimizer, minibatches) with one global decay,\n"
             "  each of 9 half-decades 1e-5..1e-1; the table shows the tuned test loss against the grid's\n"
             "  best and the tuned run's time against the whole grid's. --compare-starts runs the tuned run\n"
-            "  from 1e-6, 1e-4, 1e-2 and 1e-1 too. About 1-2 min on 2 CPU cores; --quick: a few seconds.\n"
+            "  from 1e-6, 1e-4, 1e-2 and 1e-1 too. About a minute on 2 CPU cores; --quick: seconds.\n"
             "\n"
             "--task logreg: one decay per weight of a logistic regression (--dataset breast_cancer: 30,\n"
             "  digits: 640), inner problem solved by L-BFGS, hypergradient by bl.implicit_hypergrad,\n"
