@@ -148,14 +148,43 @@ class ModelFunctions:
         parameters replaced by ``params``, its in-model hyperparameters by ``hparams``' entries and its
         buffers by ``buffers`` (copies: the passes of a hyper step must not move BatchNorm statistics)."""
         holder, hp_in_model, aliases = _LossCall(self.model), self.hp_in_model, _aliases(self.model)
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
         def call(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
             tensors = {**params, **{n: hparams[k] for n, k in hp_in_model.items()}, **buffers}
             tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
-            return functional_call(holder, {"m." + n: t for n, t in tensors.items()}, (loss_fn, hparams, batch),
-                                   tie_weights=False)
+            with batch_statistics_only(norms):
+                return functional_call(holder, {"m." + n: t for n, t in tensors.items()}, (loss_fn, hparams, batch),
+                                       tie_weights=False)
 
         return call
+
+
+class batch_statistics_only:
+    """Within it, batch-norm layers (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in training mode
+    normalize by the batch's statistics without updating their running statistics (and their batch
+    counter).
+
+    A hyper step's passes use copies of the buffers and throw the updates away, so the value is the
+    same as in training mode with tracking; what changes is that no buffer is written in place,
+    which the ``torch.func`` transforms of forward mode (``jvp`` under ``vmap``) cannot do to a
+    tensor that is not an input. Layers in eval mode (running statistics) are left as they are.
+    """
+
+    def __init__(self, norms: Iterable[nn.Module]) -> None:
+        self.norms = list(norms)
+        self.changed: list[nn.Module] = []
+
+    def __enter__(self) -> "batch_statistics_only":
+        self.changed = [m for m in self.norms if m.training and m.track_running_stats]
+        for m in self.changed:
+            m.track_running_stats = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m in self.changed:
+            m.track_running_stats = True
+        self.changed = []
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

@@ -325,8 +325,13 @@ class HyperOptimizer:
             v.grad = g
         if not all_finite(*self.hparams.values()):
             snapshot.restore()
+            low = sorted({str(v.dtype) for v in self.hparams.values() if v.dtype in (torch.float16, torch.bfloat16)})
+            why = (f" The hyperparameters are {'/'.join(low)}: in half precision an optimizer's eps (Adam's 1e-8) "
+                   f"rounds to 0, so a zero hypergradient entry divides 0 by 0. Fix: keep the hyperparameters in "
+                   f"float32 (the model may stay in half precision: the hypergradient is cast), or raise the outer "
+                   f"optimizer's eps (1e-4 for float16)." if low else " Fix: lower the outer learning rate.")
             err = NonFiniteError("bilevel.HyperOptimizer.hyper_step: outer_optimizer.step() produced NaN/Inf "
-                                 "hyperparameters; they were restored. Fix: lower the outer learning rate.")
+                                 "hyperparameters; they were restored." + why)
             self._fail(err, "hyper_step")
             stats.skipped, stats.error = True, str(err)
             return

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 import bilevel as bl
@@ -656,3 +657,31 @@ def test_a_non_finite_gradient_under_a_finite_loss_changes_nothing(dtype):
         loss = hopt.inner_step(torch.randn(4, 3, dtype=dtype))
     assert math.isfinite(float(loss)) and hopt.skipped == 1 and hopt.inner_steps == 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not opt.state
+
+
+def test_half_precision_hyperparameters_name_the_cause_and_float32_ones_train():
+    """Adam's eps rounds to 0 in float16: a zero hypergradient entry gives 0/0. The error says so, and
+    float32 hyperparameters over a float16 model work."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    ce = lambda m, h, b: F.cross_entropy(m(b[0]).float(), b[1])
+    for hp_dtype in (torch.float16, torch.float32):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).half()
+        hp, pen = bl.hparams.weight_decay(model, init=1e-3)
+        hp = {k: v.detach().to(hp_dtype).requires_grad_() for k, v in hp.items()}
+        before = {k: v.detach().clone() for k, v in hp.items()}
+        hopt = bl.HyperOptimizer(model, hp, inner_loss=ce, outer_loss=ce, penalty=pen,
+                                 inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 outer_optimizer=torch.optim.Adam(hp.values(), lr=0.05),
+                                 method=bl.Implicit(solver=bl.CG(maxiter=3, damping=1.0)))
+        hopt.inner_step((X.half(), y))
+        batch = (X.half(), y)
+        if hp_dtype == torch.float16:
+            with pytest.raises(bl.NonFiniteError, match="keep the hyperparameters in float32"):
+                hopt.hyper_step(batch, batch)
+            assert all(torch.equal(hp[k], before[k]) for k in hp)
+        else:
+            st = hopt.hyper_step(batch, batch)
+            assert not st.skipped and all(v.dtype == torch.float32 and v.isfinite().all() for v in hp.values())
+            assert any(not torch.equal(hp[k], before[k]) for k in hp)
