@@ -174,6 +174,7 @@ def plots(res: Dict[str, Any], outdir: Path) -> List[str]:
             base = [next(r for r in t["rows"] if r["method"].startswith("baseline"))["val_ce"] for t in runs]
             ax.axhline(sum(base) / len(base), ls=":", color="gray", label="baseline (all decays 1e-2), mean")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a narrow range: labels overlap
             ax.set_xlabel("wall time (s)")
             ax.set_ylabel("validation CE after refit")
             ax.set_title(f"{name} ({runs[0]['n_hparams']} decays, {len(runs)} splits)")
@@ -208,15 +209,19 @@ HPO_HEADLINE = (("lbfgs", "HyperOptimizer (L-BFGS inner, warm-started CG-10)"),
                 ("implicit20", "implicit_hypergrad + L-BFGS, 20 outer steps"))
 
 
-def _hpo_load_note(h: Dict[str, Any]) -> str:
-    """The load averages of the machine (all processes, ours included) seen during the HPO run: at its
-    start and after each (task, split)."""
+def _hpo_load(h: Dict[str, Any]) -> str:
+    """The range of the load averages of the machine (all processes, ours included) seen during the HPO
+    run, at its start and after each (task, split); "" where none was recorded."""
     seen = [x for x in [h.get("load_avg_start"), *(t.get("load_avg") for t in h["tasks"])]
             if isinstance(x, (int, float))]
-    if not seen:
+    return f"{f(min(seen), 1)}–{f(max(seen), 1)}" if seen else ""
+
+
+def _hpo_load_note(h: Dict[str, Any]) -> str:
+    if not _hpo_load(h):
         return ""
     return (f"Load average (1 min, all processes on the 2 cores, this run included) seen during the run: "
-            f"{f(min(seen), 1)}–{f(max(seen), 1)}. Where it is above 2, other jobs shared the cores: wall "
+            f"{_hpo_load(h)}. Where it is above 2, other jobs shared the cores: wall "
             f"times are inflated by an amount that varies during the run (the methods of one split run one "
             f"after the other, seconds to a minute apart), and the CPU-time columns (this process's own CPU "
             f"time) are the steadier comparison.")
@@ -582,7 +587,10 @@ def render_readme(res: Dict[str, Any], meta: Dict[str, Any]) -> str:
         f"{m.get('torch', '?')}, 1 thread), {meta.get('date', '?')}; details, other load and every "
         "configuration in [`benchmarks/RESULTS.md`](benchmarks/RESULTS.md). Generated, not typed. "
         f"Time ratios are paired (back-to-back) and were taken while other jobs used "
-        f"{other_load_range(res)} of the 2 cores.", "",
+        f"{other_load_range(res)} of the 2 cores." + (
+            f" The HPO rows ran at a load average of {_hpo_load(res['hpo'])} (all processes; wall and CPU "
+            f"times of every method inflated by other jobs, RESULTS.md section 4)."
+            if "hpo" in res and _hpo_load(res["hpo"]) else ""), "",
         table(["what", "measured", "target", "status"], headline(res, brief=True)), "",
         "See RESULTS.md for the other HPO configurations (SGD inner optimizer, the core API).", "",
         "![accuracy vs cost](benchmarks/plots/accuracy_vs_hvps.png)", "", END, ""])
