@@ -52,7 +52,9 @@ class HyperOptimizer:
             parameters it holds are the inner variables, the others are constants.
             ``torch.optim.LBFGS`` works too (with ``bl.Implicit`` or ``bl.FirstOrder``): each
             :meth:`inner_step` is then a line-search solve, the natural inner solver of a convex or
-            small problem, and a hyper step right after it sees weights near the minimum.
+            small problem, and a hyper step right after it sees weights near the minimum. Its
+            curvature history is kept across hyper steps, less the one pair that straddles the
+            change of hyperparameters, so warm-started solves take a few iterations.
         outer_optimizer: a ``torch.optim`` optimizer over ``hparams.values()``.
         method: ``bl.Implicit(solver=...)`` (default ``bl.Implicit()``: ``bl.CG(maxiter=10, on_indefinite="stop")``),
             ``bl.Unrolled(steps=..., truncate=...)``, ``bl.FiniteDifference()``, ``bl.FirstOrder()``, or
