@@ -664,22 +664,18 @@ class _Penalized(_Wrapper):
         # one flat diagonal, the term's tree made views of it (not a second weight-sized copy)
         self._diag = self.flat.flatten(self.term.diag)
         self.term.diag = self.flat.unflatten(self._diag)
+        # NOTE: the norm now, at the point, key by key (one leaf-sized sum alive at a time); the
+        # gradient tree itself only when read (`grad`): the solvers never read it, so the penalty's
+        # gradient and the sum, two weight-sized trees, are not alive through a solve.
+        pen = self.term.gradient()
+        self.grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g + pen[k])
+                                                               for k, g in inner.grad.items()]))
 
     @functools.cached_property
     def grad(self) -> Tree:  # type: ignore[override]
-        """``∇_params (f + P)``, summed when first read: the solvers never read it, so no two
-        weight-sized trees (the penalty's gradient, the sum) are alive through a solve."""
+        """``∇_params (f + P)``, summed when first read (see ``__init__``)."""
         pen = self.term.gradient()
         return {k: g + pen[k] for k, g in self.inner.grad.items()}
-
-    @functools.cached_property
-    def grad_norm(self) -> Tensor:
-        if "grad" in vars(self):
-            return tree_norm(self.grad)
-        pen = self.term.gradient()
-        # key by key: one leaf-sized sum alive at a time, and no tree of sums kept afterwards
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g + pen[k])
-                                                     for k, g in self.inner.grad.items()]))
 
     def product(self, v: Tensor) -> Tensor:
         out = self.inner.product(v)
