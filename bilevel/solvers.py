@@ -841,6 +841,9 @@ class Neumann(Solver):
             Ap = A(p)
             min_rq = torch.minimum(min_rq, torch.dot(p, Ap) / pp.clamp_min(tiny))
             pp = neumann_step(p, Ap, acc, alpha_t, backend=backend)   # in place: p ← p − αAp; acc += p
+            # NOTE: freed now, not when the next product is assigned: otherwise two products are alive
+            # while the next one is taken (a weight-sized vector more at the solve's peak)
+            del Ap
             matvecs += 1
             if j % self.check_every == 0 or j == self.steps:
                 pn = torch.sqrt(pp)
@@ -852,7 +855,7 @@ class Neumann(Solver):
                         f"negative curvature. Fix: use alpha=None (chosen by power iteration), a smaller alpha, "
                         f"damping > 0, or the CG solver."
                     )
-        x = alpha * acc if x0 is None else x0 + alpha * acc
+        x = acc.mul_(alpha) if x0 is None else acc.mul_(alpha).add_(x0)     # in place: no third vector
         res = float(torch.sqrt(pp))
         rq_min = float(min_rq)
         # negative beyond rounding, on the scale 1/α of the operator

@@ -47,6 +47,17 @@ def test_millions_of_hyperparameters_smoke():
     assert out["val_ce_after"] < out["val_ce_before"]
 
 
+def test_ten_million_hyperparameters_smoke():
+    # tiny sizes (the example's CLI flags); the full-size figures are in benchmarks/RESULTS.md
+    out = _load("ten_million_hyperparameters").main(hidden=32, hyper_steps=2, inner_per_hyper=1, warmup=5,
+                                                    verbose=False)
+    assert out["n_hparams"] == out["n_weights"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    assert out["hvps_per_hyper_step"] == 10 and out["skipped"] == 0
+    assert len(out["hyper_step_s"]) == 2 and all(s > 0 for s in out["hyper_step_s"])
+    assert all(math.isfinite(v) for v in out["val_ce"])
+    assert out["alpha"] > 0 and out["damping"] >= 0
+
+
 def test_data_reweighting_smoke():
     out = _load("data_reweighting").main(smoke=True, seeds=(0,), verbose=False)
     (run,) = out["runs"]
