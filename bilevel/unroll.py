@@ -425,6 +425,14 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
                 parts.append(d)
                 if weights_jacobian:
                     jac_parts.append(dw)
+    except NotImplementedError as err:
+        if "forward AD" not in str(err):
+            raise
+        raise NotImplementedError(
+            f"{fn}: mode='forward' needs forward-mode AD of every operation of inner_loss and outer_loss "
+            f"(forward-over-reverse), and PyTorch has none for one of them (CPU LSTM/GRU kernels, for "
+            f"example): {err} Fix: mode='reverse' or mode='checkpoint' (reverse mode only), or an equivalent "
+            f"operation that has a forward derivative.") from err
     except RuntimeError as err:
         if "mutate a captured Tensor" in str(err):
             raise RuntimeError(

@@ -180,3 +180,24 @@ def test_forward_mode_names_a_buffer_written_in_forward():
         bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=bl.inner.SGD(lr=0.1), steps=2, mode="forward")
     assert bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=bl.inner.SGD(lr=0.1), steps=2, mode="reverse") is not None
     assert model.calls is calls
+
+
+def test_forward_mode_names_an_operation_without_a_forward_derivative():
+    """CPU LSTM has no forward-mode derivative in PyTorch: the error says which mode to use instead."""
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 1)
+    X, y = torch.randn(5, 2, 3), torch.randn(5, 1)
+    params = {**{"l." + k: v.detach() for k, v in lstm.named_parameters()},
+              **{"h." + k: v.detach() for k, v in head.named_parameters()}}
+
+    def predict(p):
+        out = torch.func.functional_call(lstm, {k[2:]: v for k, v in p.items() if k[0] == "l"}, (X,))[0]
+        return torch.func.functional_call(head, {k[2:]: v for k, v in p.items() if k[0] == "h"}, (out[:, -1],))
+
+    hp = {"log_decay": torch.tensor(-2.0, requires_grad=True)}
+    inner = lambda p, h, *a: ((predict(p) - y) ** 2).mean() + 0.5 * h["log_decay"].exp() * sum((w ** 2).sum() for w in p.values())
+    outer = lambda p, h, *a: ((predict(p) - y) ** 2).mean()
+    with pytest.raises(NotImplementedError, match="mode='reverse' or mode='checkpoint'"):
+        bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=bl.inner.SGD(lr=0.1), steps=2, mode="forward")
+    hg, _ = bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=bl.inner.SGD(lr=0.1), steps=2, mode="reverse")
+    assert torch.isfinite(hg["log_decay"])
