@@ -1,4 +1,4 @@
-"""HPO quality vs Optuna TPE and random search (breast cancer: 30 decays; digits: 640).
+"""HPO quality vs Optuna TPE and random search (breast cancer: 30 decays; digits: 640; wine: 39).
 
 Each method runs once (``benchmark.pedantic``, one round): the wall time is pytest-benchmark's, the
 validation CE, test CE and test accuracy after the common L-BFGS refit are in ``extra_info``. Target:
@@ -15,8 +15,8 @@ import pytest
 import baselines
 
 
-@pytest.mark.parametrize("method", ["hyperoptimizer", "implicit_lbfgs", "tpe", "random"])
-@pytest.mark.parametrize("task", ["breast_cancer", "digits"])
+@pytest.mark.parametrize("method", ["hyperoptimizer_lbfgs", "hyperoptimizer", "implicit_lbfgs", "tpe", "random"])
+@pytest.mark.parametrize("task", baselines.HPO_TASKS)
 def test_hpo(task: str, method: str, benchmark: Any) -> None:
     pytest.importorskip("sklearn")
     if method in ("tpe", "random"):
@@ -25,7 +25,8 @@ def test_hpo(task: str, method: str, benchmark: Any) -> None:
 
     torch.set_num_threads(1)
     t = baselines.HPOTask(task)
-    fn = {"hyperoptimizer": lambda: baselines.hpo_hyperoptimizer(t),
+    fn = {"hyperoptimizer_lbfgs": lambda: baselines.hpo_hyperoptimizer_lbfgs(t),
+          "hyperoptimizer": lambda: baselines.hpo_hyperoptimizer(t),
           "implicit_lbfgs": lambda: baselines.hpo_implicit_lbfgs(t),
           "tpe": lambda: baselines.hpo_blackbox(t, "tpe"),
           "random": lambda: baselines.hpo_blackbox(t, "random")}[method]

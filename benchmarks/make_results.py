@@ -174,6 +174,7 @@ def plots(res: Dict[str, Any], outdir: Path) -> List[str]:
             base = [next(r for r in t["rows"] if r["method"].startswith("baseline"))["val_ce"] for t in runs]
             ax.axhline(sum(base) / len(base), ls=":", color="gray", label="baseline (all decays 1e-2), mean")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a narrow range: labels overlap
             ax.set_xlabel("wall time (s)")
             ax.set_ylabel("validation CE after refit")
             ax.set_title(f"{name} ({runs[0]['n_hparams']} decays, {len(runs)} splits)")
@@ -196,14 +197,34 @@ def _ift_rows(p: Dict[str, Any]) -> List[List[str]]:
     return out
 
 
-HPO_LABELS = {"sgd": "HyperOptimizer, SGD inner", "lbfgs": "HyperOptimizer, L-BFGS inner",
+HPO_LABELS = {"sgd": "HyperOptimizer, SGD inner", "lbfgs": "HyperOptimizer, L-BFGS inner 1e-4, warm CG-10",
+              "lbfgs_tight": "HyperOptimizer, L-BFGS inner 1e-6, CG-20",
               "lbfgs_warm": "HyperOptimizer, L-BFGS inner, warm CG-5",
               "implicit": "implicit_hypergrad + L-BFGS, 60 steps", "implicit20": "implicit_hypergrad + L-BFGS, 20 steps",
               "tpe": "Optuna TPE, 100 trials", "random": "random search, 100 trials"}
-HPO_HEADLINE = (("lbfgs", "HyperOptimizer (L-BFGS inner)"),
+HPO_HEADLINE = (("lbfgs", "HyperOptimizer (L-BFGS inner, warm-started CG-10)"),
+                ("lbfgs_tight", "HyperOptimizer (L-BFGS inner to 1e-6, CG-20)"),
                 ("lbfgs_warm", "HyperOptimizer (L-BFGS inner, warm-started CG-5)"), ("sgd", "HyperOptimizer (SGD inner)"),
                 ("implicit", "implicit_hypergrad + L-BFGS, 60 outer steps"),
                 ("implicit20", "implicit_hypergrad + L-BFGS, 20 outer steps"))
+
+
+def _hpo_load(h: Dict[str, Any]) -> str:
+    """The range of the load averages of the machine (all processes, ours included) seen during the HPO
+    run, at its start and after each (task, split); "" where none was recorded."""
+    seen = [x for x in [h.get("load_avg_start"), *(t.get("load_avg") for t in h["tasks"])]
+            if isinstance(x, (int, float))]
+    return f"{f(min(seen), 1)}–{f(max(seen), 1)}" if seen else ""
+
+
+def _hpo_load_note(h: Dict[str, Any]) -> str:
+    if not _hpo_load(h):
+        return ""
+    return (f"Load average (1 min, all processes on the 2 cores, this run included) seen during the run: "
+            f"{_hpo_load(h)}. Where it is above 2, other jobs shared the cores: wall "
+            f"times are inflated by an amount that varies during the run (the methods of one split run one "
+            f"after the other, seconds to a minute apart), and the CPU-time columns (this process's own CPU "
+            f"time) are the steadier comparison.")
 
 
 def _hpo_key(r: Dict[str, Any]) -> str:
@@ -489,9 +510,15 @@ def render_results(res: Dict[str, Any], meta: Dict[str, Any]) -> str:
               "then a hyper step (IFT, CG-10, Adam lr 0.1 on the log-decays) every 20 inner steps, 150 hyper "
               "steps. The core-API variant: warm-started L-BFGS inner solves + `implicit_hypergrad` (CG-20), "
               "60 Adam steps (lr 0.1), and the same with 20 larger steps (lr 0.3). HyperOptimizer (L-BFGS "
-              "inner): that 20-step configuration through the high-level API, `torch.optim.LBFGS` as the "
-              "inner optimizer and `hyper_every=1`. Every method ran once on a tiny task before the timed "
-              "runs, so one-time costs (imports, first passes) are charged to none of them.", "",
+              "inner, the headline row): `torch.optim.LBFGS` as the inner optimizer and `hyper_every=1`, "
+              "20 hyper steps (Adam lr 0.3); each inner solve runs to ‖∇‖∞ ≤ 1e-4, warm-started from the "
+              "previous weights and from L-BFGS's curvature history, which the HyperOptimizer keeps across "
+              "a hyper step except the one pair straddling the change of hyperparameters; the hypergradient "
+              "by CG-10 warm-started from the previous adjoint (`bl.Implicit(warm_start=True)`). "
+              "HyperOptimizer (L-BFGS inner to 1e-6, CG-20): the core API's 20-step configuration through "
+              "the high-level API (every solve tight, CG cold). Every method ran once on a tiny task before "
+              "the timed runs, so one-time costs (imports, first passes) are charged to none of them. "
+              + _hpo_load_note(h), "",
               "![hpo](plots/hpo_quality.png)", ""]
         for name, runs in _hpo_by_task(h).items():
             keys = [_hpo_key(r) for r in runs[0]["rows"]]
@@ -560,7 +587,10 @@ def render_readme(res: Dict[str, Any], meta: Dict[str, Any]) -> str:
         f"{m.get('torch', '?')}, 1 thread), {meta.get('date', '?')}; details, other load and every "
         "configuration in [`benchmarks/RESULTS.md`](benchmarks/RESULTS.md). Generated, not typed. "
         f"Time ratios are paired (back-to-back) and were taken while other jobs used "
-        f"{other_load_range(res)} of the 2 cores.", "",
+        f"{other_load_range(res)} of the 2 cores." + (
+            f" The HPO rows ran at a load average of {_hpo_load(res['hpo'])} (all processes; wall and CPU "
+            f"times of every method inflated by other jobs, RESULTS.md section 4)."
+            if "hpo" in res and _hpo_load(res["hpo"]) else ""), "",
         table(["what", "measured", "target", "status"], headline(res, brief=True)), "",
         "See RESULTS.md for the other HPO configurations (SGD inner optimizer, the core API).", "",
         "![accuracy vs cost](benchmarks/plots/accuracy_vs_hvps.png)", "", END, ""])

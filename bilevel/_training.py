@@ -21,6 +21,44 @@ from ._rng import set_state as set_rng
 CLOSURE_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
 
 
+
+def drop_straddling_pair(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``torch.optim.LBFGS`` keep its curvature history across a change of the objective, except
+    the one (s, y) pair that would straddle the change.
+
+    L-BFGS forms its next pair at the start of its next ``step()``: s = the last step (``state["d"]``
+    times ``state["t"]``) and y = the gradient there minus ``state["prev_flat_grad"]``. When the
+    hyperparameters changed in between, that y mixes the gradients of two functions and can point
+    anywhere (even give s·y ≤ 0); the pairs before it are differences of one function each, and
+    describe the new objective up to the change of its Hessian (a weight decay's diagonal). Setting
+    the last step to zero makes s·y = 0, which L-BFGS skips, so only the straddling pair is dropped:
+    the warm-started solve keeps its curvature model and its scale ``H_diag`` and converges in a few
+    iterations instead of restarting from steepest descent. The solve still stops on the gradient of
+    the new objective (``tolerance_grad``), so where it ends is unchanged up to that tolerance.
+
+    Shapes: none changed; ``state["d"]`` (the flat step, one entry per weight) becomes zeros. An
+    optimizer with no step taken yet, or another optimizer, is left as it is.
+
+    Example:
+        >>> w = torch.zeros(3, requires_grad=True)
+        >>> opt = torch.optim.LBFGS([w], line_search_fn="strong_wolfe")
+        >>> loss = lambda lam: ((w - 1) ** 2).sum() + lam * (w ** 2).sum()
+        >>> def closure(lam=0.1):
+        ...     opt.zero_grad(); out = loss(lam); out.backward(); return out
+        >>> _ = opt.step(closure)
+        >>> drop_straddling_pair(opt)                 # the objective changes: lam 0.1 -> 0.2
+        >>> _ = opt.step(lambda: closure(0.2))
+        >>> bool(torch.allclose(w, torch.full((3,), 1 / 1.2), atol=1e-5))
+        True
+    """
+    if not isinstance(optimizer, torch.optim.LBFGS):
+        return
+    for state in optimizer.state.values():
+        d = state.get("d")
+        if isinstance(d, Tensor):
+            state["d"] = torch.zeros_like(d)
+
+
 def _ids(tensors: Iterable[Tensor]) -> set[int]:
     return {id(t) for t in tensors}
 
@@ -148,14 +186,43 @@ class ModelFunctions:
         parameters replaced by ``params``, its in-model hyperparameters by ``hparams``' entries and its
         buffers by ``buffers`` (copies: the passes of a hyper step must not move BatchNorm statistics)."""
         holder, hp_in_model, aliases = _LossCall(self.model), self.hp_in_model, _aliases(self.model)
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
         def call(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
             tensors = {**params, **{n: hparams[k] for n, k in hp_in_model.items()}, **buffers}
             tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
-            return functional_call(holder, {"m." + n: t for n, t in tensors.items()}, (loss_fn, hparams, batch),
-                                   tie_weights=False)
+            with batch_statistics_only(norms):
+                return functional_call(holder, {"m." + n: t for n, t in tensors.items()}, (loss_fn, hparams, batch),
+                                       tie_weights=False)
 
         return call
+
+
+class batch_statistics_only:
+    """Within it, batch-norm layers (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in training mode
+    normalize by the batch's statistics without updating their running statistics (and their batch
+    counter).
+
+    A hyper step's passes use copies of the buffers and throw the updates away, so the value is the
+    same as in training mode with tracking; what changes is that no buffer is written in place,
+    which the ``torch.func`` transforms of forward mode (``jvp`` under ``vmap``) cannot do to a
+    tensor that is not an input. Layers in eval mode (running statistics) are left as they are.
+    """
+
+    def __init__(self, norms: Iterable[nn.Module]) -> None:
+        self.norms = list(norms)
+        self.changed: list[nn.Module] = []
+
+    def __enter__(self) -> "batch_statistics_only":
+        self.changed = [m for m in self.norms if m.training and m.track_running_stats]
+        for m in self.changed:
+            m.track_running_stats = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m in self.changed:
+            m.track_running_stats = True
+        self.changed = []
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

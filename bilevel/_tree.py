@@ -43,7 +43,7 @@ class Flat:
 
     ``Flat(tree)`` records keys, shapes and offsets; :meth:`flatten` copies a tree of
     that layout into one vector, :meth:`unflatten` returns a tree of *views* into
-    a vector (no copy). All leaves must share one dtype and one device.
+    a vector (no copy), and :meth:`as_flat` gets that vector back from such a tree (no copy). All leaves must share one dtype and one device.
 
     Args:
         tree: the template tree, e.g. ``dict(model.named_parameters())``.
@@ -87,6 +87,28 @@ class Flat:
         """Copy ``tree`` (same layout) into a new 1-D tensor of length :attr:`size`."""
         return torch.cat([tree[k].reshape(-1) for k in self.keys]) if len(self.keys) > 1 \
             else tree[self.keys[0]].reshape(-1).clone()
+
+    def as_flat(self, tree: Mapping[str, Tensor]) -> Tensor:
+        """The vector of shape ``(size,)`` holding ``tree``: a view, without a copy, when the leaves
+        already lie in one contiguous buffer in this layout (a tree :meth:`unflatten` returned), else
+        a new vector as :meth:`flatten` makes. Writes to a view write the tree's leaves.
+
+        Example:
+            >>> fl = bl._tree.Flat({"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+            >>> vec = torch.arange(9.0)
+            >>> fl.as_flat(fl.unflatten(vec)).data_ptr() == vec.data_ptr()     # the same memory
+            True
+        """
+        first = tree[self.keys[0]]
+        base = first.storage_offset()
+        storage = first.untyped_storage()
+        one_buffer = all(
+            v.shape == s and v.is_contiguous() and v.dtype == self.dtype and v.device == self.device
+            and v.untyped_storage().data_ptr() == storage.data_ptr() and v.storage_offset() == base + o
+            for v, s, o in ((tree[k], s, o) for k, s, o in zip(self.keys, self.shapes, self.offsets)))
+        if one_buffer and storage.nbytes() >= (base + self.size) * first.element_size():
+            return first.detach().as_strided((self.size,), (1,), base)
+        return self.flatten(tree)
 
     def unflatten(self, vec: Tensor) -> Tree:
         """A tree of views into ``vec`` (shape ``(size,)``); writes to the views write ``vec``."""

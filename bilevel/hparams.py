@@ -171,6 +171,23 @@ class WeightDecay:
         """
         return {name: positive(self.raw(hparams, name), self.kind).expand_as(params[name]) for name in self.keys}
 
+    def gradient(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``∇_w penalty = decay ⊙ w`` in closed form, ``{param name: Tensor like params[name]}``: one
+        weight-sized tensor per parameter and no autograd graph (the double of it, ``e^raw`` and ``w²``
+        kept for a backward pass, would be alive at once otherwise).
+
+        Example:
+            >>> hp, penalty = bl.hparams.weight_decay({"w": torch.ones(2)}, init=0.5)
+            >>> penalty.gradient({"w": torch.tensor([1., 2.])}, hp)["w"]
+            tensor([0.5000, 1.0000])
+        """
+        out = {}
+        with torch.no_grad():
+            for name, key in self.keys.items():
+                d, w = positive(hparams[key], self.kind), params[name]
+                out[name] = d.mul_(w) if d.shape == w.shape else d * w       # `d` is a fresh tensor
+        return out
+
     def hvp(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
             v: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``∇²_w penalty · v = decay ⊙ v`` (the :class:`bilevel.losses.Structured` product)."""

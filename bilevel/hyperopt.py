@@ -28,7 +28,8 @@ from ._io import atomic_save
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
 from ._training import (CLOSURE_OPTIMIZERS, ModelFunctions, OuterBatches, Snapshot, check_hparams, check_options,
-                        check_weights, clone_state, nonfinite_inner, unwrap_ddp, warn_if_no_hyper_step)
+                        check_weights, clone_state, drop_straddling_pair, nonfinite_inner, unwrap_ddp,
+                        warn_if_no_hyper_step)
 from ._tree import Tree, tree_norm
 from .hparams import WeightDecay
 from .distributed import all_reduce_mean_grads, broadcast_from_first_, check_group, world_size
@@ -51,7 +52,9 @@ class HyperOptimizer:
             parameters it holds are the inner variables, the others are constants.
             ``torch.optim.LBFGS`` works too (with ``bl.Implicit`` or ``bl.FirstOrder``): each
             :meth:`inner_step` is then a line-search solve, the natural inner solver of a convex or
-            small problem, and a hyper step right after it sees weights near the minimum.
+            small problem, and a hyper step right after it sees weights near the minimum. Its
+            curvature history is kept across hyper steps, less the one pair that straddles the
+            change of hyperparameters, so warm-started solves take a few iterations.
         outer_optimizer: a ``torch.optim`` optimizer over ``hparams.values()``.
         method: ``bl.Implicit(solver=...)`` (default ``bl.Implicit()``: ``bl.CG(maxiter=10, on_indefinite="stop")``),
             ``bl.Unrolled(steps=..., truncate=...)``, ``bl.FiniteDifference()``, ``bl.FirstOrder()``, or
@@ -325,18 +328,24 @@ class HyperOptimizer:
             v.grad = g
         if not all_finite(*self.hparams.values()):
             snapshot.restore()
+            low = sorted({str(v.dtype) for v in self.hparams.values() if v.dtype in (torch.float16, torch.bfloat16)})
+            why = (f" The hyperparameters are {'/'.join(low)}: in half precision an optimizer's eps (Adam's 1e-8) "
+                   f"rounds to 0, so a zero hypergradient entry divides 0 by 0. Fix: keep the hyperparameters in "
+                   f"float32 (the model may stay in half precision: the hypergradient is cast), or raise the outer "
+                   f"optimizer's eps (1e-4 for float16)." if low else " Fix: lower the outer learning rate.")
             err = NonFiniteError("bilevel.HyperOptimizer.hyper_step: outer_optimizer.step() produced NaN/Inf "
-                                 "hyperparameters; they were restored. Fix: lower the outer learning rate.")
+                                 "hyperparameters; they were restored." + why)
             self._fail(err, "hyper_step")
             stats.skipped, stats.error = True, str(err)
             return
         self.hyper_steps += 1
         self.method_state = self._pending_state
         if self._closure_optimizer:
-            # The inner objective changed with the hyperparameters: L-BFGS's curvature pairs (and
-            # the pair it would form from the last gradient of the old objective and the first of
-            # the new) describe another function, and can stall its next line search.
-            self.inner_optimizer.state.clear()
+            # The inner objective changed with the hyperparameters: the pair L-BFGS would form from
+            # the last gradient of the old objective and the first of the new describes neither, and
+            # stalled its next line search. Only that pair is dropped: the others keep the warm-started
+            # solve short (a few iterations instead of a restart from steepest descent).
+            drop_straddling_pair(self.inner_optimizer)
 
     def step(self, batch: Any) -> Tensor:
         """An inner step on ``batch`` and, every ``hyper_every`` calls, a hyper step on (``batch``,

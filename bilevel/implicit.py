@@ -64,8 +64,9 @@ def _root_vjp(op: CurvatureOperator, b: Mapping[str, Tensor], solver: Any,
 
 
 def _outer_gradients(outer_loss: Callable[..., Tensor], params: Tree, hparams: Tree, args: tuple, group: Any,
-                     check_finite: bool, fn: str) -> tuple[Tensor, Tree, Tree, list[str]]:
-    """``(L_V, ∂_w L_V, ∂_λ L_V, hparams keys L_V does not use)``, averaged over the ranks of ``group``."""
+                     check_finite: bool, fn: str) -> tuple[Tensor, Tree, dict[str, Optional[Tensor]], list[str]]:
+    """``(L_V, ∂_w L_V, ∂_λ L_V (None where L_V does not read a key), hparams keys L_V does not use)``,
+    averaged over the ranks of ``group``."""
     w = tree_detach(params, requires_grad=True)
     h = tree_detach(hparams, requires_grad=True)
     with torch.enable_grad():
@@ -73,13 +74,21 @@ def _outer_gradients(outer_loss: Callable[..., Tensor], params: Tree, hparams: T
         leaves = [*w.values(), *h.values()]
         grads = torch.autograd.grad(lv, leaves, allow_unused=True) if lv.requires_grad else [None] * len(leaves)
     unused = [k for k, g in zip(h, grads[len(w):]) if g is None]
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    used = [(k, g) for k, g in zip(h, grads[len(w):]) if g is not None]
+    # NOTE: ∂_w L_V goes straight into one flat buffer, and the tree returned is views of it: the
+    # solvers take that buffer as it is (Flat.as_flat), where a tree of separate tensors would be
+    # copied into one, two weight-sized vectors alive through the whole solve instead of one.
+    flat = Flat(w)
+    b_flat = flat.flatten_list(grads[:len(w)])
+    del grads
     # the global batch's loss and gradients; NOTE: checked after the reduction, so that every rank
     # raises (or none does): a rank raising alone would leave the others waiting in a collective.
-    lv, *grads = all_reduce_mean_list([lv.detach(), *grads], group)
+    # A hyperparameter outer_loss does not read has no direct term (None, not a tree of zeros).
+    lv, b_flat, *direct = all_reduce_mean_list([lv.detach(), b_flat, *(g for _, g in used)], group)
     if check_finite:
         check_finite_scalar(lv, fn, "outer_loss(params, hparams, *outer_args)")
-    return lv, dict(zip(w, grads[:len(w)])), dict(zip(h, grads[len(w):])), unused
+    reduced = dict(zip((k for k, _ in used), direct))
+    return lv, flat.unflatten(b_flat), {k: reduced.get(k) for k in h}, unused
 
 
 def _resolve_args(args: Any, fn: str, name: str) -> tuple:
@@ -202,6 +211,9 @@ def implicit_hypergrad(
                        group=group, name=fn)
     if check_finite:
         check_finite_scalar(op.loss, fn, "inner_loss(params, hparams, *inner_args)")
+    # NOTE: taken before the solve, while the fewest weight-sized vectors are alive (a penalty's
+    # gradient is only summed in here, see operators._Penalized)
+    inner_grad_norm = float(op.grad_norm)
     unused = [k for k in outer_unused if k not in op.hparams_in_loss()]
     if unused:
         raise ValueError(
@@ -210,10 +222,10 @@ def implicit_hypergrad(
             f"read them as hparams[key] inside a loss (a tensor captured from elsewhere is not the one passed).")
     mixed, u, sinfo = _root_vjp(op, b, solver, u0, solver_state)
     # dL_V/dλ = ∂_λ L_V − ∇_λ <∂_w L_T, u>
-    hg = {k: direct[k] - mixed[k] for k in hparams}
+    hg = {k: -mixed[k] if direct[k] is None else direct[k] - mixed[k] for k in hparams}
     if check_finite:
         check_finite_tree(hg, fn, "the hypergradient")
-    info = HypergradInfo(float(op.grad_norm), float(op.loss), float(lv), sinfo, op.mode,
+    info = HypergradInfo(inner_grad_norm, float(op.loss), float(lv), sinfo, op.mode,
                          {k: v.detach() for k, v in u.items()})
     return Hypergrad(hg, info)
 
@@ -543,7 +555,7 @@ def _solve(solver: Any, flat: Flat, matvec_flat: Callable[[Tensor], Tensor], b: 
         kw: dict[str, Any] = dict(solver_kw) if u0 is None else {**solver_kw, "x0": flat.flatten(u0)}
         if solver.uses_rmatvec and rmatvec_flat is not None:
             kw["rmatvec"] = rmatvec_flat
-        x, info = solver.solve_flat(matvec_flat, flat.flatten(b), **kw)
+        x, info = solver.solve_flat(matvec_flat, flat.as_flat(b), **kw)      # solvers never write b
         return flat.unflatten(x), info
     if not callable(solver):
         raise TypeError(f"bilevel: expected `solver` to be a bl.Solver or a callable solver(matvec, b) -> tree, "

@@ -487,7 +487,17 @@ class _Wrapper(CurvatureOperator):
     def __init__(self, inner: CurvatureOperator) -> None:
         self.inner = inner
         self.point = inner.point
-        self.loss, self.grad, self.reach = inner.loss, inner.grad, inner.reach
+        self.loss, self.reach = inner.loss, inner.reach
+
+    @functools.cached_property
+    def grad(self) -> Tree:  # type: ignore[override]
+        """The inner operator's gradient, read when first needed (wrappers that change it assign or override it)."""
+        return self.inner.grad
+
+    @functools.cached_property
+    def grad_norm(self) -> Tensor:
+        # the inner operator's, unless this wrapper assigned a gradient of its own (or it was read)
+        return tree_norm(self.grad) if "grad" in vars(self) else self.inner.grad_norm
 
     @property
     def mode(self) -> str:  # type: ignore[override]
@@ -555,22 +565,24 @@ class _SeparableTerm:
         self._penalty, self._params, self._hparams = penalty, params, hparams
         self._fixed = {k: v.detach() for k, v in (fixed or {}).items() if k not in params}
         closed = declares(penalty, "hessian_diag") and declares(penalty, "mixed_vjp")
-        leaves = list(params.values())
+        self._g: Optional[list[tuple[str, Tensor]]] = None
+        self._grad: Optional[Tree] = None
         with torch.enable_grad():
             value = check_scalar(penalty(self._all(params), hparams), name, "penalty(params, hparams)")
-            grads = torch.autograd.grad(value, leaves, create_graph=not closed, allow_unused=True) \
-                if value.requires_grad else [None] * len(leaves)
         reach = reachable_leaves([value])
         #: keys of ``hparams`` the penalty's value depends on
         self.hparams_in_value = {k for k, h in hparams.items() if id(h) in reach}
-        self.value = value.detach()
-        self.grad = {k: g.detach() for k, g in _zeros_for_none(grads, params).items()}
-        self._g: Optional[list[tuple[str, Tensor]]] = None
         if closed:
+            # NOTE: the gradient is left to gradient(), which the solvers never call: one weight-sized
+            # tree fewer alive through a solve (and the value's graph is freed on return)
+            self.value = value.detach()
             d = penalty.hessian_diag(self._all(tree_detach(params)), tree_detach(hparams))
             self.diag = {k: (d[k].detach().expand_as(p) if k in d else torch.zeros_like(p)).to(p.dtype)
                          for k, p in params.items()}
             return
+        grads = self._grads(value, create_graph=True)
+        self.value = value.detach()
+        self._grad = {k: g.detach() for k, g in _zeros_for_none(grads, params).items()}
         self._g = [(k, g) for k, g in zip(params, grads) if g is not None and g.requires_grad]
         self.diag = {k: torch.zeros_like(p) for k, p in params.items()}
         if self._g:
@@ -579,6 +591,26 @@ class _SeparableTerm:
 
     def _all(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {**self._fixed, **params} if self._fixed else dict(params)
+
+    def _grads(self, value: Tensor, create_graph: bool) -> Sequence[Optional[Tensor]]:
+        leaves = list(self._params.values())
+        with torch.enable_grad():
+            return torch.autograd.grad(value, leaves, create_graph=create_graph, allow_unused=True) \
+                if value.requires_grad else [None] * len(leaves)
+
+    def gradient(self) -> Tree:
+        """``∇_params P`` (keys of ``params``): kept from the start for a penalty without closed forms
+        (its graph is needed anyway), else computed now: by the penalty's own ``gradient`` when it
+        declares one (:class:`bilevel.hparams.WeightDecay`: ``decay ⊙ w``), else by one more evaluation."""
+        if self._grad is not None:
+            return self._grad
+        if declares(self._penalty, "gradient"):
+            out = self._penalty.gradient(self._all(tree_detach(self._params)), tree_detach(self._hparams))
+            return {k: (out[k].detach().to(p.dtype) if k in out else torch.zeros_like(p))
+                    for k, p in self._params.items()}
+        with torch.enable_grad():
+            value = self._penalty(self._all(self._params), self._hparams)
+        return {k: g.detach() for k, g in _zeros_for_none(self._grads(value, False), self._params).items()}
 
     def _check_separable(self, name: str) -> None:
         assert self._g is not None
@@ -629,8 +661,21 @@ class _Penalized(_Wrapper):
         super().__init__(inner)
         self.term = _SeparableTerm(penalty, self.params, self.hparams, self.point.name, fixed)
         self.loss = inner.loss + self.term.value
-        self.grad = {k: g + self.term.grad[k] for k, g in inner.grad.items()}
+        # one flat diagonal, the term's tree made views of it (not a second weight-sized copy)
         self._diag = self.flat.flatten(self.term.diag)
+        self.term.diag = self.flat.unflatten(self._diag)
+        # NOTE: the norm now, at the point, key by key (one leaf-sized sum alive at a time); the
+        # gradient tree itself only when read (`grad`): the solvers never read it, so the penalty's
+        # gradient and the sum, two weight-sized trees, are not alive through a solve.
+        pen = self.term.gradient()
+        self.grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g + pen[k])
+                                                               for k, g in inner.grad.items()]))
+
+    @functools.cached_property
+    def grad(self) -> Tree:  # type: ignore[override]
+        """``∇_params (f + P)``, summed when first read (see ``__init__``)."""
+        pen = self.term.gradient()
+        return {k: g + pen[k] for k, g in self.inner.grad.items()}
 
     def product(self, v: Tensor) -> Tensor:
         out = self.inner.product(v)

@@ -507,6 +507,8 @@ class CG(Solver):
             arithmetic) with every reduction on the device; ``on_indefinite="stop"`` there
             returns the iterate from before the direction of non-positive curvature (or the
             same ``b / scale`` fallback).
+        symmetry_tol: the relative asymmetry above which the operator counts as non-symmetric
+            (an error); ``None`` (default): ``√eps`` of ``b``'s dtype. See below.
 
     Curvature is judged relative to the operator's scale and to rounding: with ``ρ = pᵀAp/pᵀp``
     and ``scale`` the largest ``|ρ|`` seen so far, ``ρ < −64·eps·scale`` (or NaN) is negative
@@ -518,9 +520,12 @@ class CG(Solver):
 
     The operator must be symmetric: on the second iteration CG compares ``uᵀ(Av)`` with
     ``vᵀ(Au)`` for the two vectors whose products it already has (no extra product) and raises
-    :class:`DivergenceError` when they differ by more than ``√eps`` relative, which rounding of a
-    Hessian-vector product never reaches. For a non-symmetric system use a solver for
-    non-symmetric systems, or symmetrize the operator; :class:`Exact` solves any non-singular one.
+    :class:`DivergenceError` when they differ by more than ``symmetry_tol`` relative (default
+    ``√eps`` of ``b``'s dtype), which rounding of a Hessian-vector product never reaches in that
+    precision. For a non-symmetric system use a solver for non-symmetric systems, or symmetrize the
+    operator; :class:`Exact` solves any non-singular one. Products computed in lower precision than
+    ``b`` (a loss under ``torch.autocast``) round more: set ``symmetry_tol`` to about ``√eps`` of
+    that precision (0.1 for bfloat16, 0.03 for float16); ``math.inf`` turns the check off.
 
     ``solve_flat(matvec, b, x0)`` takes a warm start ``x0`` (``warm_startable = True``).
 
@@ -545,9 +550,12 @@ class CG(Solver):
     check_every: int = 5
     on_indefinite: str = "raise"
     backend: str = "auto"
+    symmetry_tol: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_backend("bilevel.CG", self.backend)
+        if self.symmetry_tol is not None:
+            _check_number("bilevel.CG", "symmetry_tol", self.symmetry_tol)
         _check_number("bilevel.CG", "maxiter", self.maxiter, low=1, integer=True)
         _check_number("bilevel.CG", "tol", self.tol)
         _check_number("bilevel.CG", "atol", self.atol)
@@ -566,13 +574,19 @@ class CG(Solver):
             f"use on_indefinite='stop', or solve the inner problem further."
         )
 
+    def _symmetry_tol(self, dtype: torch.dtype) -> float:
+        return _symmetry_tol(dtype) if self.symmetry_tol is None else float(self.symmetry_tol)
+
     def _asymmetric_error(self, gap: float, tol: float) -> DivergenceError:
         return DivergenceError(
             f"bilevel.CG: expected a symmetric operator (H + damping·I), but the operator is not symmetric: "
             f"uᵀ(Av) and vᵀ(Au) differ by {gap:.3e} relative to ‖u‖‖Av‖ + ‖v‖‖Au‖ (rounding stays below "
             f"{tol:.1e}). CG needs a symmetric positive definite operator, e.g. a Hessian; the Jacobian of a "
             f"root or fixed-point map is not symmetric. Fix: use a solver for non-symmetric systems, or "
-            f"symmetrize the operator; bl.Exact() solves any non-singular system densely."
+            f"symmetrize the operator; bl.Exact() solves any non-singular system densely. If the products are "
+            f"a Hessian computed in reduced precision (torch.autocast, float16/bfloat16 matmuls), this gap is "
+            f"their rounding: pass CG(symmetry_tol=0.1) (about √eps of bfloat16), or compute the inner loss "
+            f"in float32."
         )
 
     def solve_flat(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, SolverInfo]:
@@ -601,7 +615,7 @@ class CG(Solver):
                              f"got b {tuple(b.shape)}, x0 {None if x0 is None else tuple(x0.shape)}. Fix: stack the "
                              f"systems' right-hand sides as rows.")
         run, bnorm, thresh = self._start(matvec, b, x0, None)
-        it = _iterate_cg(run, self.maxiter, self.check_every, thresh, _symmetry_tol(b.dtype))
+        it = _iterate_cg(run, self.maxiter, self.check_every, thresh, self._symmetry_tol(b.dtype))
         assert isinstance(run, _HestenesStiefelCG)
         outs = [self._result(o, b, bn, th, None) for o, bn, th in zip(run.outcomes(it), bnorm, thresh.tolist())]
         return torch.stack([x for x, _ in outs]), [info for _, info in outs]
@@ -628,15 +642,15 @@ class CG(Solver):
                ) -> tuple[Tensor, SolverInfo]:
         """The solve; ``fused``: run the Chronopoulos–Gear form on that kernel backend, else textbook CG."""
         run, bnorm, thresh = self._start(matvec, b, x0, fused)
-        it = _iterate_cg(run, self.maxiter, self.check_every, thresh, _symmetry_tol(b.dtype))
+        it = _iterate_cg(run, self.maxiter, self.check_every, thresh, self._symmetry_tol(b.dtype))
         return self._result(run.outcome(it), b, bnorm, float(thresh), fused)
 
     def _result(self, out: _CGOutcome, b: Tensor, bnorm: Tensor, thresh: float, fused: Optional[str]
                 ) -> tuple[Tensor, SolverInfo]:
         """Turn a run's outcome into ``(x, info)``, or the error it calls for."""
         eps = torch.finfo(b.dtype).eps
-        if out.asymmetry > _symmetry_tol(b.dtype):
-            raise self._asymmetric_error(out.asymmetry, _symmetry_tol(b.dtype))
+        if out.asymmetry > self._symmetry_tol(b.dtype):
+            raise self._asymmetric_error(out.asymmetry, self._symmetry_tol(b.dtype))
         x, rs = out.x, out.rs
         converged = rs <= thresh
         if out.status == _FLAT:
@@ -827,6 +841,9 @@ class Neumann(Solver):
             Ap = A(p)
             min_rq = torch.minimum(min_rq, torch.dot(p, Ap) / pp.clamp_min(tiny))
             pp = neumann_step(p, Ap, acc, alpha_t, backend=backend)   # in place: p ← p − αAp; acc += p
+            # NOTE: freed now, not when the next product is assigned: otherwise two products are alive
+            # while the next one is taken (a weight-sized vector more at the solve's peak)
+            del Ap
             matvecs += 1
             if j % self.check_every == 0 or j == self.steps:
                 pn = torch.sqrt(pp)
@@ -838,7 +855,7 @@ class Neumann(Solver):
                         f"negative curvature. Fix: use alpha=None (chosen by power iteration), a smaller alpha, "
                         f"damping > 0, or the CG solver."
                     )
-        x = alpha * acc if x0 is None else x0 + alpha * acc
+        x = acc.mul_(alpha) if x0 is None else acc.mul_(alpha).add_(x0)     # in place: no third vector
         res = float(torch.sqrt(pp))
         rq_min = float(min_rq)
         # negative beyond rounding, on the scale 1/α of the operator

@@ -425,7 +425,24 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
                 parts.append(d)
                 if weights_jacobian:
                     jac_parts.append(dw)
+    except NotImplementedError as err:
+        if "forward AD" not in str(err):
+            raise
+        raise NotImplementedError(
+            f"{fn}: mode='forward' needs forward-mode AD of every operation of inner_loss and outer_loss "
+            f"(forward-over-reverse), and PyTorch has none for one of them (CPU LSTM/GRU kernels, for "
+            f"example): {err} Fix: mode='reverse' or mode='checkpoint' (reverse mode only), or an equivalent "
+            f"operation that has a forward derivative.") from err
     except RuntimeError as err:
+        if "mutate a captured Tensor" in str(err):
+            raise RuntimeError(
+                f"{fn}: mode='forward' runs the steps under torch.func.jvp, and inner_loss or outer_loss writes "
+                f"in place into a tensor that is not one of its inputs (a module buffer updated in forward, such "
+                f"as a running statistic or a counter, or a tensor captured from outside). Expected losses that "
+                f"write only to their own intermediate tensors, got: {err}. Fix: mode='reverse' or "
+                f"mode='checkpoint', or stop the write (eval mode for that module, or pass the tensor in as an "
+                f"argument). bl.HyperOptimizer already keeps batch-norm layers' running statistics fixed "
+                f"during a hyper step.") from err
         if "ZeroTensors are immutable" not in str(err):
             raise
         raise RuntimeError(

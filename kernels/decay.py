@@ -28,8 +28,9 @@ def decay_mixed_reference(lam: Tensor, w: Tensor, u: Tensor, kind: str = "exp") 
         >>> bl.kernels.decay_mixed_reference(torch.tensor(0.0), w, u, "softplus")   # shared λ: σ(0) ⊙ w ⊙ u
         tensor([0.5000, 1.0000, 1.5000])
     """
-    d = lam.exp() if kind == "exp" else torch.sigmoid(lam)    # softplus' = σ
-    return d * w * u
+    d = lam.exp() if kind == "exp" else torch.sigmoid(lam)    # softplus' = σ; a fresh tensor
+    # in place where the shapes allow: one w-sized tensor instead of three alive at once
+    return (d.mul_(w) if d.shape == w.shape else d * w).mul_(u)
 
 
 def decay_mixed(lam: Tensor, w: Tensor, u: Tensor, kind: str = "exp", *, backend: str = "auto") -> Tensor:

@@ -111,6 +111,13 @@ def test_hpo_smoke(baselines):
     hop = [r for r in task["rows"] if "HyperOptimizer" in r["method"]][0]
     assert hop["skipped"] == 0
     assert rows
+    assert {r["key"] for r in task["rows"]} >= {"lbfgs", "lbfgs_tight", "tpe"}
+    # every full-size task loads with its documented split and number of decays (no run: that is the benchmark)
+    sizes = {"breast_cancer": (100, 235, 234, 30), "digits": (500, 500, 797, 640), "wine": (60, 59, 59, 39)}
+    assert set(sizes) == set(baselines.HPO_TASKS)
+    for name, (n_tr, n_va, n_te, n_hp) in sizes.items():
+        t = baselines.HPOTask(name, seed=1)
+        assert (len(t.ytr), len(t.yva), len(t.yte), t.n_hparams) == (n_tr, n_va, n_te, n_hp), name
 
 
 def test_repro_smoke(baselines):

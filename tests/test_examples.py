@@ -47,6 +47,17 @@ def test_millions_of_hyperparameters_smoke():
     assert out["val_ce_after"] < out["val_ce_before"]
 
 
+def test_ten_million_hyperparameters_smoke():
+    # tiny sizes (the example's CLI flags); the full-size figures are in benchmarks/RESULTS.md
+    out = _load("ten_million_hyperparameters").main(hidden=32, hyper_steps=2, inner_per_hyper=1, warmup=5,
+                                                    verbose=False)
+    assert out["n_hparams"] == out["n_weights"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    assert out["hvps_per_hyper_step"] == 10 and out["skipped"] == 0
+    assert len(out["hyper_step_s"]) == 2 and all(s > 0 for s in out["hyper_step_s"])
+    assert all(math.isfinite(v) for v in out["val_ce"])
+    assert out["alpha"] > 0 and out["damping"] >= 0
+
+
 def test_data_reweighting_smoke():
     out = _load("data_reweighting").main(smoke=True, seeds=(0,), verbose=False)
     (run,) = out["runs"]
@@ -129,16 +140,33 @@ def test_maml_sinusoid_smoke():
         assert math.isfinite(r["mse"]) and r["ci95"] > 0 and r["mse_before_adaptation"] > 0
 
 
-def test_optuna_hybrid_smoke(tmp_path):
+@pytest.mark.parametrize("decays,n", [("feature", 65), ("tensor", 2)])
+def test_optuna_hybrid_smoke(tmp_path, decays, n):
     pytest.importorskip("optuna")
-    out = _load("optuna_hybrid").main(smoke=True, seeds=(0,), out=str(tmp_path / "p.png"), verbose=False)
+    out = _load("optuna_hybrid").main(smoke=True, seeds=(0,), out=str(tmp_path / "p.png"), verbose=False,
+                                      decays=decays)
     runs = {r["kind"]: r for r in out["runs"]}
     assert set(runs) == {"tpe", "hybrid"}
     for r in runs.values():                    # smoke: two trials each, whatever they cost
         assert r["n_trials"] == 2 and r["curve"][0][0] < r["curve"][1][0] <= out["budget_s"]
         assert r["curve"][1][1] == min(r["curve"][0][1], r["curve"][1][1]) == r["best_val"]   # best so far
         assert math.isfinite(r["best_val"]) and math.isfinite(r["test_of_best"])
-    assert {"width", "optimizer", "batch_size", "weight_decay/0.weight"} <= set(runs["hybrid"]["best_params"])
-    assert {"decay0", "decay1"} <= set(runs["tpe"]["best_params"])
+        assert len(r["best_decays"]) == n and all(0 < d < 1 for d in r["best_decays"])
+        assert {"width", "optimizer", "batch_size"} <= set(r["best_params"])
+    assert {f"decay{i}" for i in range(n)} == {k for k in runs["tpe"]["best_params"] if k.startswith("decay")}
+    assert sorted(runs["tpe"]["best_decays"]) != sorted(runs["hybrid"]["best_decays"])
     if out["plot"]:
         assert (tmp_path / "p.png").stat().st_size > 5000
+
+
+def test_optuna_hybrid_feature_decay_is_the_written_penalty():
+    pytest.importorskip("optuna")
+    ex = _load("optuna_hybrid")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    pen = ex.FeatureDecay(model, init=1e-3)
+    hp = {"decay/input": torch.randn(64), "decay/output": torch.tensor(0.3)}
+    W1, W2 = model[0].weight.detach(), model[2].weight.detach()
+    want = 0.5 * sum(float(hp["decay/input"][j].exp()) * float(W1[:, j].square().sum()) for j in range(64)) \
+        + 0.5 * float(hp["decay/output"].exp()) * float(W2.square().sum())
+    assert float(pen(model, hp)) == pytest.approx(want, rel=1e-5)
+    assert float(pen(dict(model.named_parameters()), hp)) == pytest.approx(want, rel=1e-5)

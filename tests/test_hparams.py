@@ -39,7 +39,7 @@ def test_weight_decay_tree_and_penalty(per, n):
 
 @pytest.mark.parametrize("per", ["parameter", "tensor", "model"])
 @pytest.mark.parametrize("kind", ["exp", "softplus"])
-def test_mixed_closed_form_matches_autograd(per, kind):
+def test_closed_forms_match_autograd(per, kind):
     m = _model()
     hp, pen = H.weight_decay(m, init=3e-2, per=per, kind=kind, exclude=("2.bias",))
     hp = {k: v.detach() + 0.1 * torch.randn_like(v) for k, v in hp.items()}
@@ -50,6 +50,13 @@ def test_mixed_closed_form_matches_autograd(per, kind):
     for k in hp:
         assert rel_err(got[k], ref[k]) < 1e-12, k
     assert "weight_decay/2.bias" not in hp
+    # the gradient decay ⊙ w, without a graph
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    ref_grad = torch.autograd.grad(pen(leaves, hp), list(leaves.values()), allow_unused=True)
+    grad = pen.gradient(params, hp)
+    assert set(grad) == set(params) - {"2.bias"}
+    for k, r in zip(params, ref_grad):
+        assert k not in grad or (rel_err(grad[k], r) < 1e-12 and not grad[k].requires_grad), k
 
 
 def test_example_weights_normalized():

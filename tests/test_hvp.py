@@ -211,6 +211,9 @@ def test_operator_penalty_equals_penalty_inside_the_loss(kind, closed, mode):
     assert tree_rel_err(split.mixed_vjp(v), full.mixed_vjp(v)) < 1e-12
     assert tree_rel_err(split.grad, full.grad) < 1e-12
     assert abs(float(split.loss - full.loss)) < 1e-12 and abs(float(split.grad_norm - full.grad_norm)) < 1e-12
+    # the norm read first, without the gradient tree (summed key by key)
+    fresh = bl.HessianOperator(data, params, hp, (X, y), mode=mode, penalty=pen)
+    assert abs(float(fresh.grad_norm - full.grad_norm)) < 1e-12 and "grad" not in vars(fresh.inner)
 
 
 def test_operator_penalty_on_some_tensors_and_without_hparams():

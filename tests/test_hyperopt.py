@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 import bilevel as bl
@@ -501,30 +502,80 @@ def test_all_finite_one_pass_check_matches_the_elementwise_test():
         assert all_finite(torch.zeros(2, dtype=torch.float64), t) is expected
 
 
-def test_lbfgs_history_is_reset_when_the_hyperparameters_change():
-    """After a hyper step the inner objective is another function: L-BFGS's curvature pairs from the
-    old one (and the pair straddling the change) stalled its line search, leaving the inner gradient
-    at 1e-2 instead of 1e-5 (measured before the reset was added)."""
+def _lbfgs_hopt(tol=1e-7, calls=None):
+    """Per-weight-decay logistic regression, HyperOptimizer with an L-BFGS inner optimizer (hyper_every=1)."""
     torch.manual_seed(0)
     X, Xv = torch.randn(200, 10, dtype=DT), torch.randn(200, 10, dtype=DT)
     w_true = torch.randn(10, dtype=DT) * (torch.arange(10) < 3)
     y, yv = ((X @ w_true + 0.5 * torch.randn(200, dtype=DT)) > 0).to(DT), (Xv @ w_true > 0).to(DT)
     model = torch.nn.Linear(10, 1).to(DT)
     hp, penalty = bl.hparams.weight_decay(model, init=1e-2, per="parameter", exclude=("bias",))
-    bce = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(1), b[1])
+
+    def bce(m, h, b):
+        if calls is not None:
+            calls.append(1)
+        return F.binary_cross_entropy_with_logits(m(b[0]).squeeze(1), b[1])
     hopt = bl.HyperOptimizer(model, hp, inner_loss=bce, outer_loss=bce, penalty=penalty,
-                             inner_optimizer=torch.optim.LBFGS(model.parameters(), max_iter=100,
-                                                               line_search_fn="strong_wolfe"),
+                             inner_optimizer=torch.optim.LBFGS(model.parameters(), max_iter=100, tolerance_grad=tol,
+                                                               tolerance_change=0, line_search_fn="strong_wolfe"),
                              outer_optimizer=torch.optim.Adam(hp.values(), lr=0.3),
                              method=bl.Implicit(solver=bl.CG(maxiter=20)), outer_loader=[(Xv, yv)], hyper_every=1)
+    return hopt, (X, y), penalty, bce
+
+
+def test_lbfgs_keeps_its_history_but_the_pair_straddling_a_hyper_step():
+    """After a hyper step the inner objective is another function. The pair L-BFGS would form from the
+    last gradient of the old objective and the first of the new stalled its line search (inner gradient
+    1e-2 instead of 1e-5, measured when the whole history was kept); clearing the whole history instead
+    restarts every solve from steepest descent. Only the straddling pair is dropped: the other pairs
+    stay, the straddling one never enters the history, and every solve still reaches the minimum of
+    the new objective (against a fresh tight solve at the same hyperparameters)."""
+    hopt, batch, penalty, bce = _lbfgs_hopt()
     norms, vals = [], []
-    for _ in range(15):
-        hopt.step((X, y))
-        norms.append(hopt.step_stats.inner_grad_norm)
-        vals.append(hopt.step_stats.outer_loss)
-    assert max(norms) < 1e-3, norms
+    for i in range(15):
+        st = hopt.inner_optimizer.state[hopt.inner_optimizer._params[0]]
+        before = [y.clone() for y in st.get("old_dirs", [])]
+        if i:
+            assert not st["d"].any()                              # the straddling step was zeroed
+        hopt.inner_step(batch)
+        # every pair kept from before the hyper step is still there, in order (history_size 100 > all pairs)
+        assert len(st["old_dirs"]) >= len(before) and all(torch.equal(a, b) for a, b in zip(before, st["old_dirs"]))
+        straddle = st["d"].mul(st["t"]).clone()                   # the step that would straddle the change
+        hopt.hyper_step(batch, hopt.next_outer_batch())
+        assert len(st["old_dirs"]) == len(st["old_stps"]) and len(st["old_dirs"]) > 0
+        norms.append(hopt.last_stats.inner_grad_norm)
+        vals.append(hopt.last_stats.outer_loss)
+        if i:
+            # the first new pair came from the new solve's own first step, not from the straddling one
+            assert not any(torch.equal(s, straddle) for s in st["old_stps"])
+    assert max(norms) < 1e-6, norms
     assert all(b < a for a, b in zip(vals, vals[1:])), vals
-    assert len(hopt.inner_optimizer.state) == 0             # cleared by the last hyper step
+    # the last solve ends where a fresh solve from zero at the final hyperparameters ends
+    hopt.inner_step(batch)
+    fresh = copy.deepcopy(hopt.model)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    _fit(fresh, hopt.hparams, lambda m, h, b: bce(m, h, b) + penalty(dict(m.named_parameters()), h), batch)
+    for (k, a), b in zip(hopt.model.named_parameters(), fresh.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_lbfgs_kept_history_takes_fewer_evaluations_than_a_cleared_one():
+    """Warm-started solves with the kept history evaluate the loss fewer times than the same run with
+    the history cleared after every hyper step, and reach the same hyperparameters."""
+    counts, hps = [], []
+    for clear in (False, True):
+        calls = []
+        hopt, batch, _, _ = _lbfgs_hopt(tol=1e-5, calls=calls)
+        for _ in range(10):
+            hopt.step(batch)
+            if clear:
+                hopt.inner_optimizer.state.clear()
+        counts.append(len(calls))
+        hps.append({k: v.detach().clone() for k, v in hopt.hparams.items()})
+    assert counts[0] < 0.8 * counts[1], counts
+    assert tree_rel_err(hps[0], hps[1]) < 1e-3
 
 
 def test_clip_grad_norm_equals_the_plain_torch_loop():
@@ -656,3 +707,31 @@ def test_a_non_finite_gradient_under_a_finite_loss_changes_nothing(dtype):
         loss = hopt.inner_step(torch.randn(4, 3, dtype=dtype))
     assert math.isfinite(float(loss)) and hopt.skipped == 1 and hopt.inner_steps == 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not opt.state
+
+
+def test_half_precision_hyperparameters_name_the_cause_and_float32_ones_train():
+    """Adam's eps rounds to 0 in float16: a zero hypergradient entry gives 0/0. The error says so, and
+    float32 hyperparameters over a float16 model work."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    ce = lambda m, h, b: F.cross_entropy(m(b[0]).float(), b[1])
+    for hp_dtype in (torch.float16, torch.float32):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).half()
+        hp, pen = bl.hparams.weight_decay(model, init=1e-3)
+        hp = {k: v.detach().to(hp_dtype).requires_grad_() for k, v in hp.items()}
+        before = {k: v.detach().clone() for k, v in hp.items()}
+        hopt = bl.HyperOptimizer(model, hp, inner_loss=ce, outer_loss=ce, penalty=pen,
+                                 inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 outer_optimizer=torch.optim.Adam(hp.values(), lr=0.05),
+                                 method=bl.Implicit(solver=bl.CG(maxiter=3, damping=1.0)))
+        hopt.inner_step((X.half(), y))
+        batch = (X.half(), y)
+        if hp_dtype == torch.float16:
+            with pytest.raises(bl.NonFiniteError, match="keep the hyperparameters in float32"):
+                hopt.hyper_step(batch, batch)
+            assert all(torch.equal(hp[k], before[k]) for k in hp)
+        else:
+            st = hopt.hyper_step(batch, batch)
+            assert not st.skipped and all(v.dtype == torch.float32 and v.isfinite().all() for v in hp.values())
+            assert any(not torch.equal(hp[k], before[k]) for k in hp)

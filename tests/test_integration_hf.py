@@ -62,16 +62,20 @@ def train(model, hp, pen, cb, tmp, epochs=2, seen=None, resume=None, save="no"):
     return trainer
 
 
-def callback(hp, pen):
+def callback(hp, pen, train_dataloader=None):
     return HyperTrainerCallback(hp, model_loss, penalty=pen, method=method(), val_dataloader=VAL,
-                                outer_optimizer=torch.optim.Adam(hp.values(), lr=0.05))
+                                outer_optimizer=torch.optim.Adam(hp.values(), lr=0.05),
+                                train_dataloader=train_dataloader)
 
 
-def test_train_with_callback_equals_the_hyperoptimizer_loop(tmp_path):
+@pytest.mark.parametrize("batches", ["own", "trainer"])
+def test_train_with_callback_equals_the_hyperoptimizer_loop(tmp_path, batches):
+    """own: the hyper steps cycle the training set in order; trainer: each uses the Trainer's batch."""
     model, hp, pen = make()
-    cb = callback(hp, pen)
+    cb = callback(hp, pen, "trainer" if batches == "trainer" else None)
     seen: list = []
     train(model, hp, pen, cb, tmp_path, seen=seen)
+    assert cb._hook is None                                  # removed when training ended
     assert cb.hyperoptimizer.hyper_steps == len(seen) == 8
 
     ref, rhp, rpen = make()
@@ -82,7 +86,7 @@ def test_train_with_callback_equals_the_hyperoptimizer_loop(tmp_path):
     inner_batches = [collate(DATA[i:i + 4]) for i in range(0, 16, 4)]
     for t, batch in enumerate(seen):
         hopt.inner_step(batch)
-        hopt.hyper_step(inner_batches[t % 4], hopt.next_outer_batch())
+        hopt.hyper_step(batch if batches == "trainer" else inner_batches[t % 4], hopt.next_outer_batch())
     for k in hp:
         torch.testing.assert_close(hp[k], rhp[k], rtol=1e-9, atol=1e-12)
         assert hp[k].item() != pytest.approx(-4.605170185988091)
@@ -96,15 +100,16 @@ def cb_history(cb):
     return [{"bilevel/" + k: v for k, v in row.items()} for row in cb.hyperoptimizer.trajectory.rows]
 
 
-def test_resume_from_a_trainer_checkpoint_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("batches", [None, "trainer"])
+def test_resume_from_a_trainer_checkpoint_is_bit_identical(tmp_path, batches):
     model, hp, pen = make()
-    train(model, hp, pen, callback(hp, pen), tmp_path / "a", epochs=2)
+    train(model, hp, pen, callback(hp, pen, batches), tmp_path / "a", epochs=2)
     m2, hp2, pen2 = make()
-    train(m2, hp2, pen2, callback(hp2, pen2), tmp_path / "b", epochs=1, save="epoch")
+    train(m2, hp2, pen2, callback(hp2, pen2, batches), tmp_path / "b", epochs=1, save="epoch")
     ckpt = tmp_path / "b" / "checkpoint-4"
     assert (ckpt / "bilevel_hyper.pt").exists()
     m3, hp3, pen3 = make()                                   # a fresh process would start like this
-    cb = callback(hp3, pen3)
+    cb = callback(hp3, pen3, batches)
     train(m3, hp3, pen3, cb, tmp_path / "b", epochs=2, resume=str(ckpt))
     assert cb.hyperoptimizer.hyper_steps == 8 and len(cb.hyperoptimizer.trajectory) == 8
     for k in hp:
@@ -128,6 +133,12 @@ def test_bad_input_is_refused_before_training(tmp_path, case, match):
     with pytest.raises(ValueError, match=match):
         train(model, hp, pen, cb, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_unknown_train_dataloader_name_is_refused():
+    _, hp, pen = make()
+    with pytest.raises(ValueError, match="'trainer' for the Trainer's own last training batch"):
+        HyperTrainerCallback(hp, model_loss, penalty=pen, train_dataloader="train")
 
 
 def test_missing_transformers_names_the_extra(monkeypatch):

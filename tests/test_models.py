@@ -122,3 +122,82 @@ def test_parameters_without_gradient_are_left_alone_as_torch_does(make):
         assert torch.equal(p, q), n
     assert torch.equal(model.unused, torch.ones(2, dtype=DT)) and model.unused.grad is None
     assert model.unused not in hopt.inner_optimizer.state and model.aux.weight not in hopt.inner_optimizer.state
+
+
+# -- batch norm: forward mode, and the hyper step leaves the running statistics alone -----------------
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("optim", ["sgd_momentum", "adam"])
+def test_batch_norm_forward_mode_equals_reverse_mode(optim):
+    """Forward mode (jvp under vmap) on a model with BatchNorm in training mode: the same hypergradient
+    as reverse mode, and neither moves the live model's running statistics."""
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
+    Xv, yv = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    ce = lambda m, h, b: F.cross_entropy(m(b[0]), b[1])
+    hgs = {}
+    for mode in ("forward", "reverse"):
+        model = _bn_model()
+        hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="tensor")
+        opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if optim == "sgd_momentum"
+               else torch.optim.Adam(model.parameters(), lr=1e-2))
+        hopt = bl.HyperOptimizer(model, hp, inner_loss=ce, outer_loss=ce, penalty=pen, inner_optimizer=opt,
+                                 outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1),
+                                 method=bl.Unrolled(steps=3, mode=mode))
+        hopt.inner_step((X, y))
+        before = {n: b.clone() for n, b in model.named_buffers()}
+        hgs[mode], _ = hopt.hypergradient((X, y), (Xv, yv))
+        for n, b in model.named_buffers():
+            assert torch.equal(b, before[n]), n
+        assert int(model[1].num_batches_tracked) == 1 and model[1].track_running_stats
+    assert tree_rel_err(hgs["forward"], hgs["reverse"]) < 1e-10
+    assert max(float(v.abs().max()) for v in hgs["reverse"].values()) > 0
+
+
+def test_forward_mode_names_a_buffer_written_in_forward():
+    """A module that writes its own buffer in forward cannot run under torch.func.jvp: a clear error."""
+    class Counting(nn.Linear):
+        def __init__(self):
+            super().__init__(4, 1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return super().forward(x)
+
+    model = Counting().double()
+    calls = model.calls
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    hp = {"log_decay": torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)}
+    inner = lambda p, h, *a: ((torch.func.functional_call(model, p, (X,)) - y) ** 2).mean() \
+        + 0.5 * h["log_decay"].exp() * sum((w ** 2).sum() for w in p.values())
+    outer = lambda p, h, *a: ((torch.func.functional_call(model, p, (X,)) - y) ** 2).mean()
+    with pytest.raises(RuntimeError, match="writes in place into a tensor that is not one of its inputs"):
+        bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=bl.inner.SGD(lr=0.1), steps=2, mode="forward")
+    assert bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=bl.inner.SGD(lr=0.1), steps=2, mode="reverse") is not None
+    assert model.calls is calls
+
+
+def test_forward_mode_names_an_operation_without_a_forward_derivative():
+    """CPU LSTM has no forward-mode derivative in PyTorch: the error says which mode to use instead."""
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 1)
+    X, y = torch.randn(5, 2, 3), torch.randn(5, 1)
+    params = {**{"l." + k: v.detach() for k, v in lstm.named_parameters()},
+              **{"h." + k: v.detach() for k, v in head.named_parameters()}}
+
+    def predict(p):
+        out = torch.func.functional_call(lstm, {k[2:]: v for k, v in p.items() if k[0] == "l"}, (X,))[0]
+        return torch.func.functional_call(head, {k[2:]: v for k, v in p.items() if k[0] == "h"}, (out[:, -1],))
+
+    hp = {"log_decay": torch.tensor(-2.0, requires_grad=True)}
+    inner = lambda p, h, *a: ((predict(p) - y) ** 2).mean() + 0.5 * h["log_decay"].exp() * sum((w ** 2).sum() for w in p.values())
+    outer = lambda p, h, *a: ((predict(p) - y) ** 2).mean()
+    with pytest.raises(NotImplementedError, match="mode='reverse' or mode='checkpoint'"):
+        bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=bl.inner.SGD(lr=0.1), steps=2, mode="forward")
+    hg, _ = bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=bl.inner.SGD(lr=0.1), steps=2, mode="reverse")
+    assert torch.isfinite(hg["log_decay"])

@@ -427,3 +427,21 @@ def test_batched_cg_stops_an_indefinite_system_alone():
         bl.GMRES().solve_flat_batched(lambda V: V, b)
     assert {s.name for s in (bl.CG(), bl.Exact(), bl.GMRES(), bl.Neumann(), bl.BiCGSTAB()) if s.batchable} == \
         {"CG", "Exact"}
+
+
+def test_cg_symmetry_tol_admits_reduced_precision_products_and_still_names_the_fix():
+    """A symmetric operator whose products round like bfloat16 (asymmetry ~1e-3, above float32's √eps):
+    the default check raises and names symmetry_tol; CG(symmetry_tol=0.1) solves it; a grossly
+    non-symmetric operator is still refused at that tolerance."""
+    A = spd(10, 10.0, 0, dtype=torch.float32)
+    b = torch.randn(10, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    bf16 = lambda v: {"x": (A.bfloat16() @ v["x"].bfloat16()).float()}     # products rounded as in autocast
+    with pytest.raises(bl.DivergenceError, match=r"symmetry_tol=0\.1"):
+        bl.CG(maxiter=30, tol=1e-2)(bf16, {"x": b})
+    x = bl.CG(maxiter=30, tol=1e-2, symmetry_tol=0.1)(bf16, {"x": b})
+    assert rel_err(x["x"], torch.linalg.solve(A.double(), b.double())) < 3e-2
+    N = torch.tensor([[2.0, 3.0, 0.0], [-3.0, 2.0, 1.0], [0.0, -1.0, 2.0]])          # a rotation-like Jacobian
+    with pytest.raises(bl.DivergenceError, match="not symmetric"):
+        bl.CG(maxiter=50, symmetry_tol=0.1)(lambda v: {"x": N @ v["x"]}, {"x": torch.tensor([1.0, 0.5, -1.0])})
+    with pytest.raises(ValueError, match="symmetry_tol"):
+        bl.CG(symmetry_tol=-1.0)

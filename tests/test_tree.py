@@ -36,6 +36,22 @@ def test_flat_roundtrip_and_views():
     assert torch.equal(fl.flatten_list([None, x["b"], x["c"]])[:12], torch.zeros(12, dtype=torch.float64))
 
 
+def test_as_flat_is_a_view_of_one_buffer_else_a_copy():
+    x = _tree()
+    fl = Flat(x)
+    vec = fl.flatten(x)
+    same = fl.as_flat(fl.unflatten(vec))
+    assert same.data_ptr() == vec.data_ptr() and same.shape == vec.shape
+    assert torch.equal(fl.as_flat(x), vec) and fl.as_flat(x).data_ptr() != vec.data_ptr()   # separate leaves
+    shifted = fl.unflatten(torch.cat([vec[:1], vec])[1:])                                    # a buffer with an offset
+    assert fl.as_flat(shifted).data_ptr() == shifted["a"].data_ptr()
+    swapped = dict(reversed(list(fl.unflatten(vec.clone()).items())))                       # other key order
+    assert torch.equal(fl.as_flat(swapped), vec)
+    wrong = {k: v for k, v in fl.unflatten(vec.clone()).items()}
+    wrong["b"] = wrong["b"].flip(0)                                                         # not in the buffer
+    assert torch.equal(fl.as_flat(wrong)[12:17], vec[12:17].flip(0))
+
+
 def test_flat_rejects_mixed_dtype_and_bad_vectors():
     with pytest.raises(bl.ShapeError, match="share dtype"):
         Flat({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)})

@@ -4,8 +4,10 @@ The Trainer keeps doing its steps (its optimizer, scheduler, accumulation, clipp
 optimizer step (every ``every_n_steps`` of them) the callback takes one hyper step of a
 :class:`bilevel.HyperOptimizer` built over the model and the Trainer's optimizer. Trainer callbacks
 are not shown the batch, so the hyper steps draw their training batches from ``train_dataloader``
-(default: the Trainer's training set, in order, with its collator) and their validation batches
-from ``val_dataloader``. The callback writes its state into each checkpoint folder the Trainer
+(default: the Trainer's training set, in order, with its collator), or, with
+``train_dataloader="trainer"``, take the batch the Trainer itself last trained on (seen by a forward
+pre-hook on the model: PyTorch's own extension point, nothing is patched), and their validation
+batches from ``val_dataloader``. The callback writes its state into each checkpoint folder the Trainer
 saves (``bilevel_hyper.pt``, on ``on_save``) and reads it back when ``trainer.train(resume_from_checkpoint=...)``
 starts; each hyper step's trajectory row goes into ``trainer.state.log_history``.
 
@@ -69,6 +71,9 @@ class HyperTrainerCallback(transformers.TrainerCallback):
             evaluation dataloader.
         train_dataloader: training batches for the hyper steps (cycled); default the Trainer's
             training set in order, in batches of ``per_device_train_batch_size``, with its collator.
+            ``"trainer"``: the batch of the Trainer's last training forward pass before the hyper
+            step (with gradient accumulation, the last micro-batch), as Lightning's callback uses
+            the batch it trained on; the Trainer's data order (and its resume) then decides them.
         every_n_steps: a hyper step after every this many optimizer steps.
         inner_loss: default :func:`model_loss`.
         penalty: ``penalty(params, hparams)`` added to the inner loss (as :class:`bilevel.HyperOptimizer`).
@@ -114,8 +119,14 @@ class HyperTrainerCallback(transformers.TrainerCallback):
         self.outer_loss, self.inner_loss, self.penalty = outer_loss, inner_loss or model_loss, penalty
         self.outer_optimizer = outer_optimizer or torch.optim.Adam(self.hparams.values(), lr=1e-2)
         self.method, self.every_n_steps, self.on_error, self.log = method, every_n_steps, on_error, log
+        if isinstance(train_dataloader, str) and train_dataloader != "trainer":
+            raise ValueError(f"Invalid train_dataloader for {FN}: {train_dataloader!r} (expected an iterable of "
+                             f"batches, None, or 'trainer' for the Trainer's own last training batch).")
         self.val_dataloader, self.train_dataloader = val_dataloader, train_dataloader
         self.hyperoptimizer: Optional[HyperOptimizer] = None
+        self._trainer_batch: Any = None
+        self._hook: Any = None
+        self._in_hyper_step = False
         self._train_iter: Any = None
         self._loaded: Optional[dict[str, Any]] = None
         self._last_step = -1
@@ -123,12 +134,16 @@ class HyperTrainerCallback(transformers.TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        train_dataloader: Any = None, eval_dataloader: Any = None, **kwargs: Any) -> None:
         """Build the HyperOptimizer and check the first batches, before the Trainer's first step."""
-        if self.train_dataloader is None:
-            self.train_dataloader = torch.utils.data.DataLoader(
+        use_trainer = isinstance(self.train_dataloader, str)
+        loader = self.train_dataloader
+        if loader is None or use_trainer:           # in order: drawing from it moves no random state
+            loader = torch.utils.data.DataLoader(
                 train_dataloader.dataset, batch_size=args.per_device_train_batch_size,
                 collate_fn=train_dataloader.collate_fn, shuffle=False)
+        if not use_trainer:
+            self.train_dataloader = loader
         val = self.val_dataloader if self.val_dataloader is not None else eval_dataloader
-        inner_batch = first_batch(self.train_dataloader, "training", FN)
+        inner_batch = first_batch(loader, "training", FN)
         first_batch(val, "validation", FN)
         self.hyperoptimizer = hopt = HyperOptimizer(
             model, self.hparams, inner_loss=self.inner_loss, outer_loss=self.outer_loss, inner_optimizer=optimizer,
@@ -141,6 +156,19 @@ class HyperTrainerCallback(transformers.TrainerCallback):
             self._restore(self._loaded)
         else:
             check_before_training(hopt, inner_batch, first_batch(val, "validation", FN), FN)
+        if use_trainer and self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: remember the inputs of a training forward pass that is not our own."""
+        if module.training and torch.is_grad_enabled() and not self._in_hyper_step:
+            self._trainer_batch = kwargs if not args else (args[0] if len(args) == 1 and not kwargs else None)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Remove the forward pre-hook of ``train_dataloader="trainer"``."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def _next_train_batch(self) -> Any:
         if self._train_iter is None:
@@ -159,7 +187,19 @@ class HyperTrainerCallback(transformers.TrainerCallback):
         self._last_step = step
         hopt = self.hyperoptimizer
         hopt.inner_steps = step
-        hopt.hyper_step(self._next_train_batch(), hopt.next_outer_batch())
+        if isinstance(self.train_dataloader, str):
+            if self._trainer_batch is None:
+                raise RuntimeError(f"{FN}: train_dataloader='trainer' expected the Trainer's last training batch "
+                                   f"as the model's keyword arguments (model(**inputs)), got none or positional "
+                                   f"ones. Fix: pass train_dataloader=... (batches for the hyper steps).")
+            batch, self._trainer_batch = self._trainer_batch, None
+        else:
+            batch = self._next_train_batch()
+        self._in_hyper_step = True
+        try:
+            hopt.hyper_step(batch, hopt.next_outer_batch())
+        finally:
+            self._in_hyper_step = False
         if self.log and hopt.trajectory is not None:
             row = hopt.trajectory.rows[-1]
             state.log_history.append({"step": step, **{f"bilevel/{k}": v for k, v in row.items()
@@ -189,6 +229,8 @@ class HyperTrainerCallback(transformers.TrainerCallback):
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         self._last_step = restore_callback_state(self.hyperoptimizer, state)
+        if isinstance(self.train_dataloader, str):  # "trainer": the Trainer restores its own data order
+            return
         # the hyper steps' training batches continue where they were
         self._train_iter = None
         for _ in range(self.hyperoptimizer.hyper_steps % max(1, len(self.train_dataloader))):
