@@ -183,8 +183,8 @@ class WeightDecay:
         """
         out = {}
         with torch.no_grad():
-            for name, key in self.keys.items():
-                d, w = positive(hparams[key], self.kind), params[name]
+            for name in self.keys:
+                d, w = positive(self.raw(hparams, name), self.kind), params[name]
                 out[name] = d.mul_(w) if d.shape == w.shape else d * w       # `d` is a fresh tensor
         return out
 

@@ -105,6 +105,13 @@ def test_shared_decay_is_the_plain_decay_of_g_plus_offset(shared, per, kind):
     assert math.isclose(float(pen(params, hp).detach()), float(plain(params, raw).detach()), rel_tol=1e-12)
     for n, d in pen.hessian_diag(params, hp).items():
         assert rel_err(d, plain.hessian_diag(params, raw)[n]) < 1e-14
+    # the closed-form gradient in the weights against autograd of the shared penalty
+    live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    ref = torch.autograd.grad(pen(live, hp), list(live.values()), allow_unused=True)
+    got = pen.gradient(params, hp)
+    for (n, _), r in zip(live.items(), ref):
+        if n in pen.keys:
+            assert rel_err(got[n], r) < 1e-14, n
 
 
 @pytest.mark.parametrize("shared", [True, "module", "tensor"])
