@@ -112,7 +112,8 @@ class _Stepper:
         self.track_first = False                     # reverse mode: keep the first step's loss graph
         self.checked = False
         self.last_loss: Optional[Tensor] = None
-        self.last_gnorm: Optional[Tensor] = None
+        self._last_grads: Optional[dict] = None      # the last step's gradients (detached), for the norm
+        self._last_gnorm: Optional[Tensor] = None
         self.unused: frozenset = frozenset()         # forward mode: keys without gradient (find_unused)
         self.calls_mse_loss = False                  # forward mode: seen by find_unused
         self.evaluated = 0                           # steps evaluated, recomputations included
@@ -126,6 +127,19 @@ class _Stepper:
             self.checked = True
         return loss.reshape(())
 
+    @property
+    def last_gnorm(self) -> Optional[Tensor]:
+        """``‖∇_w L_T‖`` of the last step, computed when read (not at every step: a reduction over all
+        the weights per step, and a host sync where it is read, would slow a long unroll for nothing)."""
+        if self._last_gnorm is None and self._last_grads is not None:
+            self._last_gnorm = self._norm(self._last_grads, self.last_loss)
+            self._last_grads = None
+        return self._last_gnorm
+
+    @last_gnorm.setter
+    def last_gnorm(self, value: Optional[Tensor]) -> None:
+        self._last_gnorm, self._last_grads = value, None
+
     @staticmethod
     def _norm(g: Mapping[str, Optional[Tensor]], like: Tensor) -> Tensor:
         used = {k: v for k, v in g.items() if v is not None}
@@ -134,8 +148,8 @@ class _Stepper:
     def autograd(self, w: Tree, s: Any, h: Tree, t: int, create_graph: bool) -> tuple[Tree, Any]:
         """A step; with ``create_graph`` it is differentiable in ``w``, ``s`` and ``h``."""
         with torch.enable_grad():
-            if not create_graph:
-                w = tree_detach(w, requires_grad=True)
+            if not create_graph:                     # no graph through the hyperparameters either
+                w, h = tree_detach(w, requires_grad=True), tree_detach(h)
             loss = self._loss(w, h, t)
             if create_graph and self.track_first and self.first_loss is None:
                 self.first_loss = loss              # for the check that every hparam is used
@@ -144,11 +158,11 @@ class _Stepper:
             gl, loss = all_reduce_mean_grads(gl, list(w.values()), loss, self.group, differentiable=create_graph)
         g = dict(zip(w, gl))
         self.last_loss = loss.detach()
-        self.last_gnorm = self._norm({k: None if v is None else v.detach() for k, v in g.items()}, loss)
+        self._last_grads, self._last_gnorm = {k: None if v is None else v.detach() for k, v in g.items()}, None
         if create_graph:
             return self.opt.step(w, g, s, h)
         with torch.no_grad():
-            w2, s2 = self.opt.step(tree_detach(w), g, s, tree_detach(h))
+            w2, s2 = self.opt.step(tree_detach(w), g, s, h)
         return tree_detach(w2), detach_state(s2)
 
     def find_unused(self, w: Tree, h: Tree, t: int) -> None:
@@ -312,7 +326,7 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         step.stored_states_max = 1
         return _reverse(step, outer_loss, w, s, h, t0, T, outer_args, fn)[:4]
     store: dict[int, tuple] = {}                     # t -> (w_t, s_t, rng before step t)
-    losses: dict[int, Tensor] = {}
+    losses: list[Tensor] = []                        # one buffer of n losses, not n 0-dim tensors
     peak = [0]
 
     def keep(t: int, ww: Tree, ss: Any) -> None:
@@ -323,7 +337,7 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         return list(range(a, b, math.ceil((b - a) / k)))
 
     def check(t: int) -> None:
-        got, want = step.last_loss, losses[t]
+        got, want = step.last_loss, losses[0][t - t0]
         tol = _replay_tolerance(want)
         same = torch.equal(got, want) if tol == 0 else bool((got - want).abs() <= tol * max(1.0, float(want.abs())))
         if not same:
@@ -373,7 +387,9 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         if t in top:
             keep(t, w, s)
         w, s = step.autograd(w, s, h, t, create_graph=False)
-        losses[t] = step.last_loss
+        if not losses:
+            losses.append(step.last_loss.new_empty(n))
+        losses[0][t - t0] = step.last_loss
     rng_end = get_rng()
     last_loss, last_gnorm = step.last_loss, step.last_gnorm
     lv, a_w, a_s, hg = _outer_adjoint(outer_loss, w, s, h, outer_args, fn)
