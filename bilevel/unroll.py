@@ -161,9 +161,9 @@ class _Stepper:
         self._last_grads, self._last_gnorm = {k: None if v is None else v.detach() for k, v in g.items()}, None
         if create_graph:
             return self.opt.step(w, g, s, h)
-        with torch.no_grad():
+        with torch.no_grad():                        # outputs without graph: no detach walk of the state
             w2, s2 = self.opt.step(tree_detach(w), g, s, h)
-        return tree_detach(w2), detach_state(s2)
+        return tree_detach(w2), s2
 
     def find_unused(self, w: Tree, h: Tree, t: int) -> None:
         """Forward mode: record the keys of ``w`` that the inner loss at step ``t`` does not reach.
@@ -296,6 +296,7 @@ def _step_vjp(step: _Stepper, w_t: Tree, s_t: Any, rng_t, h: Tree, t: int, a_w, 
     it = iter(gr[nw:nw + ns])
     a_s = [next(it) if (isinstance(x, Tensor) and x.requires_grad) else None for x in sl_leaves]
     hg = [acc if gi is None else acc + gi for acc, gi in zip(hg, gr[nw + ns:])]
+    step._last_grads = None                          # this graph's gradients: not the run's last step
     return a_w, a_s, hg
 
 
@@ -361,12 +362,15 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         check(t)
         return out
 
-    def reverse(a: int, b: int, adj: tuple) -> tuple:
+    # NOTE: the adjoints (a_w, a_s, hg) travel in a one-element list, replaced in place, and no frame
+    # of the recursion keeps a state or an adjoint in a local: else each of the D levels would hold a
+    # stale adjoint and its last recomputed state until it returns (D·(3P + m) more memory than counted).
+    def reverse(a: int, b: int, adj: list) -> None:
         if b - a == 1:
             w_t, s_t, rng_t = store.pop(a)
-            a_w, a_s, hg = _step_vjp(step, w_t, s_t, rng_t, h, a, *adj)
+            adj.append(_step_vjp(step, w_t, s_t, rng_t, h, a, *adj.pop()))
             check(a)
-            return a_w, a_s, hg
+            return
         pts = cuts(a, b)
         if pts[-1] not in store:                      # the training run stored the top level
             ww, ss, rng = store[a]
@@ -377,9 +381,9 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
                     ww, ss = replayed(ww, ss, t, create_graph=False)
                     t += 1
                 keep(t, ww, ss)
+            del ww, ss
         for lo, hi in reversed(list(zip(pts, pts[1:] + [b]))):
-            adj = reverse(lo, hi, adj)
-        return adj
+            reverse(lo, hi, adj)
 
     w, s = tree_detach(w), detach_state(s)
     top = set(cuts(t0, T))
@@ -392,8 +396,11 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         losses[0][t - t0] = step.last_loss
     rng_end = get_rng()
     last_loss, last_gnorm = step.last_loss, step.last_gnorm
-    lv, a_w, a_s, hg = _outer_adjoint(outer_loss, w, s, h, outer_args, fn)
-    _, _, hg = reverse(t0, T, (a_w, a_s, hg))
+    lv, *adjoints = _outer_adjoint(outer_loss, w, s, h, outer_args, fn)
+    adj = [tuple(adjoints)]
+    del adjoints
+    reverse(t0, T, adj)
+    hg = adj.pop()[2]
     set_rng(rng_end)
     step.last_loss, step.last_gnorm = last_loss, last_gnorm
     step.stored_states_max = peak[0]
