@@ -54,7 +54,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "smooth": {"lr": 0.05, "warmup": 0.1, "norm": "pre"},
 }
 EPSILONS = (1e-6, 1e-2)
-NOISE, B = 0.3, 128
 
 
 def _mlp(norm: Optional[str]) -> torch.nn.Module:
@@ -62,42 +61,25 @@ def _mlp(norm: Optional[str]) -> torch.nn.Module:
         ln = [torch.nn.LayerNorm(o, elementwise_affine=False)]
         return [torch.nn.Linear(i, o), *(ln if norm == "pre" else []), torch.nn.Tanh(),
                 *(ln if norm == "post" else [])]
-    return torch.nn.Sequential(*block(40, 128), *block(128, 128), torch.nn.Linear(128, 10)).double()
+    return torch.nn.Sequential(*block(40, 128), *block(128, 128), torch.nn.Linear(128, 10))
 
 
-def problem(setting: str, T: int, n: int = 4000, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
+def problem(setting: str, T: int, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
     """The pieces of one setting: losses, start, hyperparameters (logits and the fixed lr schedule)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from data_selection import noisy_task
     cfg = SETTINGS[setting]
-    torch.manual_seed(seed)
-    if smoke:                                            # random data of the same shapes (no generator)
-        x, y = torch.randn(n + 100, 40), torch.randint(0, 10, (n + 100,))
-    else:
-        from darts_mnist1d import load_mnist1d
-        (x, y), _ = load_mnist1d(num_samples=5500)          # 4,400 training sequences
-        x = x.flatten(1)
-    x = x.double()
-    X, y_clean, Xv, yv = x[:n], y[:n], x[n:], y[n:]
-    g = torch.Generator().manual_seed(seed)
-    flipped = torch.rand(n, generator=g) < NOISE
-    yn = torch.where(flipped, (y_clean + torch.randint(1, 10, (n,), generator=g)) % 10, y_clean)
-    net = _mlp(cfg["norm"])
-    params = {k: v.detach().clone() for k, v in net.named_parameters()}
-    order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(1000 * seed + e))
-                       for e in range(T * B // n + 1)])
-    batch = lambda t: (order[t * B:(t + 1) * B],)
-
-    def inner(p, h, idx):
-        ce = F.cross_entropy(functional_call(net, p, (X[idx],)), yn[idx], reduction="none")
-        return bl.hparams.weighted_mean(ce, h["example_logits"][idx])
-
-    outer = lambda p, h: F.cross_entropy(functional_call(net, p, (Xv,)), yv)
+    # smoke: random data of MNIST-1D's shapes (600 train + 100 validation rows), no generator
+    data = ((torch.randn(700, 40), torch.randint(0, 10, (700,))), (torch.randn(10, 40), torch.randint(0, 10, (10,)))) \
+        if smoke else None
+    task = noisy_task(seed, T, smoke=smoke, make_net=lambda: _mlp(cfg["norm"]), dtype=torch.float64, data=data)
     warm = max(1, round(cfg["warmup"] * T)) if cfg["warmup"] else 0
     t = torch.arange(T, dtype=torch.float64)
     lrs = cfg["lr"] * (torch.clamp((t + 1) / warm, max=1.0) if warm else torch.ones(T, dtype=torch.float64))
     opt = bl.inner.SGD(lr=bl.inner.Schedule("lr"), momentum=0.9)
-    hp = {"example_logits": torch.zeros(n, dtype=torch.float64), "lr": lrs}
-    return {"inner": inner, "outer": outer, "params": params, "hparams": hp, "opt": opt, "batch": batch, "n": n}
+    hp = {"example_logits": torch.zeros(task.n, dtype=torch.float64), "lr": lrs}
+    return {"inner": task.inner, "outer": task.outer, "params": task.params, "hparams": hp, "opt": opt,
+            "batch": task.batch, "n": task.n}
 
 
 def final_loss(pb: dict[str, Any], logits: torch.Tensor, T: int) -> float:
@@ -114,9 +96,9 @@ def final_loss(pb: dict[str, Any], logits: torch.Tensor, T: int) -> float:
         return float(pb["outer"](w, h))
 
 
-def measure(setting: str, T: int, m: int = 4, seed: int = 0, smoke: bool = False, n: int = 4000) -> dict[str, Any]:
+def measure(setting: str, T: int, m: int = 4, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
     """Norm of the metagradient and its agreement with central differences along ``m`` directions."""
-    pb = problem(setting, T, n=n, seed=seed, smoke=smoke)
+    pb = problem(setting, T, seed=seed, smoke=smoke)
     t0 = time.perf_counter()
     hg, _ = bl.unrolled_hypergrad(pb["inner"], pb["outer"], pb["params"], pb["hparams"], optimizer=pb["opt"],
                                   steps=T, mode="replay", inner_args=pb["batch"], check_finite=False)
@@ -143,14 +125,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--directions", type=int, default=4)
     ap.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
-    ap.add_argument("--smoke", action="store_true", help="random data, 200 examples, T = 3 and 6 (CI)")
+    ap.add_argument("--smoke", action="store_true", help="random data, 600 examples, T = 3 and 6 (CI)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    steps, n = ([3, 6], 200) if a.smoke else (a.steps, 4000)
+    steps = [3, 6] if a.smoke else a.steps
     rows = []
     for T in steps:
         for s in a.settings:
-            r = measure(s, T, m=2 if a.smoke else a.directions, smoke=a.smoke, n=n)
+            r = measure(s, T, m=2 if a.smoke else a.directions, smoke=a.smoke)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if a.json:

@@ -28,7 +28,8 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,27 +44,50 @@ NOISE, B = 0.3, 128
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}   # Student t quantiles by number of seeds
 
 
-def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dict[str, Any]:
+def noisy_task(seed: int, T: int, *, smoke: bool = False, make_net: Optional[Callable[[], torch.nn.Module]] = None,
+               dtype: torch.dtype = torch.float32, data: Optional[tuple] = None) -> SimpleNamespace:
+    """The task: MNIST-1D with 30% of the training labels flipped, the MLP, T steps of fixed batches.
+
+    Returns a namespace with ``X, yn, Xv, yv, xt, yt`` (train with noisy labels, validation, test),
+    ``flipped`` (bool mask), ``net`` and ``params`` (its start), ``batch(t)`` (step t's indices),
+    ``inner(p, h, idx)`` (per-example weighted cross-entropy, ``h["example_logits"]``),
+    ``outer(p, h)`` (validation cross-entropy) and ``n``. ``make_net``: another model (default the
+    MLP 40-128-128-10, tanh); ``dtype``: of the data and the model; ``data``: ``((x, y), (xt, yt))``
+    instead of the generated MNIST-1D (the first 4,000 rows, or 600 with ``smoke``, train).
+    """
     torch.manual_seed(seed)
-    (x, y), (xt, yt) = load_mnist1d(num_samples=1000 if smoke else 5500)
-    x, xt = x.flatten(1), xt.flatten(1)
+    if data is None:
+        (x, y), (xt, yt) = load_mnist1d(num_samples=1000 if smoke else 5500)
+        x, xt = x.flatten(1), xt.flatten(1)
+    else:
+        (x, y), (xt, yt) = data
+    x, xt = x.to(dtype), xt.to(dtype)
     n = 600 if smoke else 4000
     X, y_clean, Xv, yv = x[:n], y[:n], x[n:], y[n:]
     g = torch.Generator().manual_seed(seed)
     flipped = torch.rand(n, generator=g) < NOISE
     yn = torch.where(flipped, (y_clean + torch.randint(1, 10, (n,), generator=g)) % 10, y_clean)
-    net = torch.nn.Sequential(torch.nn.Linear(40, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(),
-                              torch.nn.Linear(128, 10))
+    net = make_net() if make_net is not None else torch.nn.Sequential(
+        torch.nn.Linear(40, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+    net = net.to(dtype)
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(1000 * seed + e))
                        for e in range(T * B // n + 1)])
-    batch = lambda t: (order[t * B:(t + 1) * B],)
 
     def inner(p, h, idx):
         ce = F.cross_entropy(functional_call(net, p, (X[idx],)), yn[idx], reduction="none")
         return bl.hparams.weighted_mean(ce, h["example_logits"][idx])
 
-    outer = lambda p, h: F.cross_entropy(functional_call(net, p, (Xv,)), yv)
+    return SimpleNamespace(X=X, yn=yn, Xv=Xv, yv=yv, xt=xt, yt=yt, flipped=flipped, net=net, params=params, n=n,
+                           batch=lambda t: (order[t * B:(t + 1) * B],), inner=inner,
+                           outer=lambda p, h: F.cross_entropy(functional_call(net, p, (Xv,)), yv))
+
+
+def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dict[str, Any]:
+    task = noisy_task(seed, T, smoke=smoke)
+    X, yn, xt, yt, flipped, net, params, n = task.X, task.yn, task.xt, task.yt, task.flipped, task.net, \
+        task.params, task.n
+    inner, outer, batch = task.inner, task.outer, task.batch
     opt = bl.inner.SGD(lr=0.1, momentum=0.9)
 
     def train(logits: torch.Tensor, mode: str = "replay"):
