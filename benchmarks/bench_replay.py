@@ -12,6 +12,12 @@ Group ``replay-T{T}``; unit: one plain training run of T steps (no graph), so th
 counters of :class:`bilevel.UnrollInfo` (states stored at once, steps evaluated) and the time of
 a training run in that same process (paired, back to back).
 
+Time is also split into forward work (the training run, the recomputations) and the reverse
+sweep (each step's rebuilt graph and its vector-Jacobian product, timed by wrapping
+``bilevel.unroll._step_vjp``), in wall seconds and in this process's CPU seconds: on a shared
+machine the CPU-time ratios are the steadier ones (the unit is the median of four training runs,
+two right before the call and two right after).
+
 Target at T = 4096: replay ≤ 1/50 of reverse's memory and ≤ 1/4 of checkpoint's, at
 ≤ 1 + ⌈log₂ T⌉ = 13 training runs of time. Run directly for the table of RESULTS.md::
 
@@ -138,6 +144,8 @@ def _runner(config: str, T: int) -> Callable[[], Any]:
 def test_replay(config: str, T: int, measure: Any) -> None:
     """Time in-process (pytest-benchmark, paired with a training run) and peak memory in a fresh process."""
     if config == "reverse" and T > 1024:
+        # ~2 GB in ~70,000 tensors above 64 KiB, each its own mapping under MALLOC_MMAP_THRESHOLD_: more
+        # than Linux's default vm.max_map_count (65,530), and the process dies (SIGSEGV, measured)
         pytest.skip("full reverse mode at T=4096 needs ~4× its T=1024 memory: extrapolated in RESULTS.md")
     mem = fresh(config, T)
     measure(_runner(config, T), group=f"replay-T{T}", name=config, unit=(config == "train"),

@@ -83,6 +83,13 @@ def noisy_task(seed: int, T: int, *, smoke: bool = False, make_net: Optional[Cal
                            outer=lambda p, h: F.cross_entropy(functional_call(net, p, (Xv,)), yv))
 
 
+def precision_recall(logits: torch.Tensor, flipped: torch.Tensor) -> tuple[float, float]:
+    """Precision and recall of the flipped labels among the 30% lowest logits."""
+    flagged = logits <= logits.quantile(NOISE)
+    hits = float((flagged & flipped).sum())
+    return hits / max(1.0, float(flagged.sum())), hits / max(1.0, float(flipped.sum()))
+
+
 def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dict[str, Any]:
     task = noisy_task(seed, T, smoke=smoke)
     X, yn, xt, yt, flipped, net, params, n = task.X, task.yn, task.xt, task.yt, task.flipped, task.net, \
@@ -106,7 +113,7 @@ def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dic
 
     logits = torch.zeros(n, requires_grad=True)
     meta = torch.optim.Adam([logits], lr=meta_lr)
-    t0, evaluated, history = time.perf_counter(), 0, []
+    t0, evaluated, history, recall_history = time.perf_counter(), 0, [], []
     for _ in range(rounds):
         hg, _ = train(logits.detach())
         evaluated += hg.info.forward_steps
@@ -114,14 +121,14 @@ def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dic
         meta.zero_grad()
         logits.grad = hg["example_logits"]
         meta.step()
+        recall_history.append(precision_recall(logits.detach(), flipped)[1])
     out["seconds"] = time.perf_counter() - t0
     out["training_runs"] = evaluated / T
     out["history"] = history
     learned = logits.detach()
     out["learned"] = test_acc(learned)
-    flagged = learned <= learned.quantile(NOISE)
-    hits = float((flagged & flipped).sum())
-    out["precision"], out["recall"] = hits / max(1.0, float(flagged.sum())), hits / max(1.0, float(flipped.sum()))
+    out["precision"], out["recall"] = precision_recall(learned, flipped)
+    out["recall_history"] = recall_history
     out["logits"], out["flipped"] = learned, flipped
     return out
 
@@ -146,6 +153,7 @@ def main(smoke: bool = False, seeds: int = 3, rounds: int = 12, T: int = 256, me
     summary["training_runs_per_seed"] = runs[0]["training_runs"]
     summary["seconds_per_seed"] = sum(r["seconds"] for r in runs) / seeds
     summary["history"] = runs[0]["history"]
+    summary["recall_history"] = [sum(r["recall_history"][i] for r in runs) / seeds for i in range(rounds)]
     if verbose:
         print(f"MNIST-1D, {NOISE:.0%} flipped labels, T = {T} steps, {seeds} seed(s); test accuracy (mean ± 95% CI):")
         for k in ("all", "small_loss", "oracle", "learned"):
@@ -153,6 +161,7 @@ def main(smoke: bool = False, seeds: int = 3, rounds: int = 12, T: int = 256, me
             print(f"  {k:11s} {m:.4f} ± {ci:.4f}")
         print(f"flipped among the {NOISE:.0%} lowest learned weights: precision {summary['precision'][0]:.3f}, "
               f"recall {summary['recall'][0]:.3f}")
+        print("recall after each round (mean over seeds): " + " ".join(f"{v:.2f}" for v in summary["recall_history"]))
         print(f"{rounds} rounds of replay metagradients: {summary['training_runs_per_seed']:.0f} training runs' "
               f"steps, {summary['seconds_per_seed']:.0f} s per seed")
     if plot and not smoke:
