@@ -56,23 +56,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
 EPSILONS = (1e-6, 1e-2)
 
 
-def _mlp(norm: Optional[str]) -> torch.nn.Module:
-    def block(i: int, o: int) -> list[torch.nn.Module]:
-        ln = [torch.nn.LayerNorm(o, elementwise_affine=False)]
-        return [torch.nn.Linear(i, o), *(ln if norm == "pre" else []), torch.nn.Tanh(),
-                *(ln if norm == "post" else [])]
-    return torch.nn.Sequential(*block(40, 128), *block(128, 128), torch.nn.Linear(128, 10))
-
-
 def problem(setting: str, T: int, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
     """The pieces of one setting: losses, start, hyperparameters (logits and the fixed lr schedule)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-    from data_selection import noisy_task
+    from data_selection import mlp, noisy_task
     cfg = SETTINGS[setting]
     # smoke: random data of MNIST-1D's shapes (600 train + 100 validation rows), no generator
     data = ((torch.randn(700, 40), torch.randint(0, 10, (700,))), (torch.randn(10, 40), torch.randint(0, 10, (10,)))) \
         if smoke else None
-    task = noisy_task(seed, T, smoke=smoke, make_net=lambda: _mlp(cfg["norm"]), dtype=torch.float64, data=data)
+    task = noisy_task(seed, T, smoke=smoke, make_net=lambda: mlp(cfg["norm"]), dtype=torch.float64, data=data)
     warm = max(1, round(cfg["warmup"] * T)) if cfg["warmup"] else 0
     t = torch.arange(T, dtype=torch.float64)
     lrs = cfg["lr"] * (torch.clamp((t + 1) / warm, max=1.0) if warm else torch.ones(T, dtype=torch.float64))

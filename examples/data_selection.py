@@ -44,6 +44,14 @@ NOISE, B = 0.3, 128
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}   # Student t quantiles by number of seeds
 
 
+def mlp(norm: Optional[str] = None) -> torch.nn.Module:
+    """MLP 40-128-128-10 with tanh; ``norm="pre"`` / ``"post"``: LayerNorm (no affine) before / after each tanh."""
+    def block(i: int, o: int) -> list[torch.nn.Module]:
+        ln = [torch.nn.LayerNorm(o, elementwise_affine=False)]
+        return [torch.nn.Linear(i, o), *(ln if norm == "pre" else []), torch.nn.Tanh(), *(ln if norm == "post" else [])]
+    return torch.nn.Sequential(*block(40, 128), *block(128, 128), torch.nn.Linear(128, 10))
+
+
 def noisy_task(seed: int, T: int, *, smoke: bool = False, make_net: Optional[Callable[[], torch.nn.Module]] = None,
                dtype: torch.dtype = torch.float32, data: Optional[tuple] = None) -> SimpleNamespace:
     """The task: MNIST-1D with 30% of the training labels flipped, the MLP, T steps of fixed batches.
@@ -67,9 +75,7 @@ def noisy_task(seed: int, T: int, *, smoke: bool = False, make_net: Optional[Cal
     g = torch.Generator().manual_seed(seed)
     flipped = torch.rand(n, generator=g) < NOISE
     yn = torch.where(flipped, (y_clean + torch.randint(1, 10, (n,), generator=g)) % 10, y_clean)
-    net = make_net() if make_net is not None else torch.nn.Sequential(
-        torch.nn.Linear(40, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
-    net = net.to(dtype)
+    net = (make_net() if make_net is not None else mlp()).to(dtype)
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(1000 * seed + e))
                        for e in range(T * B // n + 1)])
@@ -90,15 +96,18 @@ def precision_recall(logits: torch.Tensor, flipped: torch.Tensor) -> tuple[float
     return hits / max(1.0, float(flagged.sum())), hits / max(1.0, float(flipped.sum()))
 
 
-def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dict[str, Any]:
-    task = noisy_task(seed, T, smoke=smoke)
+def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float, smooth: bool = False) -> dict[str, Any]:
+    task = noisy_task(seed, T, smoke=smoke, make_net=(lambda: mlp("pre")) if smooth else None)
     X, yn, xt, yt, flipped, net, params, n = task.X, task.yn, task.xt, task.yt, task.flipped, task.net, \
         task.params, task.n
     inner, outer, batch = task.inner, task.outer, task.batch
-    opt = bl.inner.SGD(lr=0.1, momentum=0.9)
+    fixed: dict[str, torch.Tensor] = {}
+    if smooth:                           # LayerNorm before tanh (above) and lr warm-up over 10% of the steps
+        fixed["lr"] = 0.1 * torch.clamp(torch.arange(1, T + 1) / max(1, T // 10), max=1.0)
+    opt = bl.inner.SGD(lr=bl.inner.Schedule("lr") if smooth else 0.1, momentum=0.9)
 
     def train(logits: torch.Tensor, mode: str = "replay"):
-        return bl.unrolled_hypergrad(inner, outer, params, {"example_logits": logits}, optimizer=opt, steps=T,
+        return bl.unrolled_hypergrad(inner, outer, params, {"example_logits": logits, **fixed}, optimizer=opt, steps=T,
                                      mode=mode, inner_args=batch)
 
     def test_acc(logits: torch.Tensor) -> float:
@@ -142,11 +151,11 @@ def interval(vals: list[float]) -> tuple[float, float]:
 
 
 def main(smoke: bool = False, seeds: int = 3, rounds: int = 12, T: int = 256, meta_lr: float = 0.3,
-         plot: str = "data_selection.png", verbose: bool = True) -> dict[str, Any]:
+         smooth: bool = False, plot: str = "data_selection.png", verbose: bool = True) -> dict[str, Any]:
     torch.set_num_threads(1)
     if smoke:
         seeds, rounds, T = 1, 2, 12
-    runs = [one_seed(s, smoke, rounds, T, meta_lr) for s in range(seeds)]
+    runs = [one_seed(s, smoke, rounds, T, meta_lr, smooth) for s in range(seeds)]
     summary = {k: interval([r[k] for r in runs]) for k in ("all", "small_loss", "oracle", "learned",
                                                          "precision", "recall")}
     summary["rounds"], summary["T"] = rounds, T
@@ -186,6 +195,7 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--meta-lr", type=float, default=0.3)
+    ap.add_argument("--smooth", action="store_true", help="LayerNorm before each tanh and lr warm-up over 10%%")
     ap.add_argument("--plot", default="data_selection.png")
     a = ap.parse_args()
-    main(smoke=a.smoke, seeds=a.seeds, rounds=a.rounds, T=a.steps, meta_lr=a.meta_lr, plot=a.plot)
+    main(smoke=a.smoke, seeds=a.seeds, rounds=a.rounds, T=a.steps, meta_lr=a.meta_lr, smooth=a.smooth, plot=a.plot)
