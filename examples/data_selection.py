@@ -2,6 +2,7 @@
 
     python examples/data_selection.py             # 3 seeds, 12 rounds, T = 256 (minutes)
     python examples/data_selection.py --smoke     # seconds (CI)
+    python examples/data_selection.py --smooth    # LayerNorm before tanh, lr warm-up (docs/tutorials/long_horizon.md)
 
 Data: MNIST-1D generated locally by the ``mnist1d`` package (no download; 4,000 training sequences
 of length 40, 400 clean validation, 1,100 test), with 30% of the training labels flipped to
