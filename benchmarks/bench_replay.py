@@ -12,6 +12,12 @@ Group ``replay-T{T}``; unit: one plain training run of T steps (no graph), so th
 counters of :class:`bilevel.UnrollInfo` (states stored at once, steps evaluated) and the time of
 a training run in that same process (paired, back to back).
 
+Time is also split into forward work (the training run, the recomputations) and the reverse
+sweep (each step's rebuilt graph and its vector-Jacobian product, timed by wrapping
+``bilevel.unroll._step_vjp``), in wall seconds and in this process's CPU seconds: on a shared
+machine the CPU-time ratios are the steadier ones (the unit is the median of four training runs,
+two right before the call and two right after).
+
 Target at T = 4096: replay ≤ 1/50 of reverse's memory and ≤ 1/4 of checkpoint's, at
 ≤ 1 + ⌈log₂ T⌉ = 13 training runs of time. Run directly for the table of RESULTS.md::
 
@@ -70,17 +76,52 @@ _SCRIPT = textwrap.dedent('''
         return lambda: bl.unrolled_hypergrad(inner, outer, params, hp, optimizer=opt, steps=T, mode=config,
                                              replay_k=k, inner_args=batch)[0]
 
+    def time_the_reverse_sweep():
+        """Wrap the reverse sweep's pieces (each step's rebuilt graph and vector-Jacobian product, the
+        outer loss's adjoint; in reverse mode the one backward pass) with wall and CPU clocks: the rest
+        of a metagradient is forward work (the training run and the recomputations)."""
+        import bilevel.unroll as U
+        acc = {"wall": 0.0, "cpu": 0.0, "depth": 0}
+        def wrap(f):
+            def timed(*a, **kw):
+                acc["depth"] += 1
+                w0, c0 = time.perf_counter(), time.process_time()
+                try:
+                    return f(*a, **kw)
+                finally:
+                    acc["depth"] -= 1
+                    if acc["depth"] == 0:
+                        acc["wall"] += time.perf_counter() - w0
+                        acc["cpu"] += time.process_time() - c0
+            return timed
+        U._step_vjp, U._outer_adjoint, U.grads_or_zeros = wrap(U._step_vjp), wrap(U._outer_adjoint), \
+            wrap(U.grads_or_zeros)
+        return acc
+
+    def clocked(fn):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - w0, time.process_time() - c0
+
     if __name__ == "__main__":
         config, T = sys.argv[1], int(sys.argv[2])
         torch.set_num_threads(1)
         run, train = make_runner(config, T), make_runner("train", T)
         make_runner(config, 4)()                                   # warm-up (allocator, lazy init)
         from _measure import peak_rss_growth
-        t0 = time.perf_counter(); train(); train_s = time.perf_counter() - t0
+        rev = time_the_reverse_sweep()
+        units = [clocked(train) for _ in range(2)]
+        c0 = time.process_time()
         out, peak_mb, seconds = peak_rss_growth(run)
-        t0 = time.perf_counter(); train(); train_s = min(train_s, time.perf_counter() - t0)
+        cpu = time.process_time() - c0
+        units += [clocked(train) for _ in range(2)]
+        # the unit: the median of four training runs, two right before the call and two right after
+        train_s, train_cpu = [sorted(u)[1:3] for u in zip(*units)]
+        train_s, train_cpu = sum(train_s) / 2, sum(train_cpu) / 2
         info = getattr(out, "info", None)
         print(json.dumps({"config": config, "T": T, "peak_mb": peak_mb, "seconds": seconds, "train_s": train_s,
+                          "cpu_s": cpu, "train_cpu_s": train_cpu, "reverse_s": rev["wall"],
+                          "reverse_cpu_s": rev["cpu"],
                           "stored_states_max": getattr(info, "stored_states_max", None),
                           "forward_steps": getattr(info, "forward_steps", None)}))
 ''')
@@ -103,6 +144,8 @@ def _runner(config: str, T: int) -> Callable[[], Any]:
 def test_replay(config: str, T: int, measure: Any) -> None:
     """Time in-process (pytest-benchmark, paired with a training run) and peak memory in a fresh process."""
     if config == "reverse" and T > 1024:
+        # ~2 GB in ~70,000 tensors above 64 KiB, each its own mapping under MALLOC_MMAP_THRESHOLD_: more
+        # than Linux's default vm.max_map_count (65,530), and the process dies (SIGSEGV, measured)
         pytest.skip("full reverse mode at T=4096 needs ~4× its T=1024 memory: extrapolated in RESULTS.md")
     mem = fresh(config, T)
     measure(_runner(config, T), group=f"replay-T{T}", name=config, unit=(config == "train"),
@@ -120,7 +163,10 @@ if __name__ == "__main__":
     for T in a.steps:
         for c in a.configs:
             r = fresh(c, T)
-            r["x_train_runs"] = r["seconds"] / r["train_s"]
+            r["x_train_runs"] = r["seconds"] / r["train_s"]                 # wall clock
+            r["x_train_runs_cpu"] = r["cpu_s"] / r["train_cpu_s"]           # this process's CPU time
+            r["forward_runs_cpu"] = (r["cpu_s"] - r["reverse_cpu_s"]) / r["train_cpu_s"]
+            r["reverse_runs_cpu"] = r["reverse_cpu_s"] / r["train_cpu_s"]
             print(json.dumps(r), flush=True)
             if a.json:
                 with open(a.json, "a", encoding="utf-8") as fh:

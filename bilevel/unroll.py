@@ -112,7 +112,8 @@ class _Stepper:
         self.track_first = False                     # reverse mode: keep the first step's loss graph
         self.checked = False
         self.last_loss: Optional[Tensor] = None
-        self.last_gnorm: Optional[Tensor] = None
+        self._last_grads: Optional[dict] = None      # the last step's gradients (detached), for the norm
+        self._last_gnorm: Optional[Tensor] = None
         self.unused: frozenset = frozenset()         # forward mode: keys without gradient (find_unused)
         self.calls_mse_loss = False                  # forward mode: seen by find_unused
         self.evaluated = 0                           # steps evaluated, recomputations included
@@ -126,6 +127,19 @@ class _Stepper:
             self.checked = True
         return loss.reshape(())
 
+    @property
+    def last_gnorm(self) -> Optional[Tensor]:
+        """``‖∇_w L_T‖`` of the last step, computed when read (not at every step: a reduction over all
+        the weights per step, and a host sync where it is read, would slow a long unroll for nothing)."""
+        if self._last_gnorm is None and self._last_grads is not None:
+            self._last_gnorm = self._norm(self._last_grads, self.last_loss)
+            self._last_grads = None
+        return self._last_gnorm
+
+    @last_gnorm.setter
+    def last_gnorm(self, value: Optional[Tensor]) -> None:
+        self._last_gnorm, self._last_grads = value, None
+
     @staticmethod
     def _norm(g: Mapping[str, Optional[Tensor]], like: Tensor) -> Tensor:
         used = {k: v for k, v in g.items() if v is not None}
@@ -134,8 +148,8 @@ class _Stepper:
     def autograd(self, w: Tree, s: Any, h: Tree, t: int, create_graph: bool) -> tuple[Tree, Any]:
         """A step; with ``create_graph`` it is differentiable in ``w``, ``s`` and ``h``."""
         with torch.enable_grad():
-            if not create_graph:
-                w = tree_detach(w, requires_grad=True)
+            if not create_graph:                     # no graph through the hyperparameters either
+                w, h = tree_detach(w, requires_grad=True), tree_detach(h)
             loss = self._loss(w, h, t)
             if create_graph and self.track_first and self.first_loss is None:
                 self.first_loss = loss              # for the check that every hparam is used
@@ -144,12 +158,12 @@ class _Stepper:
             gl, loss = all_reduce_mean_grads(gl, list(w.values()), loss, self.group, differentiable=create_graph)
         g = dict(zip(w, gl))
         self.last_loss = loss.detach()
-        self.last_gnorm = self._norm({k: None if v is None else v.detach() for k, v in g.items()}, loss)
+        self._last_grads, self._last_gnorm = {k: None if v is None else v.detach() for k, v in g.items()}, None
         if create_graph:
             return self.opt.step(w, g, s, h)
-        with torch.no_grad():
-            w2, s2 = self.opt.step(tree_detach(w), g, s, tree_detach(h))
-        return tree_detach(w2), detach_state(s2)
+        with torch.no_grad():                        # outputs without graph: no detach walk of the state
+            w2, s2 = self.opt.step(tree_detach(w), g, s, h)
+        return tree_detach(w2), s2
 
     def find_unused(self, w: Tree, h: Tree, t: int) -> None:
         """Forward mode: record the keys of ``w`` that the inner loss at step ``t`` does not reach.
@@ -282,6 +296,7 @@ def _step_vjp(step: _Stepper, w_t: Tree, s_t: Any, rng_t, h: Tree, t: int, a_w, 
     it = iter(gr[nw:nw + ns])
     a_s = [next(it) if (isinstance(x, Tensor) and x.requires_grad) else None for x in sl_leaves]
     hg = [acc if gi is None else acc + gi for acc, gi in zip(hg, gr[nw + ns:])]
+    step._last_grads = None                          # this graph's gradients: not the run's last step
     return a_w, a_s, hg
 
 
@@ -312,7 +327,7 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         step.stored_states_max = 1
         return _reverse(step, outer_loss, w, s, h, t0, T, outer_args, fn)[:4]
     store: dict[int, tuple] = {}                     # t -> (w_t, s_t, rng before step t)
-    losses: dict[int, Tensor] = {}
+    losses: list[Tensor] = []                        # one buffer of n losses, not n 0-dim tensors
     peak = [0]
 
     def keep(t: int, ww: Tree, ss: Any) -> None:
@@ -323,7 +338,7 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         return list(range(a, b, math.ceil((b - a) / k)))
 
     def check(t: int) -> None:
-        got, want = step.last_loss, losses[t]
+        got, want = step.last_loss, losses[0][t - t0]
         tol = _replay_tolerance(want)
         same = torch.equal(got, want) if tol == 0 else bool((got - want).abs() <= tol * max(1.0, float(want.abs())))
         if not same:
@@ -347,12 +362,15 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         check(t)
         return out
 
-    def reverse(a: int, b: int, adj: tuple) -> tuple:
+    # NOTE: the adjoints (a_w, a_s, hg) travel in a one-element list, replaced in place, and no frame
+    # of the recursion keeps a state or an adjoint in a local: else each of the D levels would hold a
+    # stale adjoint and its last recomputed state until it returns (D·(3P + m) more memory than counted).
+    def reverse(a: int, b: int, adj: list) -> None:
         if b - a == 1:
             w_t, s_t, rng_t = store.pop(a)
-            a_w, a_s, hg = _step_vjp(step, w_t, s_t, rng_t, h, a, *adj)
+            adj.append(_step_vjp(step, w_t, s_t, rng_t, h, a, *adj.pop()))
             check(a)
-            return a_w, a_s, hg
+            return
         pts = cuts(a, b)
         if pts[-1] not in store:                      # the training run stored the top level
             ww, ss, rng = store[a]
@@ -363,9 +381,9 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
                     ww, ss = replayed(ww, ss, t, create_graph=False)
                     t += 1
                 keep(t, ww, ss)
+            del ww, ss
         for lo, hi in reversed(list(zip(pts, pts[1:] + [b]))):
-            adj = reverse(lo, hi, adj)
-        return adj
+            reverse(lo, hi, adj)
 
     w, s = tree_detach(w), detach_state(s)
     top = set(cuts(t0, T))
@@ -373,11 +391,16 @@ def _replay(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: in
         if t in top:
             keep(t, w, s)
         w, s = step.autograd(w, s, h, t, create_graph=False)
-        losses[t] = step.last_loss
+        if not losses:
+            losses.append(step.last_loss.new_empty(n))
+        losses[0][t - t0] = step.last_loss
     rng_end = get_rng()
     last_loss, last_gnorm = step.last_loss, step.last_gnorm
-    lv, a_w, a_s, hg = _outer_adjoint(outer_loss, w, s, h, outer_args, fn)
-    _, _, hg = reverse(t0, T, (a_w, a_s, hg))
+    lv, *adjoints = _outer_adjoint(outer_loss, w, s, h, outer_args, fn)
+    adj = [tuple(adjoints)]
+    del adjoints
+    reverse(t0, T, adj)
+    hg = adj.pop()[2]
     set_rng(rng_end)
     step.last_loss, step.last_gnorm = last_loss, last_gnorm
     step.stored_states_max = peak[0]

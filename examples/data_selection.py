@@ -2,6 +2,7 @@
 
     python examples/data_selection.py             # 3 seeds, 12 rounds, T = 256 (minutes)
     python examples/data_selection.py --smoke     # seconds (CI)
+    python examples/data_selection.py --smooth    # LayerNorm before tanh, lr warm-up (docs/tutorials/long_horizon.md)
 
 Data: MNIST-1D generated locally by the ``mnist1d`` package (no download; 4,000 training sequences
 of length 40, 400 clean validation, 1,100 test), with 30% of the training labels flipped to
@@ -28,7 +29,8 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,31 +45,70 @@ NOISE, B = 0.3, 128
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}   # Student t quantiles by number of seeds
 
 
-def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dict[str, Any]:
+def mlp(norm: Optional[str] = None) -> torch.nn.Module:
+    """MLP 40-128-128-10 with tanh; ``norm="pre"`` / ``"post"``: LayerNorm (no affine) before / after each tanh."""
+    def block(i: int, o: int) -> list[torch.nn.Module]:
+        ln = [torch.nn.LayerNorm(o, elementwise_affine=False)]
+        return [torch.nn.Linear(i, o), *(ln if norm == "pre" else []), torch.nn.Tanh(), *(ln if norm == "post" else [])]
+    return torch.nn.Sequential(*block(40, 128), *block(128, 128), torch.nn.Linear(128, 10))
+
+
+def noisy_task(seed: int, T: int, *, smoke: bool = False, make_net: Optional[Callable[[], torch.nn.Module]] = None,
+               dtype: torch.dtype = torch.float32, data: Optional[tuple] = None) -> SimpleNamespace:
+    """The task: MNIST-1D with 30% of the training labels flipped, the MLP, T steps of fixed batches.
+
+    Returns a namespace with ``X, yn, Xv, yv, xt, yt`` (train with noisy labels, validation, test),
+    ``flipped`` (bool mask), ``net`` and ``params`` (its start), ``batch(t)`` (step t's indices),
+    ``inner(p, h, idx)`` (per-example weighted cross-entropy, ``h["example_logits"]``),
+    ``outer(p, h)`` (validation cross-entropy) and ``n``. ``make_net``: another model (default the
+    MLP 40-128-128-10, tanh); ``dtype``: of the data and the model; ``data``: ``((x, y), (xt, yt))``
+    instead of the generated MNIST-1D (the first 4,000 rows, or 600 with ``smoke``, train).
+    """
     torch.manual_seed(seed)
-    (x, y), (xt, yt) = load_mnist1d(num_samples=1000 if smoke else 5500)
-    x, xt = x.flatten(1), xt.flatten(1)
+    if data is None:
+        (x, y), (xt, yt) = load_mnist1d(num_samples=1000 if smoke else 5500)
+        x, xt = x.flatten(1), xt.flatten(1)
+    else:
+        (x, y), (xt, yt) = data
+    x, xt = x.to(dtype), xt.to(dtype)
     n = 600 if smoke else 4000
     X, y_clean, Xv, yv = x[:n], y[:n], x[n:], y[n:]
     g = torch.Generator().manual_seed(seed)
     flipped = torch.rand(n, generator=g) < NOISE
     yn = torch.where(flipped, (y_clean + torch.randint(1, 10, (n,), generator=g)) % 10, y_clean)
-    net = torch.nn.Sequential(torch.nn.Linear(40, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(),
-                              torch.nn.Linear(128, 10))
+    net = (make_net() if make_net is not None else mlp()).to(dtype)
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(1000 * seed + e))
                        for e in range(T * B // n + 1)])
-    batch = lambda t: (order[t * B:(t + 1) * B],)
 
     def inner(p, h, idx):
         ce = F.cross_entropy(functional_call(net, p, (X[idx],)), yn[idx], reduction="none")
         return bl.hparams.weighted_mean(ce, h["example_logits"][idx])
 
-    outer = lambda p, h: F.cross_entropy(functional_call(net, p, (Xv,)), yv)
-    opt = bl.inner.SGD(lr=0.1, momentum=0.9)
+    return SimpleNamespace(X=X, yn=yn, Xv=Xv, yv=yv, xt=xt, yt=yt, flipped=flipped, net=net, params=params, n=n,
+                           batch=lambda t: (order[t * B:(t + 1) * B],), inner=inner,
+                           outer=lambda p, h: F.cross_entropy(functional_call(net, p, (Xv,)), yv))
+
+
+def precision_recall(logits: torch.Tensor, flipped: torch.Tensor) -> tuple[float, float]:
+    """Precision and recall of the flipped labels among the 30% lowest logits."""
+    flagged = logits <= logits.quantile(NOISE)
+    hits = float((flagged & flipped).sum())
+    return hits / max(1.0, float(flagged.sum())), hits / max(1.0, float(flipped.sum()))
+
+
+def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float, smooth: bool = False) -> dict[str, Any]:
+    task = noisy_task(seed, T, smoke=smoke, make_net=(lambda: mlp("pre")) if smooth else None)
+    X, yn, xt, yt, flipped, net, params, n = task.X, task.yn, task.xt, task.yt, task.flipped, task.net, \
+        task.params, task.n
+    inner, outer, batch = task.inner, task.outer, task.batch
+    fixed: dict[str, torch.Tensor] = {}
+    if smooth:                           # LayerNorm before tanh (above) and lr warm-up over 10% of the steps
+        fixed["lr"] = 0.1 * torch.clamp(torch.arange(1, T + 1) / max(1, T // 10), max=1.0)
+    opt = bl.inner.SGD(lr=bl.inner.Schedule("lr") if smooth else 0.1, momentum=0.9)
 
     def train(logits: torch.Tensor, mode: str = "replay"):
-        return bl.unrolled_hypergrad(inner, outer, params, {"example_logits": logits}, optimizer=opt, steps=T,
+        return bl.unrolled_hypergrad(inner, outer, params, {"example_logits": logits, **fixed}, optimizer=opt, steps=T,
                                      mode=mode, inner_args=batch)
 
     def test_acc(logits: torch.Tensor) -> float:
@@ -82,7 +123,7 @@ def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dic
 
     logits = torch.zeros(n, requires_grad=True)
     meta = torch.optim.Adam([logits], lr=meta_lr)
-    t0, evaluated, history = time.perf_counter(), 0, []
+    t0, evaluated, history, recall_history = time.perf_counter(), 0, [], []
     for _ in range(rounds):
         hg, _ = train(logits.detach())
         evaluated += hg.info.forward_steps
@@ -90,14 +131,14 @@ def one_seed(seed: int, smoke: bool, rounds: int, T: int, meta_lr: float) -> dic
         meta.zero_grad()
         logits.grad = hg["example_logits"]
         meta.step()
+        recall_history.append(precision_recall(logits.detach(), flipped)[1])
     out["seconds"] = time.perf_counter() - t0
     out["training_runs"] = evaluated / T
     out["history"] = history
     learned = logits.detach()
     out["learned"] = test_acc(learned)
-    flagged = learned <= learned.quantile(NOISE)
-    hits = float((flagged & flipped).sum())
-    out["precision"], out["recall"] = hits / max(1.0, float(flagged.sum())), hits / max(1.0, float(flipped.sum()))
+    out["precision"], out["recall"] = precision_recall(learned, flipped)
+    out["recall_history"] = recall_history
     out["logits"], out["flipped"] = learned, flipped
     return out
 
@@ -111,17 +152,18 @@ def interval(vals: list[float]) -> tuple[float, float]:
 
 
 def main(smoke: bool = False, seeds: int = 3, rounds: int = 12, T: int = 256, meta_lr: float = 0.3,
-         plot: str = "data_selection.png", verbose: bool = True) -> dict[str, Any]:
+         smooth: bool = False, plot: str = "data_selection.png", verbose: bool = True) -> dict[str, Any]:
     torch.set_num_threads(1)
     if smoke:
         seeds, rounds, T = 1, 2, 12
-    runs = [one_seed(s, smoke, rounds, T, meta_lr) for s in range(seeds)]
+    runs = [one_seed(s, smoke, rounds, T, meta_lr, smooth) for s in range(seeds)]
     summary = {k: interval([r[k] for r in runs]) for k in ("all", "small_loss", "oracle", "learned",
                                                          "precision", "recall")}
     summary["rounds"], summary["T"] = rounds, T
     summary["training_runs_per_seed"] = runs[0]["training_runs"]
     summary["seconds_per_seed"] = sum(r["seconds"] for r in runs) / seeds
     summary["history"] = runs[0]["history"]
+    summary["recall_history"] = [sum(r["recall_history"][i] for r in runs) / seeds for i in range(rounds)]
     if verbose:
         print(f"MNIST-1D, {NOISE:.0%} flipped labels, T = {T} steps, {seeds} seed(s); test accuracy (mean ± 95% CI):")
         for k in ("all", "small_loss", "oracle", "learned"):
@@ -129,6 +171,7 @@ def main(smoke: bool = False, seeds: int = 3, rounds: int = 12, T: int = 256, me
             print(f"  {k:11s} {m:.4f} ± {ci:.4f}")
         print(f"flipped among the {NOISE:.0%} lowest learned weights: precision {summary['precision'][0]:.3f}, "
               f"recall {summary['recall'][0]:.3f}")
+        print("recall after each round (mean over seeds): " + " ".join(f"{v:.2f}" for v in summary["recall_history"]))
         print(f"{rounds} rounds of replay metagradients: {summary['training_runs_per_seed']:.0f} training runs' "
               f"steps, {summary['seconds_per_seed']:.0f} s per seed")
     if plot and not smoke:
@@ -153,6 +196,7 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--meta-lr", type=float, default=0.3)
+    ap.add_argument("--smooth", action="store_true", help="LayerNorm before each tanh and lr warm-up over 10%%")
     ap.add_argument("--plot", default="data_selection.png")
     a = ap.parse_args()
-    main(smoke=a.smoke, seeds=a.seeds, rounds=a.rounds, T=a.steps, meta_lr=a.meta_lr, plot=a.plot)
+    main(smoke=a.smoke, seeds=a.seeds, rounds=a.rounds, T=a.steps, meta_lr=a.meta_lr, smooth=a.smooth, plot=a.plot)

@@ -214,3 +214,25 @@ def test_compare_starts_smoke(tmp_path):
     if committed.exists():
         text = cs.render_table(json.loads(committed.read_text()))
         assert text.count("\n") == 1 + len(json.loads(committed.read_text())["rows"])
+
+
+# -- benchmarks/long_horizon_stability.py and bench_replay.py: tiny runs of the long-horizon figures --
+def test_long_horizon_stability_smoke():
+    """Float64, T ≤ 6: the replay metagradient matches central differences (ε = 1e-6) along random
+    directions, with and without warm-up and LayerNorm; the finite-step column is reported too."""
+    stab = import_benchmark("long_horizon_stability")
+    rows = stab.main(["--smoke", "--settings", "plain", "smooth"])
+    assert [(r["setting"], r["T"]) for r in rows] == [("plain", 3), ("smooth", 3), ("plain", 6), ("smooth", 6)]
+    for r in rows:
+        assert r["grad_norm"] > 0 and math.isfinite(r["outer_loss"])
+        assert r["cos@1e-06"] > 1 - 1e-9 and r["rel_err@1e-06"] < 1e-5, r
+        assert math.isfinite(r["cos@0.01"]) and r["rel_err@0.01"] >= 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak memory needs Linux /proc")
+def test_bench_replay_splits_forward_and_reverse_time():
+    replay = import_benchmark("bench_replay")
+    r = replay.fresh("replay", 8)
+    assert r["stored_states_max"] <= 2 * 3 + 1 and r["forward_steps"] <= (1 + 3) * 8
+    assert 0 < r["reverse_cpu_s"] <= r["cpu_s"] and 0 < r["reverse_s"] <= r["seconds"], r
+    assert r["train_s"] > 0 and r["train_cpu_s"] > 0 and math.isfinite(r["peak_mb"])
