@@ -155,8 +155,9 @@ class CurvatureOperator:
         return tree_norm(self.grad)
 
     # -- what subclasses implement -----------------------------------------------------------
-    def product(self, v: Tensor) -> Tensor:
-        """``H v`` on flat vectors, as a fresh buffer (wrappers update it in place); not counted."""
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``H v`` on flat vectors, into ``out`` when given (else a fresh buffer); wrappers update
+        the result in place. Not counted."""
         raise NotImplementedError
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
@@ -177,10 +178,17 @@ class CurvatureOperator:
         return {k for k, h in self.hparams.items() if id(h) in self.reach}
 
     # -- the public products -------------------------------------------------------------------
-    def matvec_flat(self, v: Tensor) -> Tensor:
-        """``H v`` for a flat vector ``v`` of shape ``(flat.size,)``; returns the same shape."""
+    def matvec_flat(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``H v`` for a flat vector ``v`` of shape ``(flat.size,)``; returns the same shape.
+
+        ``out``: a ``(flat.size,)`` buffer (not ``v``) that receives the product and is returned; a
+        solver's loop passes the same one each time (no weight-sized allocation per product).
+        """
         self.matvecs += 1
-        return self.product(v)
+        return self.product(v, out)
+
+    #: solvers may pass ``out=`` (see :data:`bilevel.solvers.FlatMatvec`)
+    matvec_flat.writes_out = True  # type: ignore[attr-defined]
 
     def matvec(self, v: Mapping[str, Tensor]) -> Tree:
         """``H v`` for a tree ``v`` with the keys and shapes of ``params``."""
@@ -242,10 +250,11 @@ class ReverseHessian(CurvatureOperator):
     def _backward(self, inputs: list[Tensor], cotangents: Mapping[str, Tensor]) -> tuple[Optional[Tensor], ...]:
         return _pull_back(self._live, inputs, cotangents)
 
-    def product(self, v: Tensor) -> Tensor:
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         if not self._live:
-            return torch.zeros_like(v)
-        return self.flat.flatten_list(self._backward(list(self.params.values()), self.flat.unflatten(v.to(self.flat.dtype))))
+            return torch.zeros_like(v) if out is None else out.zero_()
+        return self.flat.flatten_list(self._backward(list(self.params.values()), self.flat.unflatten(v.to(self.flat.dtype))),
+                                      out)
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         if not self._live or not self.hparams:
@@ -266,12 +275,12 @@ class ForwardHessian(CurvatureOperator):
         else:                                  # the point's loss and gradient are already known
             self.loss, self.grad, self.reach = start.loss, start.grad, start.reach
 
-    def product(self, v: Tensor) -> Tensor:
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         h = tree_detach(self.hparams)
         grad_w = torch.func.grad(lambda p: self.point(p, h))
         with torch.enable_grad(), replay_rng(self.point.rng):
-            _, out = torch.func.jvp(grad_w, (tree_detach(self.params),), (self.flat.unflatten(v),))
-        return self.flat.flatten(out)
+            _, hv = torch.func.jvp(grad_w, (tree_detach(self.params),), (self.flat.unflatten(v),))
+        return self.flat.flatten_list([hv[k] for k in self.flat.keys], out)
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         # Symmetry of mixed partials: ∇_h <∇_w f, u> = d/dε ∇_h f(w + εu, h).
@@ -309,11 +318,11 @@ class ClosedFormHessian(CurvatureOperator):
     def _h(self) -> Tree:
         return tree_detach(self.hparams)
 
-    def product(self, v: Tensor) -> Tensor:
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         vt = self.flat.unflatten(v.to(self.flat.dtype))
         hv = self._prepared(vt) if self._prepared is not None else \
             self.point.f.hvp(self._p(), self._h(), vt, *self.point.args)
-        return self.flat.flatten_list([hv.get(k) for k in self.flat.keys])
+        return self.flat.flatten_list([hv.get(k) for k in self.flat.keys], out)
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         if declares(self.point.f, "mixed_vjp"):
@@ -364,8 +373,8 @@ class AutoHessian(CurvatureOperator):
                 f"or a jvp (forward-mode) rule."
             ) from err
 
-    def product(self, v: Tensor) -> Tensor:
-        return self._run(lambda op: op.product(v))
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        return self._run(lambda op: op.product(v, out))
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return self._run(lambda op: op.mixed(u))
@@ -460,20 +469,20 @@ class GaussNewton(CurvatureOperator):
             (out,) = torch.autograd.grad([self._gz], [self._z], grad_outputs=[u], retain_graph=True, allow_unused=True)
         return torch.zeros_like(u) if out is None else out
 
-    def product(self, v: Tensor) -> Tensor:
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         if not self._live:
-            return torch.zeros_like(v)
+            return torch.zeros_like(v) if out is None else out.zero_()
         vt = self.flat.unflatten(v.to(self.flat.dtype))
         leaves = list(self.params.values())
         (jv,) = _pull_back(self._live, [self._gz], vt)
         with torch.enable_grad():
             hjv = self._output_hvp(torch.zeros_like(self._gz) if jv is None else jv.detach())
-            out = torch.autograd.grad([self._z], [leaves[i] for i in self._used], grad_outputs=[hjv.to(self._z.dtype)],
-                                      retain_graph=True)
+            grads = torch.autograd.grad([self._z], [leaves[i] for i in self._used],
+                                        grad_outputs=[hjv.to(self._z.dtype)], retain_graph=True)
         full: list[Optional[Tensor]] = [None] * len(leaves)
-        for i, o in zip(self._used, out):
+        for i, o in zip(self._used, grads):
             full[i] = o
-        return self.flat.flatten_list(full)
+        return self.flat.flatten_list(full, out)
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         if not self._live or not self.hparams:
@@ -503,8 +512,8 @@ class _Wrapper(CurvatureOperator):
     def mode(self) -> str:  # type: ignore[override]
         return self.inner.mode
 
-    def product(self, v: Tensor) -> Tensor:
-        return self.inner.product(v)
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        return self.inner.product(v, out)
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return self.inner.mixed(u)
@@ -523,8 +532,8 @@ class _Averaged(_Wrapper):
         red = all_reduce_mean_list([inner.loss, *inner.grad.values()], group)
         self.loss, self.grad = red[0], dict(zip(inner.grad, red[1:]))
 
-    def product(self, v: Tensor) -> Tensor:
-        return all_reduce_mean_(self.inner.product(v), self.group)
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        return all_reduce_mean_(self.inner.product(v, out), self.group)
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return all_reduce_mean_tree(self.inner.mixed(u), self.group)
@@ -677,9 +686,9 @@ class _Penalized(_Wrapper):
         pen = self.term.gradient()
         return {k: g + pen[k] for k, g in self.inner.grad.items()}
 
-    def product(self, v: Tensor) -> Tensor:
-        out = self.inner.product(v)
-        return out.addcmul_(self._diag, v.to(out.dtype))          # `out` is a fresh buffer
+    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        hv = self.inner.product(v, out)
+        return hv.addcmul_(self._diag, v.to(hv.dtype))         # `hv` is a fresh buffer, or `out`
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         data, pen = self.inner.mixed(u), self.term.mixed_vjp(u)

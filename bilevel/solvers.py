@@ -27,7 +27,16 @@ from .kernels import CG_STATE_FIELDS, cg_update, neumann_step, partial_dot, reso
 __all__ = ["Solver", "SolverInfo", "Solution", "CG", "Neumann", "Nystrom", "Identity", "Exact", "GMRES", "BiCGSTAB",
            "NormalCG"]
 
+#: ``matvec(v) -> H v`` on flat vectors. A matvec whose function carries ``writes_out = True``
+#: (``CurvatureOperator.matvec_flat``) also takes ``matvec(v, out=buf)``: it writes ``H v`` into
+#: ``buf`` and returns it, so a solver's loop reuses one buffer instead of a fresh weight-sized
+#: tensor per product (on CPU each fresh one is also first-touch page faults).
 FlatMatvec = Callable[[Tensor], Tensor]
+
+
+def writes_out(matvec: Callable[..., Tensor]) -> bool:
+    """Whether ``matvec`` takes ``out=`` (see :data:`FlatMatvec`)."""
+    return bool(getattr(matvec, "writes_out", False))
 
 
 @dataclass
@@ -161,7 +170,14 @@ class Solver:
         d = self.damping
         if d == 0.0:
             return matvec
-        return lambda v: torch.add(matvec(v), v, alpha=d)   # one fused pass
+        if not writes_out(matvec):
+            return lambda v: torch.add(matvec(v), v, alpha=d)   # one fused pass
+
+        def damped(v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+            return torch.add(matvec(v), v, alpha=d) if out is None else matvec(v, out=out).add_(v, alpha=d)
+
+        damped.writes_out = True  # type: ignore[attr-defined]
+        return damped
 
     def solve_flat(self, matvec: FlatMatvec, b: Tensor) -> tuple[Tensor, SolverInfo]:
         """Solve ``(H + damping I) x = b`` for flat vectors ``b`` of shape ``(P,)``.
@@ -268,14 +284,15 @@ class _SymmetryProbe:
         self._first: Optional[tuple[Tensor, Tensor]] = None
         self.gap: Optional[Tensor] = None     # relative asymmetry, 0-dim on the device
 
-    def see(self, v: Tensor, Av: Tensor, v_kept: Optional[Tensor] = None) -> None:
+    def see(self, v: Tensor, Av: Tensor, v_kept: Optional[Tensor] = None, Av_kept: bool = False) -> None:
         """Record ``(v, A v)``; on the second call compute :attr:`gap`. ``v_kept``: a tensor equal
-        to ``v`` that nobody modifies (saves a copy)."""
+        to ``v`` that nobody modifies (saves a copy); ``Av_kept``: ``Av`` is the caller's to give
+        (it will not be written again), so it is kept without a copy."""
         if self.gap is not None:
             return
         if self._first is None:
             # v is updated in place by CG; matvec may reuse its output buffer
-            self._first = (v.clone() if v_kept is None else v_kept, Av.clone())
+            self._first = (v.clone() if v_kept is None else v_kept, Av if Av_kept else Av.clone())
             return
         u, Au = self._first
         self._first = None
@@ -322,6 +339,8 @@ class _HestenesStiefelCG:
                  fallback: bool = False) -> None:
         self.A, self.thresh, self.flat_tol = A, thresh, flat_tol
         self.x, self.r, self.matvecs = _initial_residual(A, b, x0)
+        self._matvecs0 = self.matvecs
+        self._into, self._Ap = writes_out(A), None   # the products' buffer (after the first)
         self.p = self.r.clone()
         self.rs = _dot(self.r, self.r)
         # ‖p‖² by the recurrence ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖² (r_{k+1} ⊥ p_k): saves a pass per iteration.
@@ -341,9 +360,17 @@ class _HestenesStiefelCG:
 
     def step(self) -> None:
         p, r, x = self.p, self.r, self.x
-        Ap = self.A(p)
+        # an operator that writes into a buffer (`writes_out`) returns a fresh product without one:
+        # the first goes to the symmetry probe as is, the later ones reuse one buffer
+        first = self.matvecs == self._matvecs0
+        if self._into and not first:
+            if self._Ap is None:
+                self._Ap = torch.empty_like(p)
+            Ap = self.A(p, out=self._Ap)
+        else:
+            Ap = self.A(p)
         self.matvecs += 1
-        self.probe.see(p, Ap, self.b0)
+        self.probe.see(p, Ap, self.b0, Av_kept=first and self._into)
         pAp = _dot(p, Ap)
         # the curvature along p (Rayleigh quotient), on the scale of H's eigenvalues
         rq = pAp / self.pp.clamp_min(self.tiny)
@@ -837,8 +864,11 @@ class Neumann(Solver):
         # negative ones first (factor > 1), so a negative quotient appears within a few terms.
         tiny = torch.finfo(b.dtype).tiny
         min_rq = torch.full((), math.inf, dtype=b.dtype, device=b.device)
+        # one buffer for every product when the operator writes into one (no allocation per term;
+        # the peak is unchanged: a fresh product is as large, and is alive while it is taken)
+        buf = torch.empty_like(p) if writes_out(A) else None
         for j in range(1, self.steps + 1):
-            Ap = A(p)
+            Ap = A(p) if buf is None else A(p, out=buf)
             min_rq = torch.minimum(min_rq, torch.dot(p, Ap) / pp.clamp_min(tiny))
             pp = neumann_step(p, Ap, acc, alpha_t, backend=backend)   # in place: p ← p − αAp; acc += p
             # NOTE: freed now, not when the next product is assigned: otherwise two products are alive

@@ -245,3 +245,26 @@ def test_operator_penalty_errors():
     with pytest.raises(bl.ShapeError):
         bl.HessianOperator(lambda p, X, y: loss(p, X, y), params, None, (X, y),
                            penalty=lambda p, h: p["0.bias"] ** 2)          # not a scalar
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse", "forward", "gauss_newton"])
+@pytest.mark.parametrize("with_penalty", [False, True])
+def test_matvec_flat_into_a_buffer_equals_the_fresh_product(mode, with_penalty):
+    """``matvec_flat(v, out=buf)`` writes the same product into ``buf`` and returns it (the solvers'
+    loop reuses one buffer); without ``out`` each product is a fresh tensor."""
+    net, params, X, y, loss = _mlp()
+    hp, pen = bl.hparams.weight_decay(params, init=0.3, per="parameter")
+    if mode == "gauss_newton":
+        f = lambda p, h, X, y: bl.losses.cross_entropy(functional_call(net, p, (X,)), y)  # noqa: E731
+    else:
+        f = lambda p, h, X, y: loss(p, X, y)                                                # noqa: E731
+    op = bl.HessianOperator(f, params, hp, (X, y), mode=mode, penalty=pen if with_penalty else None)
+    assert getattr(op.matvec_flat, "writes_out", False)
+    gen = torch.Generator().manual_seed(3)
+    buf = torch.full((op.flat.size,), float("nan"), dtype=DT)
+    for _ in range(2):                                   # the same buffer, twice: no stale values
+        v = torch.randn(op.flat.size, dtype=DT, generator=gen)
+        fresh = op.matvec_flat(v)
+        got = op.matvec_flat(v, out=buf)
+        assert got is buf and torch.equal(got, fresh)
+    assert op.matvecs == 4

@@ -445,3 +445,37 @@ def test_cg_symmetry_tol_admits_reduced_precision_products_and_still_names_the_f
         bl.CG(maxiter=50, symmetry_tol=0.1)(lambda v: {"x": N @ v["x"]}, {"x": torch.tensor([1.0, 0.5, -1.0])})
     with pytest.raises(ValueError, match="symmetry_tol"):
         bl.CG(symmetry_tol=-1.0)
+
+
+class _BufferedMatvec:
+    """``A v`` that takes ``out=`` like ``CurvatureOperator.matvec_flat``, recording what it was given."""
+
+    writes_out = True
+
+    def __init__(self, A):
+        self.A, self.outs, self.vs = A, [], []
+
+    def __call__(self, v, out=None):
+        self.outs.append(None if out is None else out.data_ptr())
+        self.vs.append(v.data_ptr())
+        return torch.mv(self.A, v) if out is None else torch.mv(self.A, v, out=out)
+
+
+@pytest.mark.parametrize("solver", [bl.CG(maxiter=12, tol=0.0), bl.CG(maxiter=12, tol=0.0, damping=0.5),
+                                    bl.Neumann(steps=12, alpha=0.05), bl.Neumann(steps=12, alpha=None)],
+                         ids=["cg", "cg_damped", "neumann", "neumann_power"])
+def test_solvers_reuse_one_product_buffer_and_get_the_same_iterates(solver):
+    """A matvec that writes into ``out`` gets one buffer for all products after CG's first (which
+    the symmetry probe keeps), never its own input as ``out``, and the solve is bitwise the one of a
+    plain matvec."""
+    torch.manual_seed(0)
+    M = torch.randn(30, 30, dtype=torch.float64)
+    A = M @ M.T / 30 + torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, dtype=torch.float64)
+    buffered = _BufferedMatvec(A)
+    x, info = solver.solve_flat(buffered, b)
+    x_plain, info_plain = solver.solve_flat(lambda v: torch.mv(A, v), b)
+    assert torch.equal(x, x_plain) and info.matvecs == info_plain.matvecs == len(buffered.outs)
+    given = [o for o in buffered.outs if o is not None]
+    assert len(set(given)) == 1 and len(given) >= len(buffered.outs) - (21 if solver.name == "Neumann" else 1)
+    assert all(o != v for o, v in zip(buffered.outs, buffered.vs))
