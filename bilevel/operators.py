@@ -691,7 +691,13 @@ class _Penalized(_Wrapper):
         return hv.addcmul_(self._diag, v.to(hv.dtype))         # `hv` is a fresh buffer, or `out`
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
-        data, pen = self.inner.mixed(u), self.term.mixed_vjp(u)
+        pen = self.term.mixed_vjp(u)
+        if not isinstance(self.inner, _Averaged) and not self.inner.hparams_in_loss():
+            # the data term reads no hparams (the usual weight-decay problem): its mixed product is
+            # zero, and zeros plus a sum are two weight-sized passes for nothing. Averaged operators
+            # always take it: every rank must join the reduction, whatever its own graph reaches.
+            return pen
+        data = self.inner.mixed(u)
         return {k: d + pen[k] for k, d in data.items()}
 
     def mixed_tangent(self, t: Mapping[str, Tensor]) -> Tree:
