@@ -236,3 +236,12 @@ def test_bench_replay_splits_forward_and_reverse_time():
     assert r["stored_states_max"] <= 2 * 3 + 1 and r["forward_steps"] <= (1 + 3) * 8
     assert 0 < r["reverse_cpu_s"] <= r["cpu_s"] and 0 < r["reverse_s"] <= r["seconds"], r
     assert r["train_s"] > 0 and r["train_cpu_s"] > 0 and math.isfinite(r["peak_mb"])
+
+
+def test_paired_breakdown_inner_step_runs():
+    """benchmarks/paired_breakdown.py: both ratios are measured (finite, positive) on a few blocks."""
+    pb = import_benchmark("paired_breakdown")
+    with_check, without = pb.inner_step(blocks=2)
+    assert math.isfinite(with_check) and math.isfinite(without) and with_check > 0 and without > 0
+    with pytest.raises(SystemExit, match="expected 'ggn' or 'inner-step'"):
+        pb.main(["nothing"])

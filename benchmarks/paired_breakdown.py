@@ -1,0 +1,133 @@
+"""Quick paired ratios for A/B comparisons of two versions of the library, outside pytest-benchmark.
+
+``python benchmarks/paired_breakdown.py ggn [pairs]``: the Gauss–Newton CG-10 hypergradient of
+``bench_ift.py`` (the 1.07 M MLP of ``conftest.py``, ``penalty=``) against one gradient, ``pairs``
+back-to-back pairs, median ratio. ``python benchmarks/paired_breakdown.py inner-step``: the
+``HyperOptimizer.inner_step`` of ``bench_inner_step.py`` (MLP 64-512-256-10, batch 64) against the
+plain torch step, and the same step with its finiteness check removed (300 paired blocks of 20
+steps, medians). Run two checkouts alternately (``PYTHONPATH=<checkout>``) to compare versions in
+one window; ``OMP_NUM_THREADS`` sets the threads. Figures in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bilevel as bl  # noqa: E402
+import bilevel.hyperopt as hyperopt  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def ggn(pairs: int = 25) -> float:
+    """Median of ``pairs`` (hypergradient time / gradient time) ratios, taken back to back."""
+    import conftest     # benchmarks/conftest.py (imported here: tests have a conftest of their own)
+
+    p = conftest._build_problem()
+    solver = bl.CG(maxiter=10, tol=0.0)
+
+    def hypergrad() -> bl.Hypergrad:
+        return bl.implicit_hypergrad(p.output_loss, p.outer_loss, p.params, p.hparams, solver=solver,
+                                     inner_args=(p.X, p.y), outer_args=(p.X_val, p.y_val), penalty=p.penalty,
+                                     hvp_mode="gauss_newton")
+
+    w = p.leaves()
+    leaves = list(w.values())
+
+    def gradient() -> None:
+        torch.autograd.grad(p.loss(w, p.X, p.y), leaves)
+
+    for _ in range(3):
+        hypergrad()
+        gradient()
+    ratios = []
+    for _ in range(pairs):
+        ratios.append(_seconds(hypergrad, 1) / _seconds(gradient, 1))
+    return statistics.median(ratios)
+
+
+def mlp(sizes: tuple[int, ...]) -> nn.Module:
+    """``Linear -> tanh -> ... -> Linear`` with seed 0."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def twin_steps(sizes: tuple[int, ...], batch: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(plain, ours)``: a plain torch SGD-momentum step and ``HyperOptimizer.inner_step`` on twin
+    MLPs of ``sizes``, one fixed batch of ``batch`` examples (``bl.FirstOrder()``: the inner step
+    does not read the per-tensor decays)."""
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
+    plain_model, model = mlp(sizes), mlp(sizes)
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9)
+    hp, _ = bl.hparams.weight_decay(model, init=1e-4, per="tensor")
+    loss = lambda m, h, b: F.cross_entropy(m(b[0]), b[1])      # noqa: E731
+    hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, method=bl.FirstOrder(),
+                             inner_optimizer=torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9),
+                             outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1))
+
+    def plain() -> None:
+        plain_opt.zero_grad()
+        F.cross_entropy(plain_model(X), y).backward()
+        plain_opt.step()
+
+    def ours() -> None:
+        hopt.inner_step((X, y))
+
+    return plain, ours
+
+
+def inner_step(blocks: int = 300) -> tuple[float, float]:
+    """``(inner step / plain step, inner step without its finiteness check / plain step)``, medians,
+    on the MLP 64-512-256-10 with batch 64."""
+    plain, ours = twin_steps((64, 512, 256, 10), 64)
+
+    def unchecked() -> None:
+        check = hyperopt.fresh_tensors_finite
+        hyperopt.fresh_tensors_finite = lambda ts: True
+        try:
+            ours()
+        finally:
+            hyperopt.fresh_tensors_finite = check
+
+    for f in (plain, ours, unchecked):
+        _seconds(f, 200)
+    with_check, without = [], []
+    for _ in range(blocks):
+        a, b, c = _seconds(plain, 20), _seconds(ours, 20), _seconds(unchecked, 20)
+        with_check.append(b / a)
+        without.append(c / a)
+    return statistics.median(with_check), statistics.median(without)
+
+
+def _seconds(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def main(argv: list[str]) -> None:
+    what = argv[0] if argv else "ggn"
+    if what == "ggn":
+        print(f"GGN CG-10 hypergradient, paired x gradient (median): {ggn(int(argv[1]) if len(argv) > 1 else 25):.2f}")
+    elif what == "inner-step":
+        a, b = inner_step()
+        print(f"inner step / plain step: {a:.3f}; without the finiteness check: {b:.3f}")
+    else:
+        raise SystemExit(f"paired_breakdown.py: expected 'ggn' or 'inner-step', got {what!r}.")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
