@@ -10,7 +10,6 @@ reports; targets 1.05 (MLP 64-512-256-10, batch 64) and 1.02 (the 1.07M MLP of c
 
 from __future__ import annotations
 
-
 import pytest
 
 from conftest import LAYERS, Measure
