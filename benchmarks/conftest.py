@@ -271,6 +271,7 @@ class Timing:
     ratio_min: Optional[float] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     paired: Optional[float] = None  # median of back-to-back time(X)/time(unit) pairs (Measure paired_with=)
+    flop_floor: Optional[float] = None  # matmul FLOPs of X / those of the unit (torch.utils.flop_counter)
 
 
 class RatioReport:
@@ -302,17 +303,21 @@ class RatioReport:
             out.append(f"[{group}] unit = {unit_name}")
             out.append(f"  {'benchmark':<48} {'mean ms':>9} {'± sd':>8} {'min ms':>8} {'mean/min':>8}"
                        f" {'rounds':>6} {'other load':>10} {'x unit (mean)':>14} {'x unit (min)':>13}"
-                       f" {'x unit (paired)':>16}")
+                       f" {'x unit (paired)':>16} {'FLOP floor':>10} {'x floor':>8}")
             for t in timings:
                 rm = f"{t.ratio_mean:.2f}" if t.ratio_mean is not None else "-"
                 rn = f"{t.ratio_min:.2f}" if t.ratio_min is not None else "-"
                 ol = "-" if t.other_load is None else f"{t.other_load:.2f}" + ("!" if t.other_load > NOISY_LOAD else " ")
                 out.append(f"  {t.name:<48} {1e3 * t.mean:>9.3f} {1e3 * t.stddev:>8.3f} {1e3 * t.min:>8.3f}"
                            f" {t.mean / t.min:>8.2f} {t.rounds:>6} {ol:>10} {rm:>14} {rn:>13}"
-                           f" {'-' if t.paired is None else f'{t.paired:.2f}':>16}")
+                           f" {'-' if t.paired is None else f'{t.paired:.2f}':>16}"
+                           f" {'-' if t.flop_floor is None else f'{t.flop_floor:.2f}':>10}"
+                           f" {'-' if t.flop_floor is None or t.paired is None else f'{t.paired / t.flop_floor:.2f}':>8}")
         worst = max((t.other_load or 0.0 for ts in self.groups.values() for t in ts), default=0.0)
         out.append(f"other load = CPU cores used by other processes during the benchmark (worst {worst:.2f}); "
                    f"'!' marks more than {NOISY_LOAD}: those figures are disturbed, rerun.")
+        out.append("FLOP floor = matmul FLOPs of one call / those of one unit call (torch.utils.flop_counter): the "
+                   "time ratio no implementation can go below on any hardware; x floor = paired ratio / FLOP floor.")
         return out
 
     def to_json(self) -> Dict[str, Any]:
@@ -363,11 +368,25 @@ class Measure:
             if paired_with is not None:
                 t.paired = paired_ratio(fn, paired_with, pairs)
                 bm.extra_info["x_unit_paired_median"] = t.paired
+                unit_flops = matmul_flops(paired_with)
+                if unit_flops > 0:
+                    t.flop_floor = matmul_flops(fn) / unit_flops
+                    bm.extra_info["flop_floor_x_unit"] = t.flop_floor
             u = self._report.unit(group)
             if u is not None:
                 bm.extra_info["x_unit_mean"] = t.mean / u.mean
                 bm.extra_info["x_unit_min"] = t.min / u.min
         return result
+
+
+def matmul_flops(fn: Callable[[], Any]) -> int:
+    """Matmul (and convolution) floating-point operations of one call of ``fn``, as
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them (forward, backward and double backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 @pytest.fixture
