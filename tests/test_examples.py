@@ -122,12 +122,19 @@ def test_learned_schedule_smoke():
 
 def test_data_selection_smoke():
     pytest.importorskip("mnist1d")
-    out = _load("data_selection").main(smoke=True, verbose=False)
-    assert out["rounds"] == 2 and out["T"] == 12
-    for k in ("all", "small_loss", "oracle", "learned", "precision", "recall"):
+    mod = _load("data_selection")
+    out = mod.main(smoke=True, verbose=False)          # gradient descent on the validation loss at 4 points
+    assert out["rounds"] == 2 and out["T"] == 12 and out["checkpoints"] == 4
+    for k in ("all", "small_loss", "oracle", "learned", "precision", "recall", "small_loss_recall"):
         assert 0.0 <= out[k][0] <= 1.0, k
-    # each round is one replay metagradient: at most (1 + ⌈log2 12⌉) = 5 training runs' steps
-    assert 2 <= out["training_runs_per_seed"] <= 2 * 5
+    # each round is one replay metagradient per point (after 3, 6, 9, 12 steps), a replay of s steps
+    # running at most s·(1 + ⌈log2 s⌉) steps: at most (9 + 24 + 45 + 60) / 12 = 11.5 training runs per round
+    assert 2 * (3 + 6 + 9 + 12) / 12 <= out["training_runs_per_seed"] <= 2 * 11.5
+    assert len(out["history"]) == 2 and out["history"][1] < out["history"][0]   # the averaged loss went down
+    old = mod.main(smoke=True, verbose=False, outer_opt="adam", checkpoints=1)   # the final loss only, Adam
+    assert 2 <= old["training_runs_per_seed"] <= 2 * 5
+    with pytest.raises(ValueError, match="checkpoints"):
+        mod.main(smoke=True, verbose=False, checkpoints=13)
 
 
 def test_maml_sinusoid_smoke():
