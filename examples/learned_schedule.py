@@ -50,10 +50,10 @@ def baseline_lrs(kind: str, peak: float, T: int) -> torch.Tensor:
 
 
 def main(smoke: bool = False, steps: int = 200, meta_steps: int = 40, seed: int = 0, plot: str = "learned_schedule.png",
-         verbose: bool = True) -> dict[str, Any]:
+         verbose: bool = True, block: int = 10) -> dict[str, Any]:
     torch.manual_seed(seed)
     torch.set_num_threads(1)
-    T, meta_steps, block, grid = (20, 2, 5, (0.1,)) if smoke else (steps, meta_steps, 10, GRID)
+    T, meta_steps, block, grid = (20, 2, 5, (0.1,)) if smoke else (steps, meta_steps, block, GRID)
     (X, y), (Xv, yv), (Xt, yt) = data(seed)
     net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
@@ -126,6 +126,8 @@ if __name__ == "__main__":
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--meta-steps", type=int, default=40)
+    ap.add_argument("--block", type=int, default=10, help="steps per learned rate (T / block rates)")
+    ap.add_argument("--seed", type=int, default=0, help="data split, initialization and minibatch order")
     ap.add_argument("--plot", default="learned_schedule.png")
     a = ap.parse_args()
-    main(smoke=a.smoke, steps=a.steps, meta_steps=a.meta_steps, plot=a.plot)
+    main(smoke=a.smoke, steps=a.steps, meta_steps=a.meta_steps, seed=a.seed, plot=a.plot, block=a.block)
