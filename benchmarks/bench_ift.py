@@ -70,17 +70,19 @@ def test_ift_cg10_penalty(problem: MLPProblem, measure: Measure) -> None:
     assert info is not None and info.matvecs == 10 and info.iterations == 10
 
 
+def gauss_newton_hypergrad(problem: MLPProblem, solver: Any) -> bl.Hypergrad:
+    """``implicit_hypergrad(hvp_mode="gauss_newton")`` on the problem, data loss as an output loss,
+    the decay as ``penalty=`` (also timed by ``paired_breakdown.py ggn``)."""
+    return bl.implicit_hypergrad(problem.output_loss, problem.outer_loss, problem.params, problem.hparams,
+                                 solver=solver, inner_args=(problem.X, problem.y),
+                                 outer_args=(problem.X_val, problem.y_val), penalty=problem.penalty,
+                                 hvp_mode="gauss_newton")
+
+
 def test_ift_cg10_gauss_newton(problem: MLPProblem, measure: Measure) -> None:
     """``implicit_hypergrad(hvp_mode="gauss_newton")``, ``CG(maxiter=10, tol=0.0)``, decay as ``penalty=``."""
     solver = bl.CG(maxiter=10, tol=0.0)
-
-    def run() -> bl.Hypergrad:
-        return bl.implicit_hypergrad(problem.output_loss, problem.outer_loss, problem.params, problem.hparams,
-                                     solver=solver, inner_args=(problem.X, problem.y),
-                                     outer_args=(problem.X_val, problem.y_val), penalty=problem.penalty,
-                                     hvp_mode="gauss_newton")
-
-    hg = measure(run, group=GROUP, name="IFT, CG 10 iterations, Gauss-Newton, penalty=",
+    hg = measure(lambda: gauss_newton_hypergrad(problem, solver), group=GROUP, name="IFT, CG 10 iterations, Gauss-Newton, penalty=",
                  paired_with=_gradient_fn(problem), hvps=10, target_gradients=TARGET_GAUSS_NEWTON)
     info = hg.info.solver
     assert hg.info.hvp_mode == "gauss_newton" and info is not None and info.matvecs == 10

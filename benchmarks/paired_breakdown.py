@@ -29,21 +29,13 @@ from torch import nn  # noqa: E402
 
 def ggn(pairs: int = 25) -> float:
     """Median of ``pairs`` (hypergradient time / gradient time) ratios, taken back to back."""
-    import conftest     # benchmarks/conftest.py (imported here: tests have a conftest of their own)
+    import bench_ift    # imports benchmarks/conftest.py (here: tests have a conftest of their own)
+    import conftest
 
     p = conftest._build_problem()
     solver = bl.CG(maxiter=10, tol=0.0)
-
-    def hypergrad() -> bl.Hypergrad:
-        return bl.implicit_hypergrad(p.output_loss, p.outer_loss, p.params, p.hparams, solver=solver,
-                                     inner_args=(p.X, p.y), outer_args=(p.X_val, p.y_val), penalty=p.penalty,
-                                     hvp_mode="gauss_newton")
-
-    w = p.leaves()
-    leaves = list(w.values())
-
-    def gradient() -> None:
-        torch.autograd.grad(p.loss(w, p.X, p.y), leaves)
+    hypergrad = lambda: bench_ift.gauss_newton_hypergrad(p, solver)      # noqa: E731
+    gradient = bench_ift._gradient_fn(p)
 
     for _ in range(3):
         hypergrad()

@@ -871,8 +871,9 @@ class Neumann(Solver):
             Ap = A(p) if buf is None else A(p, out=buf)
             min_rq = torch.minimum(min_rq, torch.dot(p, Ap) / pp.clamp_min(tiny))
             pp = neumann_step(p, Ap, acc, alpha_t, backend=backend)   # in place: p ← p − αAp; acc += p
-            # NOTE: freed now, not when the next product is assigned: otherwise two products are alive
-            # while the next one is taken (a weight-sized vector more at the solve's peak)
+            # NOTE: a fresh product is freed now, not when the next one is assigned: otherwise two
+            # products are alive while the next one is taken (a weight-sized vector more at the
+            # solve's peak); with `buf` this only drops the name
             del Ap
             matvecs += 1
             if j % self.check_every == 0 or j == self.steps:
