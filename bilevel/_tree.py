@@ -129,6 +129,29 @@ class Flat:
             return torch.cat(parts)
         return torch.cat([p.to(out.dtype) for p in parts], out=out)
 
+    def addcmul_list(self, leaves: Iterable[Tensor | None], d: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
+        """``flatten_list(leaves) + d ⊙ v`` written leaf by leaf into ``out`` (or a fresh buffer): one
+        pass per leaf, where a copy into the buffer and an update of it would be two.
+
+        Shapes: ``leaves`` in key order with this layout's shapes (``None``: zeros); ``d``, ``v`` and
+        ``out`` of shape ``(size,)``; returns ``out``.
+
+        Example:
+            >>> fl = bl._tree.Flat({"w": torch.zeros(2), "b": torch.zeros(1)})
+            >>> fl.addcmul_list([torch.ones(2), None], torch.full((3,), 2.0), torch.arange(3.0))
+            tensor([1., 3., 4.])
+        """
+        if out is None:
+            out = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        d, v = d.to(out.dtype), v.to(out.dtype)
+        for leaf, o, n in zip(leaves, self.offsets, self.numels):
+            dst, ds, vs = out.narrow(0, o, n), d.narrow(0, o, n), v.narrow(0, o, n)
+            if leaf is None:
+                torch.mul(ds, vs, out=dst)
+            else:
+                torch.addcmul(leaf.reshape(-1).to(out.dtype), ds, vs, out=dst)
+        return out
+
     def zeros(self) -> Tensor:
         """A zero flat buffer of this layout: shape ``(size,)``, the trees' dtype and device."""
         return torch.zeros(self.size, dtype=self.dtype, device=self.device)

@@ -138,6 +138,21 @@ class WeightDecay:
     kind: str
     shared: Mapping[str, str] = field(default_factory=dict)
 
+    #: the penalty is exactly ``½ Σ hessian_diag ⊙ w²``: its gradient is ``hessian_diag ⊙ w``, so the
+    #: curvature operators (``penalty=``) take its value, gradient and Hessian from one evaluation of
+    #: the decays, and pass those decays back to :meth:`mixed_vjp`
+    quadratic = True
+
+    def hparams_read(self) -> set[str]:
+        """The hparams keys the penalty reads: its decays (or offsets) and shared globals.
+
+        Example:
+            >>> hp, penalty = bl.hparams.weight_decay({"w": torch.ones(2)}, init=0.5, per="tensor")
+            >>> penalty.hparams_read() == set(hp)
+            True
+        """
+        return set(self.keys.values()) | set(self.shared.values())
+
     @property
     def decay_keys(self) -> list[str]:
         """The hparams keys whose raw tensor alone stands for a decay (``positive(raw)``): every key
@@ -194,11 +209,14 @@ class WeightDecay:
         return {name: d * v[name] for name, d in self.hessian_diag(params, hparams).items()}
 
     def mixed_vjp(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
-                  u: Mapping[str, Tensor]) -> dict[str, Tensor]:
+                  u: Mapping[str, Tensor], *, decays: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
         """``∇_hparams <∇_w penalty, u>`` in closed form: ``decay'(raw) ⊙ w ⊙ u`` (summed per hparam).
 
         For ``kind="exp"`` this is ``e^raw ⊙ w ⊙ u`` (DESIGN.md §3), one pass, no autograd. A shared
-        global ``g`` gets the sum of its parameters' terms (``∂raw_i/∂g = 1``).
+        global ``g`` gets the sum of its parameters' terms (``∂raw_i/∂g = 1``). ``decays``: the decays
+        already evaluated at these hparams (``{param name: decay}``, broadcastable to the weight, as
+        :meth:`hessian_diag` returns them); for ``kind="exp"`` ``decay' = decay``, so on CPU they are
+        reused instead of evaluating ``e^raw`` again (on a GPU the fused kernel recomputes it in registers).
         """
         out: dict[str, Tensor] = {}
 
@@ -206,8 +224,12 @@ class WeightDecay:
             out[key] = out[key] + g if key in out else g
 
         for name, key in self.keys.items():
-            own = hparams[key]
-            g = decay_mixed(self.raw(hparams, name), params[name], u[name], self.kind)   # one fused pass on CUDA
+            own, w = hparams[key], params[name]
+            d = decays.get(name) if decays is not None and self.kind == "exp" and not w.is_cuda else None
+            if d is not None:
+                g = (d * w).mul_(u[name])                   # decay' = decay for exp: no second e^raw
+            else:
+                g = decay_mixed(self.raw(hparams, name), w, u[name], self.kind)   # one fused pass on CUDA
             if name in self.shared:
                 add(self.shared[name], g.sum().reshape(hparams[self.shared[name]].shape))
             if g.shape != own.shape:

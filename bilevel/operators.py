@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -157,8 +157,18 @@ class CurvatureOperator:
     # -- what subclasses implement -----------------------------------------------------------
     def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """``H v`` on flat vectors, into ``out`` when given (else a fresh buffer); wrappers update
-        the result in place. Not counted."""
-        raise NotImplementedError
+        the result in place. Not counted. By default the leaves of :meth:`product_leaves`, flattened."""
+        leaves = self.product_leaves(v)
+        if leaves is None:
+            raise NotImplementedError
+        return self.flat.flatten_list(leaves, out)
+
+    def product_leaves(self, v: Tensor) -> Optional[list[Optional[Tensor]]]:
+        """``H v`` as one tensor per leaf in key order (``None``: a zero leaf), for operators whose
+        product comes out leaf by leaf (a backward pass); ``None`` where there is only the flat
+        :meth:`product`. A wrapper that adds to the product (a penalty's ``diag ⊙ v``) then writes
+        ``leaf + diag ⊙ v`` into the solver's buffer in one pass, instead of a copy and an update."""
+        return None
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         """``∇_hparams <∇_params f, u>`` (keys of ``hparams``)."""
@@ -250,11 +260,10 @@ class ReverseHessian(CurvatureOperator):
     def _backward(self, inputs: list[Tensor], cotangents: Mapping[str, Tensor]) -> tuple[Optional[Tensor], ...]:
         return _pull_back(self._live, inputs, cotangents)
 
-    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    def product_leaves(self, v: Tensor) -> list[Optional[Tensor]]:
         if not self._live:
-            return torch.zeros_like(v) if out is None else out.zero_()
-        return self.flat.flatten_list(self._backward(list(self.params.values()), self.flat.unflatten(v.to(self.flat.dtype))),
-                                      out)
+            return [None] * len(self.flat.keys)
+        return list(self._backward(list(self.params.values()), self.flat.unflatten(v.to(self.flat.dtype))))
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         if not self._live or not self.hparams:
@@ -275,12 +284,12 @@ class ForwardHessian(CurvatureOperator):
         else:                                  # the point's loss and gradient are already known
             self.loss, self.grad, self.reach = start.loss, start.grad, start.reach
 
-    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    def product_leaves(self, v: Tensor) -> list[Optional[Tensor]]:
         h = tree_detach(self.hparams)
         grad_w = torch.func.grad(lambda p: self.point(p, h))
         with torch.enable_grad(), replay_rng(self.point.rng):
             _, hv = torch.func.jvp(grad_w, (tree_detach(self.params),), (self.flat.unflatten(v),))
-        return self.flat.flatten_list([hv[k] for k in self.flat.keys], out)
+        return [hv[k] for k in self.flat.keys]
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         # Symmetry of mixed partials: ∇_h <∇_w f, u> = d/dε ∇_h f(w + εu, h).
@@ -318,11 +327,11 @@ class ClosedFormHessian(CurvatureOperator):
     def _h(self) -> Tree:
         return tree_detach(self.hparams)
 
-    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    def product_leaves(self, v: Tensor) -> list[Optional[Tensor]]:
         vt = self.flat.unflatten(v.to(self.flat.dtype))
         hv = self._prepared(vt) if self._prepared is not None else \
             self.point.f.hvp(self._p(), self._h(), vt, *self.point.args)
-        return self.flat.flatten_list([hv.get(k) for k in self.flat.keys], out)
+        return [hv.get(k) for k in self.flat.keys]
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         if declares(self.point.f, "mixed_vjp"):
@@ -375,6 +384,9 @@ class AutoHessian(CurvatureOperator):
 
     def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
         return self._run(lambda op: op.product(v, out))
+
+    def product_leaves(self, v: Tensor) -> Optional[list[Optional[Tensor]]]:
+        return self._run(lambda op: op.product_leaves(v))
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         return self._run(lambda op: op.mixed(u))
@@ -469,9 +481,9 @@ class GaussNewton(CurvatureOperator):
             (out,) = torch.autograd.grad([self._gz], [self._z], grad_outputs=[u], retain_graph=True, allow_unused=True)
         return torch.zeros_like(u) if out is None else out
 
-    def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    def product_leaves(self, v: Tensor) -> list[Optional[Tensor]]:
         if not self._live:
-            return torch.zeros_like(v) if out is None else out.zero_()
+            return [None] * len(self.flat.keys)
         vt = self.flat.unflatten(v.to(self.flat.dtype))
         leaves = list(self.params.values())
         (jv,) = _pull_back(self._live, [self._gz], vt)
@@ -482,7 +494,7 @@ class GaussNewton(CurvatureOperator):
         full: list[Optional[Tensor]] = [None] * len(leaves)
         for i, o in zip(self._used, grads):
             full[i] = o
-        return self.flat.flatten_list(full, out)
+        return full
 
     def mixed(self, u: Mapping[str, Tensor]) -> Tree:
         if not self._live or not self.hparams:
@@ -576,6 +588,10 @@ class _SeparableTerm:
         closed = declares(penalty, "hessian_diag") and declares(penalty, "mixed_vjp")
         self._g: Optional[list[tuple[str, Tensor]]] = None
         self._grad: Optional[Tree] = None
+        self._quadratic = False
+        if closed and getattr(penalty, "quadratic", False) is True and declares(penalty, "hparams_read") \
+                and self._quadratic_forms(penalty, params, hparams):
+            return
         with torch.enable_grad():
             value = check_scalar(penalty(self._all(params), hparams), name, "penalty(params, hparams)")
         reach = reachable_leaves([value])
@@ -598,6 +614,37 @@ class _SeparableTerm:
             self.diag.update(self._hvp_live([torch.ones_like(g) for _, g in self._g]))
             self._check_separable(name)
 
+    def _quadratic_forms(self, penalty: Any, params: Tree, hparams: Tree) -> bool:
+        """``P = ½ Σ diag ⊙ w²`` (``penalty.quadratic``, e.g. :class:`bilevel.hparams.WeightDecay`):
+        the value, the diagonal and the hparams it reads from one evaluation of the decays, without
+        a graph. False (nothing set) when a name or key it needs is missing: the general path then
+        evaluates the penalty and raises its own error."""
+        p_all, h = self._all(tree_detach(params)), tree_detach(hparams)
+        keys = penalty.hparams_read()
+        names = getattr(penalty, "keys", None)
+        if not isinstance(names, Mapping) or not all(n in p_all for n in names) or not all(k in h for k in keys):
+            return False
+        with torch.no_grad():
+            d = penalty.hessian_diag(p_all, h)                  # the one e^raw per decayed tensor
+            terms = [torch.dot((dk * p_all[n]).reshape(-1), p_all[n].reshape(-1).to(torch.result_type(dk, p_all[n])))
+                     for n, dk in d.items()]
+            self.value = 0.5 * sum(terms) if terms else torch.zeros((), dtype=next(iter(params.values())).dtype)
+        self.hparams_in_value = set(keys)
+        self.diag = {k: (d[k].expand_as(p) if k in d else torch.zeros_like(p)).to(p.dtype) for k, p in params.items()}
+        self._quadratic = True
+        return True
+
+    def plus_gradient(self, grads: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+        """``(k, grads[k] + ∇_k P)`` key by key (a fresh tensor each; one alive at a time when
+        consumed lazily): ``grads[k] + diag ⊙ w`` in one pass for a quadratic penalty."""
+        if self._quadratic:
+            for k, g in grads.items():
+                yield k, torch.addcmul(g, self.diag[k].to(g.dtype), self._params[k].detach().to(g.dtype))
+            return
+        pen = self.gradient()
+        for k, g in grads.items():
+            yield k, g + pen[k]
+
     def _all(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {**self._fixed, **params} if self._fixed else dict(params)
 
@@ -613,6 +660,8 @@ class _SeparableTerm:
         declares one (:class:`bilevel.hparams.WeightDecay`: ``decay ⊙ w``), else by one more evaluation."""
         if self._grad is not None:
             return self._grad
+        if self._quadratic:
+            return {k: self.diag[k] * p.detach() for k, p in self._params.items()}
         if declares(self._penalty, "gradient"):
             out = self._penalty.gradient(self._all(tree_detach(self._params)), tree_detach(self._hparams))
             return {k: (out[k].detach().to(p.dtype) if k in out else torch.zeros_like(p))
@@ -649,8 +698,9 @@ class _SeparableTerm:
         """``∇_hparams <∇_params P, u>`` (keys of ``hparams``, zeros where ``P`` does not use one)."""
         if self._g is None:
             zeros = {k: torch.zeros_like(v) for k, v in self._fixed.items()}
+            reuse = {"decays": self.diag} if self._quadratic else {}     # the decays evaluated at the start
             out = self._penalty.mixed_vjp(self._all(tree_detach(self._params)), tree_detach(self._hparams),
-                                          {**zeros, **u})
+                                          {**zeros, **u}, **reuse)
             return {k: (out[k].detach() if k in out else torch.zeros_like(h)) for k, h in self._hparams.items()}
         if not self._g or not self._hparams:
             return {k: torch.zeros_like(h) for k, h in self._hparams.items()}
@@ -676,17 +726,18 @@ class _Penalized(_Wrapper):
         # NOTE: the norm now, at the point, key by key (one leaf-sized sum alive at a time); the
         # gradient tree itself only when read (`grad`): the solvers never read it, so the penalty's
         # gradient and the sum, two weight-sized trees, are not alive through a solve.
-        pen = self.term.gradient()
-        self.grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g + pen[k])
-                                                               for k, g in inner.grad.items()]))
+        self.grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s)
+                                                               for _, s in self.term.plus_gradient(inner.grad)]))
 
     @functools.cached_property
     def grad(self) -> Tree:  # type: ignore[override]
         """``∇_params (f + P)``, summed when first read (see ``__init__``)."""
-        pen = self.term.gradient()
-        return {k: g + pen[k] for k, g in self.inner.grad.items()}
+        return dict(self.term.plus_gradient(self.inner.grad))
 
     def product(self, v: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        leaves = self.inner.product_leaves(v)
+        if leaves is not None:          # leaf + diag ⊙ v straight into the buffer: one pass per leaf
+            return self.flat.addcmul_list(leaves, self._diag, v, out)
         hv = self.inner.product(v, out)
         return hv.addcmul_(self._diag, v.to(hv.dtype))         # `hv` is a fresh buffer, or `out`
 

@@ -216,6 +216,42 @@ def test_operator_penalty_equals_penalty_inside_the_loss(kind, closed, mode):
     assert abs(float(fresh.grad_norm - full.grad_norm)) < 1e-12 and "grad" not in vars(fresh.inner)
 
 
+@pytest.mark.parametrize("per, shared", [("parameter", False), ("tensor", False), ("model", False), ("parameter", True)])
+@pytest.mark.parametrize("kind", ["exp", "softplus"])
+@pytest.mark.parametrize("mode", ["reverse", "gauss_newton"])
+def test_quadratic_penalty_forms_equal_the_general_path(per, shared, kind, mode):
+    """A quadratic penalty (``WeightDecay``) takes value, diagonal, gradient and mixed product from one
+    evaluation of its decays; the general path (the same penalty as a plain callable: autograd on
+    its own graph) gives the same operator. Some weights are held fixed (``fixed=``), the hparams
+    are float32 over float64 weights, and one product is compared with ``H v + diag ⊙ v``."""
+    net, params, X, y, loss = _mlp()
+    hp, wd = bl.hparams.weight_decay(params, init=0.3, per=per, kind=kind, shared=shared)
+    gen = torch.Generator().manual_seed(5)
+    hp = {k: (v.detach() + 0.2 * torch.randn(v.shape, generator=gen, dtype=v.dtype)).float() for k, v in hp.items()}
+    fixed = {"2.bias": params["2.bias"]}
+    free = {k: v for k, v in params.items() if k not in fixed}
+    if mode == "gauss_newton":
+        data = lambda p, h, X, y: bl.losses.cross_entropy(functional_call(net, {**p, **fixed}, (X,)), y)  # noqa: E731
+    else:
+        data = lambda p, h, X, y: loss({**p, **fixed}, X, y)                                              # noqa: E731
+    quad = bl.operators.make_operator(data, free, hp, (X, y), mode=mode, penalty=wd, fixed=fixed)
+    general = bl.operators.make_operator(data, free, hp, (X, y), mode=mode, penalty=lambda p, h: wd(p, h), fixed=fixed)
+    assert quad.term._quadratic and not general.term._quadratic
+    assert quad.term.hparams_in_value == general.term.hparams_in_value == set(hp)
+    v = {k: torch.randn(t.shape, generator=gen, dtype=DT) for k, t in free.items()}
+    tol = 1e-6                                     # float32 decays; the forms themselves agree to rounding
+    assert tree_rel_err(quad.matvec(v), general.matvec(v)) < tol
+    assert tree_rel_err(quad.mixed_vjp(v), general.mixed_vjp(v)) < tol
+    assert tree_rel_err(quad.grad, general.grad) < tol
+    assert abs(float(quad.loss - general.loss)) < tol * float(general.loss.abs())
+    assert abs(float(quad.grad_norm - general.grad_norm)) < tol * float(general.grad_norm)
+    # the fused product (leaf + diag ⊙ v written into the buffer) is H v + diag ⊙ v
+    fl = quad.flat
+    vf = fl.flatten(v)
+    expected = quad.inner.product(vf).addcmul_(quad._diag, vf)
+    assert torch.equal(quad.matvec_flat(vf, out=torch.empty_like(vf)), expected)
+
+
 def test_operator_penalty_on_some_tensors_and_without_hparams():
     _, params, X, y, loss = _mlp()
     pen = lambda p, h: 0.5 * (p["0.weight"] ** 4).sum()          # separable, not quadratic, one tensor

@@ -52,6 +52,22 @@ def test_as_flat_is_a_view_of_one_buffer_else_a_copy():
     assert torch.equal(fl.as_flat(wrong)[12:17], vec[12:17].flip(0))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
+def test_addcmul_list_is_the_flattened_leaves_plus_a_diagonal_product(out_dtype):
+    """``addcmul_list(leaves, d, v, out)`` writes ``flatten_list(leaves) + d ⊙ v`` into ``out``
+    (bitwise the copy-then-update it replaces), zero leaves included, into a buffer of another dtype."""
+    gen = torch.Generator().manual_seed(0)
+    tree = {"a": torch.zeros(3, 4), "b": torch.zeros(5), "c": torch.zeros(2, 2)}
+    fl = Flat(tree)
+    leaves = [torch.randn(3, 4, generator=gen), None, torch.randn(2, 2, generator=gen)]
+    d, v = torch.rand(fl.size, generator=gen), torch.randn(fl.size, generator=gen)
+    out = torch.full((fl.size,), float("nan"), dtype=out_dtype)
+    got = fl.addcmul_list(leaves, d, v, out)
+    expected = fl.flatten_list(leaves, torch.empty(fl.size, dtype=out_dtype)).addcmul_(d.to(out_dtype), v.to(out_dtype))
+    assert got is out and torch.equal(got, expected)
+    assert torch.equal(fl.addcmul_list(leaves, d, v), fl.flatten_list(leaves).addcmul_(d, v))     # a fresh buffer
+
+
 def test_flat_rejects_mixed_dtype_and_bad_vectors():
     with pytest.raises(bl.ShapeError, match="share dtype"):
         Flat({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)})
