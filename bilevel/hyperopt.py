@@ -209,13 +209,32 @@ class HyperOptimizer:
             return self._closure_inner_step(batch)
         leaves = self._fns.leaves()
         self.inner_optimizer.zero_grad(set_to_none=True)
-        loss, grads = self._loss_and_grads(batch, leaves)
-        if not fresh_tensors_finite([loss.reshape(1).clone(), *(g for g in grads if g is not None)]):
-            check_weights(self.model)
-            self._fail(nonfinite_inner(loss), "inner_step")
-            return loss
-        for p, g in zip(leaves, grads):
-            p.grad = g
+        if self.group is None:
+            # one process: backward() leaves each gradient in .grad as plain torch does (no list of
+            # tensors to assign one by one); a CPU loss is read on the host instead of riding in the
+            # fused check (no copy of it), a GPU one rides along (one host sync per step either way)
+            loss = self._loss(batch)
+            torch.autograd.backward(loss, inputs=leaves)
+            grads = [p.grad for p in leaves]
+            loss = loss.detach()
+            on_host = loss.device.type == "cpu"
+            checked = [g for g in grads if g is not None]
+            if not on_host:
+                checked.insert(0, loss.reshape(1).clone())
+            if not ((not on_host or math.isfinite(float(loss))) and fresh_tensors_finite(checked)):
+                for p in leaves:                                          # nothing of this step stays behind
+                    p.grad = None
+                check_weights(self.model)
+                self._fail(nonfinite_inner(loss), "inner_step")
+                return loss
+        else:
+            loss, grads = self._loss_and_grads(batch, leaves)
+            if not fresh_tensors_finite([loss.reshape(1).clone(), *(g for g in grads if g is not None)]):
+                check_weights(self.model)
+                self._fail(nonfinite_inner(loss), "inner_step")
+                return loss
+            for p, g in zip(leaves, grads):
+                p.grad = g
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(leaves, self.clip_grad_norm)
         self.inner_optimizer.step()
@@ -225,15 +244,21 @@ class HyperOptimizer:
     def _loss_and_grads(self, batch: Any, leaves: list[Tensor]) -> tuple[Tensor, list[Optional[Tensor]]]:
         """The inner loss (+ penalty) and its gradient (``None`` where no rank's loss reaches a leaf),
         averaged over ranks: NaN on any rank reaches all, so all skip together."""
+        with torch.enable_grad():
+            loss = self._loss(batch)
+            gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads, loss = all_reduce_mean_grads(gs, leaves, loss, self.group)
+        return loss, grads
+
+    def _loss(self, batch: Any) -> Tensor:
+        """The inner loss (+ penalty) on ``batch``, with its graph."""
         fn = "bilevel.HyperOptimizer.inner_step"
         with torch.enable_grad():
             loss = check_scalar(self.inner_loss(self.model, self.hparams, batch), fn, "inner_loss")
             if self.penalty is not None:
                 loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams), fn,
                                            "penalty")
-            gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads, loss = all_reduce_mean_grads(gs, leaves, loss, self.group)
-        return loss, grads
+        return loss
 
     def _closure_inner_step(self, batch: Any) -> Tensor:
         leaves = self._fns.leaves()

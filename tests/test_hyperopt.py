@@ -707,6 +707,7 @@ def test_a_non_finite_gradient_under_a_finite_loss_changes_nothing(dtype):
         loss = hopt.inner_step(torch.randn(4, 3, dtype=dtype))
     assert math.isfinite(float(loss)) and hopt.skipped == 1 and hopt.inner_steps == 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not opt.state
+    assert all(p.grad is None for p in model.parameters())          # no Inf gradient left in .grad
 
 
 def test_half_precision_hyperparameters_name_the_cause_and_float32_ones_train():
