@@ -188,8 +188,13 @@ def fresh_tensors_finite(tensors: list[Tensor]) -> bool:
                 if device not in flags:
                     flags[device] = _check_flags(device)
                 torch._amp_foreach_non_finite_check_and_unscale_(ts, *flags[device])
-            return not any(bool(found) for found, _ in flags.values())
+            bad = [found for found, _ in flags.values() if bool(found)]
+            for found in bad:
+                found.zero_()                 # the flags rest at zero (see _check_flags)
+            return not bad
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        for found, _ in _kept_flags().values():
+            found.zero_()
         return all_finite(*tensors)
 
 
@@ -198,17 +203,20 @@ _FLAGS = threading.local()
 
 def _check_flags(device: torch.device) -> tuple[Tensor, Tensor]:
     """``(found, one)`` for :func:`fresh_tensors_finite` on ``device``: kept per thread (gone with
-    it) and reset, not allocated per call (two allocations were a third of the check's cost on a
-    small MLP)."""
-    kept = getattr(_FLAGS, "by_device", None)
-    if kept is None:
-        kept = _FLAGS.by_device = {}
+    it), not allocated per call (two allocations were a third of the check's cost on a small MLP).
+    ``found`` rests at zero: the check zeroes it only after it was set (no reset per call)."""
+    kept = _kept_flags()
     flags = kept.get(device)
     if flags is None:
         flags = kept[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
-    else:
-        flags[0].zero_()
     return flags
+
+
+def _kept_flags() -> dict:
+    kept = getattr(_FLAGS, "by_device", None)
+    if kept is None:
+        kept = _FLAGS.by_device = {}
+    return kept
 
 
 def check_finite_tree(tree: Mapping[str, Tensor], fn: str, name: str) -> None:

@@ -170,7 +170,9 @@ class ModelFunctions:
         """The inner variables' Parameters, in order (cached: the hot path of every inner step; the
         cache is rebuilt when a module's parameter was replaced rather than updated in place)."""
         cached = getattr(self, "_leaves", None)
-        if cached is None or any(getattr(mod, attr) is not p for mod, attr, p in cached):
+        # NOTE: `_parameters` read directly: Module.__getattr__ is a Python function (a third of this
+        # check's cost); a parameter replaced by anything else is not found there and rebuilds the cache
+        if cached is None or any(mod._parameters.get(attr) is not p for mod, attr, p in cached):
             slots = [n.rpartition(".") for n in self.inner_names]
             cached = [(self.model.get_submodule(m), a, getattr(self.model.get_submodule(m), a)) for m, _, a in slots]
             self._leaves = cached

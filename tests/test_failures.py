@@ -288,3 +288,22 @@ def test_same_seed_same_result_float32_and_float64():
             runs.append({k: v.detach().clone() for k, v in hp.items()})
         assert all(r.dtype == dtype for r in runs[0].values())
         assert nested_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fused_finiteness_check_finds_each_bad_value_and_forgets_it(bad):
+    """The inner step's fused check (flags kept per device, resting at zero): a bad entry in any of
+    several tensors of two dtypes is found, values are left bit for bit, and the next clean call
+    passes (a flag left set would skip every later step)."""
+    from bilevel._errors import fresh_tensors_finite
+
+    gen = torch.Generator().manual_seed(0)
+    clean = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen, dtype=torch.float64), torch.zeros(0)]
+    assert fresh_tensors_finite([t.clone() for t in clean])
+    for i in (0, 1):
+        ts = [t.clone() for t in clean]
+        ts[i].view(-1)[2] = bad
+        before = [t.clone() for t in ts]
+        assert not fresh_tensors_finite(ts)
+        assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(ts, before))
+        assert fresh_tensors_finite([t.clone() for t in clean])
