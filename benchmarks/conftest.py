@@ -215,11 +215,11 @@ class MLPProblem:
         return {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in self.params.items()}
 
 
-def _build_problem() -> MLPProblem:
+def _build_problem(layers: tuple[int, ...] = LAYERS, batch: int = BATCH) -> MLPProblem:
     torch.manual_seed(SEED)
-    model = make_mlp()
-    teacher = torch.randn(LAYERS[0], LAYERS[-1])  # learnable labels: argmax of a random linear map
-    X, X_val = torch.randn(BATCH, LAYERS[0]), torch.randn(BATCH, LAYERS[0])
+    model = make_mlp(layers)
+    teacher = torch.randn(layers[0], layers[-1])  # learnable labels: argmax of a random linear map
+    X, X_val = torch.randn(batch, layers[0]), torch.randn(batch, layers[0])
     y, y_val = (X @ teacher).argmax(1), (X_val @ teacher).argmax(1)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     hparams = {k: torch.full_like(v, math.log(WEIGHT_DECAY)) for k, v in init.items()}

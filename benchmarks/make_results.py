@@ -29,7 +29,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 BEGIN, END = "<!-- generated:baselines begin -->", "<!-- generated:baselines end -->"
-PARTS = ("accuracy", "ift_anchor", "unroll_anchor", "cost", "hpo", "repro", "lorraine")
+PARTS = ("accuracy", "ift_anchor", "unroll_anchor", "cost", "hpo", "repro", "lorraine", "speed")
 COMMAND = "python benchmarks/make_results.py"
 
 
@@ -38,12 +38,14 @@ def run_parts(parts: List[str], smoke: bool) -> Dict[str, Any]:
 
     import baselines
     import lorraine
+    import paired_breakdown
 
     torch.set_num_threads(1)
     fns: Dict[str, Callable[..., Dict[str, Any]]] = {
         "accuracy": baselines.run_accuracy, "ift_anchor": baselines.run_ift_anchor,
         "unroll_anchor": baselines.run_unroll_anchor, "cost": baselines.run_cost, "hpo": baselines.run_hpo,
-        "repro": baselines.run_hypertorch_repro, "lorraine": lorraine.run_lorraine}
+        "repro": baselines.run_hypertorch_repro, "lorraine": lorraine.run_lorraine,
+        "speed": paired_breakdown.run_speed}
     out: Dict[str, Any] = {}
     for p in parts:
         t0 = time.perf_counter()
@@ -309,6 +311,31 @@ def headline(res: Dict[str, Any], brief: bool = False) -> List[List[str]]:
                      f"{f(min(rs), 1)}–{f(max(rs), 1)} gradients" + (f", {f(min(mem), 0)}–{f(max(mem), 0)} MB"
                                                                    if mem else ""),
                      "flat", "met" if max(rs) <= 1.25 * min(rs) else "not flat"])
+    if "speed" in res:
+        sp = res["speed"]
+        rows.append([f"one Gauss–Newton product (MLP {sp['n_params']:,} params)", f"{f(sp['ggn_product'])} gradients "
+                     f"(matmul FLOP floor {f(sp['ggn_product_floor'])})", "≤ 1.3",
+                     "met" if sp["ggn_product"] <= 1.3 else "missed"])
+        x = sp["ggn_cg10"] / sp["ggn_cg10_floor"]
+        rows.append([f"one hypergradient, Gauss–Newton CG-10, penalty= (MLP {sp['n_params']:,} params)",
+                     f"{f(sp['ggn_cg10'], 1)} gradients, {f(x, 3)}× its matmul FLOP floor of {f(sp['ggn_cg10_floor'], 1)}",
+                     "≤ 15, ≤ 1.15× floor", "met" if sp["ggn_cg10"] <= 15 and x <= 1.15 else
+                     f"≤ 15: {'met' if sp['ggn_cg10'] <= 15 else 'missed'}; ≤ 1.15× floor: {'met' if x <= 1.15 else 'missed'}"])
+        for r, target in zip(sp["inner_step"], (1.05, 1.02)):
+            rows.append([f"HyperOptimizer.inner_step vs plain torch step (MLP {'-'.join(map(str, r['sizes']))}, "
+                         f"batch {r['batch']})", f"{f(r['ratio'])}×", f"≤ {target}", "met" if r["ratio"] <= target else "missed"])
+    starts = HERE / "results_starts.json"
+    if starts.exists():
+        st = json.loads(starts.read_text(encoding="utf-8"))
+        ok = [r for r in st["rows"] if r["reached"]]
+        miss = [r for r in st["rows"] if not r["reached"]]
+        tv = [r["time_vs_grid"] for r in st["rows"]]
+        rows.append([f"demo: tuned run from each start decay in {sorted({r['start'] for r in st['rows']})} vs the 9-point "
+                     f"grid's best test loss ({len(st['seeds'])} seeds; `benchmarks/compare_starts.py`)",
+                     f"reached on {len(ok)}/{len(st['rows'])}, at {f(min(tv))}–{f(max(tv))} of the grid's wall time"
+                     + "".join(f"; seed {r['seed']} from {r['start']:g}: +{r['test_loss_minus_grid_best']:.4f}" for r in miss),
+                     "every start, less time", "met" if not miss and max(tv) < 1 else
+                     f"missed on {len(miss)}/{len(st['rows'])} (RESULTS.md explains)"])
     if "hpo" in res:
         for name, runs in _hpo_by_task(res["hpo"]).items():
             for key, label in HPO_HEADLINE[:1] if brief else HPO_HEADLINE:

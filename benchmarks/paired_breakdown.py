@@ -103,6 +103,72 @@ def inner_step(blocks: int = 300) -> tuple[float, float]:
     return statistics.median(with_check), statistics.median(without)
 
 
+def run_speed(smoke: bool = False) -> dict:
+    """The speed targets of the Gauss–Newton and inner-step work, for ``make_results.py`` (part
+    ``speed``): one GGN product and a GGN CG-10 hypergradient against one gradient on the 1.07 M MLP
+    of ``conftest.py`` (paired medians, and the matmul FLOP floor of each), and
+    ``HyperOptimizer.inner_step`` against the plain torch step on the MLP 64-512-256-10 (batch 64)
+    and the 1.07 M MLP (batch 256). ``smoke``: tiny sizes, a few pairs."""
+    bench_ift, conftest = _benchmark_modules()
+    layers, batch = ((20, 32, 16, 4), 16) if smoke else (conftest.LAYERS, conftest.BATCH)
+    p = conftest._build_problem(layers, batch)
+    solver = bl.CG(maxiter=10, tol=0.0)
+    hypergrad = lambda: bench_ift.gauss_newton_hypergrad(p, solver)      # noqa: E731
+    gradient = bench_ift._gradient_fn(p)
+    op = bl.operators.make_operator(p.output_loss, p.params, p.hparams, (p.X, p.y), mode="gauss_newton",
+                                    penalty=p.penalty)
+    v = torch.randn(op.flat.size, generator=torch.Generator().manual_seed(0))
+    buf = torch.empty_like(v)
+    product = lambda: op.matvec_flat(v, out=buf)                         # noqa: E731
+    pairs = 3 if smoke else 25
+    for _ in range(2 if smoke else 3):
+        hypergrad(), gradient(), product()
+    hg, pr = [], []
+    for _ in range(pairs):
+        hg.append(_seconds(hypergrad, 1) / _seconds(gradient, 1))
+        pr.append(_seconds(product, 3) / _seconds(gradient, 3))
+    unit = conftest.matmul_flops(gradient)
+    out = {"n_params": p.n_params, "ggn_cg10": statistics.median(hg), "ggn_product": statistics.median(pr),
+           "ggn_cg10_floor": conftest.matmul_flops(hypergrad) / unit, "ggn_product_floor": conftest.matmul_flops(product) / unit,
+           "inner_step": []}
+    shapes = [((16, 32, 16, 4), 8), ((20, 32, 4), 16)] if smoke else [((64, 512, 256, 10), 64), (conftest.LAYERS, 256)]
+    for sizes, b in shapes:
+        plain, ours = twin_steps(sizes, b)
+        n = 5 if smoke else 20
+        for f in (plain, ours):
+            _seconds(f, 2 * n)
+        ratios = [_seconds(ours, n) / _seconds(plain, n) for _ in range(3 if smoke else 150)]
+        out["inner_step"].append({"sizes": list(sizes), "batch": b, "ratio": statistics.median(ratios)})
+    return out
+
+
+def _benchmark_modules() -> tuple:
+    """``(bench_ift, conftest)`` of benchmarks/, also inside a pytest session whose ``conftest`` module
+    is the tests' own (the benchmarks' one is then loaded by path, under ``conftest`` while
+    ``bench_ift`` imports from it, and the tests' module is put back)."""
+    import importlib.util
+
+    here = Path(__file__).resolve().parent
+    mine = sys.modules.get("conftest")
+    if mine is not None and Path(getattr(mine, "__file__", "")).resolve().parent == here:
+        import bench_ift
+        return bench_ift, mine
+    spec = importlib.util.spec_from_file_location("conftest", here / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    bench_conftest = importlib.util.module_from_spec(spec)
+    sys.modules["conftest"] = bench_conftest
+    try:
+        spec.loader.exec_module(bench_conftest)
+        sys.modules.pop("bench_ift", None)
+        import bench_ift
+    finally:
+        if mine is not None:
+            sys.modules["conftest"] = mine
+        else:
+            sys.modules.pop("conftest", None)
+    return bench_ift, bench_conftest
+
+
 def _seconds(fn: Callable[[], object], n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):

@@ -245,3 +245,15 @@ def test_paired_breakdown_inner_step_runs():
     assert math.isfinite(with_check) and math.isfinite(without) and with_check > 0 and without > 0
     with pytest.raises(SystemExit, match="expected 'ggn' or 'inner-step'"):
         pb.main(["nothing"])
+
+
+def test_speed_part_smoke():
+    """make_results' ``speed`` part on tiny sizes: every ratio finite and positive, the FLOP floors at
+    least one product (and ten of them for CG-10), and its rows render with a status."""
+    pb, mr = import_benchmark("paired_breakdown"), import_benchmark("make_results")
+    r = pb.run_speed(smoke=True)
+    assert all(math.isfinite(x) and x > 0 for x in (r["ggn_cg10"], r["ggn_product"]))
+    assert r["ggn_product_floor"] >= 1.0 and r["ggn_cg10_floor"] >= 10 * r["ggn_product_floor"]
+    assert [s["batch"] for s in r["inner_step"]] == [8, 16] and all(s["ratio"] > 0 for s in r["inner_step"])
+    rows = [row for row in mr.headline({"speed": r}) if "Gauss–Newton" in row[0] or "inner_step" in row[0]]
+    assert len(rows) == 4 and all(row[3] for row in rows)
