@@ -23,15 +23,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bilevel as bl  # noqa: E402
-import bilevel.hyperopt as hyperopt  # noqa: E402
+import bilevel._training as training  # noqa: E402
 from torch import nn  # noqa: E402
 
 
 def ggn(pairs: int = 25) -> float:
     """Median of ``pairs`` (hypergradient time / gradient time) ratios, taken back to back."""
-    import bench_ift    # imports benchmarks/conftest.py (here: tests have a conftest of their own)
-    import conftest
-
+    bench_ift, conftest = _benchmark_modules()
     p = conftest._build_problem()
     solver = bl.CG(maxiter=10, tol=0.0)
     hypergrad = lambda: bench_ift.gauss_newton_hypergrad(p, solver)      # noqa: E731
@@ -86,12 +84,12 @@ def inner_step(blocks: int = 300) -> tuple[float, float]:
     plain, ours = twin_steps((64, 512, 256, 10), 64)
 
     def unchecked() -> None:
-        check = hyperopt.fresh_tensors_finite
-        hyperopt.fresh_tensors_finite = lambda ts: True
+        check = training.fresh_tensors_finite
+        training.fresh_tensors_finite = lambda ts: True
         try:
             ours()
         finally:
-            hyperopt.fresh_tensors_finite = check
+            training.fresh_tensors_finite = check
 
     for f in (plain, ours, unchecked):
         _seconds(f, 200)

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._errors import NonFiniteError, all_finite, check_tree
+from ._errors import NonFiniteError, all_finite, check_tree, fresh_tensors_finite
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
+from .distributed import all_reduce_mean_grads, world_size
 
 #: inner optimizers that evaluate the loss several times per step and so need a closure
 CLOSURE_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
@@ -386,6 +387,38 @@ def warn_if_no_hyper_step(run: Mapping[str, int]) -> None:
                       f"(hyper_every={run['hyper_every']}, or every hyper step was skipped), so the hyperparameters "
                       f"never changed. Fix: a smaller hyper_every, more epochs, or check the skipped hyper steps' "
                       f"errors.", RuntimeWarning, stacklevel=2)
+
+
+def gradients_into_grad(loss: Tensor, leaves: list[Tensor], group: Any) -> tuple[Tensor, bool]:
+    """Backpropagate ``loss`` into the ``.grad`` of ``leaves`` (averaged over the ranks of ``group``)
+    and check loss and gradients for NaN/Inf. Returns ``(loss detached and averaged, all finite)``;
+    when not finite, no ``.grad`` of ``leaves`` is left set. A leaf the loss does not reach (on any
+    rank) keeps ``.grad = None``, as in plain torch.
+
+    NOTE: in one process ``backward()`` leaves each gradient in ``.grad`` itself (no list of tensors
+    to assign one by one), and a CPU loss is read on the host instead of riding in the fused check
+    (no copy of it); a GPU loss rides along (one host sync per step either way). With several ranks
+    the gradients come from ``autograd.grad`` and travel in one collective with the loss.
+
+    Shapes: ``loss`` 0-dim; ``leaves`` any shapes; returns a 0-dim loss.
+    """
+    if world_size(group) <= 1:
+        torch.autograd.backward(loss, inputs=leaves)
+        grads: list[Optional[Tensor]] = [p.grad for p in leaves]
+        loss = loss.detach()
+    else:
+        grads, loss = all_reduce_mean_grads(torch.autograd.grad(loss, leaves, allow_unused=True), leaves, loss, group)
+        for p, g in zip(leaves, grads):
+            p.grad = g
+    checked = [g for g in grads if g is not None]
+    on_host = loss.device.type == "cpu"
+    if not on_host:
+        checked.insert(0, loss.reshape(1).clone())
+    finite = (not on_host or math.isfinite(float(loss))) and fresh_tensors_finite(checked)
+    if not finite:
+        for p in leaves:                              # nothing of this step stays behind
+            p.grad = None
+    return loss, finite
 
 
 def check_weights(model: nn.Module) -> None:

@@ -23,13 +23,13 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ._errors import BilevelError, NonFiniteError, all_finite, check_scalar, fresh_tensors_finite
+from ._errors import BilevelError, NonFiniteError, all_finite, check_scalar
 from ._io import atomic_save
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
 from ._training import (CLOSURE_OPTIMIZERS, ModelFunctions, OuterBatches, Snapshot, check_hparams, check_options,
-                        check_weights, clone_state, drop_straddling_pair, nonfinite_inner, unwrap_ddp,
-                        warn_if_no_hyper_step)
+                        check_weights, clone_state, drop_straddling_pair, gradients_into_grad, nonfinite_inner,
+                        unwrap_ddp, warn_if_no_hyper_step)
 from ._tree import Tree, tree_norm
 from .hparams import WeightDecay
 from .distributed import all_reduce_mean_grads, broadcast_from_first_, check_group, world_size
@@ -209,32 +209,11 @@ class HyperOptimizer:
             return self._closure_inner_step(batch)
         leaves = self._fns.leaves()
         self.inner_optimizer.zero_grad(set_to_none=True)
-        if self.group is None:
-            # one process: backward() leaves each gradient in .grad as plain torch does (no list of
-            # tensors to assign one by one); a CPU loss is read on the host instead of riding in the
-            # fused check (no copy of it), a GPU one rides along (one host sync per step either way)
-            loss = self._loss(batch)
-            torch.autograd.backward(loss, inputs=leaves)
-            grads = [p.grad for p in leaves]
-            loss = loss.detach()
-            on_host = loss.device.type == "cpu"
-            checked = [g for g in grads if g is not None]
-            if not on_host:
-                checked.insert(0, loss.reshape(1).clone())
-            if not ((not on_host or math.isfinite(float(loss))) and fresh_tensors_finite(checked)):
-                for p in leaves:                                          # nothing of this step stays behind
-                    p.grad = None
-                check_weights(self.model)
-                self._fail(nonfinite_inner(loss), "inner_step")
-                return loss
-        else:
-            loss, grads = self._loss_and_grads(batch, leaves)
-            if not fresh_tensors_finite([loss.reshape(1).clone(), *(g for g in grads if g is not None)]):
-                check_weights(self.model)
-                self._fail(nonfinite_inner(loss), "inner_step")
-                return loss
-            for p, g in zip(leaves, grads):
-                p.grad = g
+        loss, finite = gradients_into_grad(self._loss(batch), leaves, self.group)
+        if not finite:
+            check_weights(self.model)
+            self._fail(nonfinite_inner(loss), "inner_step")
+            return loss
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(leaves, self.clip_grad_norm)
         self.inner_optimizer.step()
@@ -244,9 +223,8 @@ class HyperOptimizer:
     def _loss_and_grads(self, batch: Any, leaves: list[Tensor]) -> tuple[Tensor, list[Optional[Tensor]]]:
         """The inner loss (+ penalty) and its gradient (``None`` where no rank's loss reaches a leaf),
         averaged over ranks: NaN on any rank reaches all, so all skip together."""
-        with torch.enable_grad():
-            loss = self._loss(batch)
-            gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+        loss = self._loss(batch)
+        gs = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads, loss = all_reduce_mean_grads(gs, leaves, loss, self.group)
         return loss, grads
 

@@ -568,6 +568,12 @@ def averaged(op: CurvatureOperator, group: Any) -> CurvatureOperator:
     return _Averaged(op, group) if world_size(group) > 1 else op
 
 
+def _diagonal_like(d: Mapping[str, Tensor], params: Tree) -> Tree:
+    """A penalty's Hessian diagonal ``d`` (``{name: broadcastable tensor}``) as a tree like ``params``:
+    expanded to each weight's shape and dtype, zeros for the weights it does not name."""
+    return {k: (d[k].detach().expand_as(p) if k in d else torch.zeros_like(p)).to(p.dtype) for k, p in params.items()}
+
+
 class _SeparableTerm:
     """A penalty ``P(params, hparams)`` whose Hessian in ``params`` is diagonal, outside the big graph.
 
@@ -602,8 +608,7 @@ class _SeparableTerm:
             # tree fewer alive through a solve (and the value's graph is freed on return)
             self.value = value.detach()
             d = penalty.hessian_diag(self._all(tree_detach(params)), tree_detach(hparams))
-            self.diag = {k: (d[k].detach().expand_as(p) if k in d else torch.zeros_like(p)).to(p.dtype)
-                         for k, p in params.items()}
+            self.diag = _diagonal_like(d, params)
             return
         grads = self._grads(value, create_graph=True)
         self.value = value.detach()
@@ -630,7 +635,7 @@ class _SeparableTerm:
                      for n, dk in d.items()]
             self.value = 0.5 * sum(terms) if terms else torch.zeros((), dtype=next(iter(params.values())).dtype)
         self.hparams_in_value = set(keys)
-        self.diag = {k: (d[k].expand_as(p) if k in d else torch.zeros_like(p)).to(p.dtype) for k, p in params.items()}
+        self.diag = _diagonal_like(d, params)
         self._quadratic = True
         return True
 
