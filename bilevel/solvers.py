@@ -8,7 +8,8 @@ tree ``x``) that also carries :class:`SolverInfo` diagnostics in ``.info``.
 NOTE: no ``.item()`` (host sync) inside the iteration loops. Iterates that have
 converged are frozen with ``torch.where`` masks on device, and convergence or
 blow-up is checked on the host only every ``check_every`` iterations, so a GPU
-pipeline is not stalled by every step.
+pipeline is not stalled by every step. On the CPU, where a host read costs nothing,
+CG on one system keeps its scalars on the host instead (``_HostScalarCG``).
 """
 
 from __future__ import annotations
@@ -284,21 +285,23 @@ class _SymmetryProbe:
         self._first: Optional[tuple[Tensor, Tensor]] = None
         self.gap: Optional[Tensor] = None     # relative asymmetry, 0-dim on the device
 
-    def see(self, v: Tensor, Av: Tensor, v_kept: Optional[Tensor] = None, Av_kept: bool = False) -> None:
+    def see(self, v: Tensor, Av: Tensor, v_kept: Optional[Tensor] = None, Av_kept: bool = False,
+            v_norm: Optional[Union[Tensor, float]] = None) -> None:
         """Record ``(v, A v)``; on the second call compute :attr:`gap`. ``v_kept``: a tensor equal
         to ``v`` that nobody modifies (saves a copy); ``Av_kept``: ``Av`` is the caller's to give
-        (it will not be written again), so it is kept without a copy."""
+        (it will not be written again), so it is kept without a copy; ``v_norm``: ``‖v‖`` when the
+        caller knows it (saves a pass)."""
         if self.gap is not None:
             return
         if self._first is None:
             # v is updated in place by CG; matvec may reuse its output buffer
-            self._first = (v.clone() if v_kept is None else v_kept, Av if Av_kept else Av.clone())
+            self._first = (v.clone() if v_kept is None else v_kept, Av if Av_kept else Av.clone(), v_norm)
             return
-        u, Au = self._first
+        u, Au, u_norm = self._first
         self._first = None
         num = (_dot(v, Au) - _dot(u, Av)).abs()
-        nrm = lambda t: torch.linalg.vector_norm(t, dim=-1)
-        den = nrm(u) * nrm(Av) + nrm(v) * nrm(Au)
+        nrm = lambda t, known=None: torch.linalg.vector_norm(t, dim=-1) if known is None else known
+        den = nrm(u, u_norm) * nrm(Av) + nrm(v, v_norm) * nrm(Au)
         self.gap = num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
@@ -326,7 +329,33 @@ def _initial_residual(A: FlatMatvec, b: Tensor, x0: Optional[Tensor]) -> tuple[T
     return x, b - A(x), 1
 
 
-class _HestenesStiefelCG:
+class _TextbookProducts:
+    """The products of a textbook CG run (:class:`_HestenesStiefelCG`, :class:`_HostScalarCG`).
+
+    An operator that writes into a buffer (``writes_out``) returns a fresh product without one:
+    the first goes to the symmetry probe as is, the later ones reuse one buffer.
+    """
+
+    A: FlatMatvec
+    matvecs: int
+    _matvecs0: int
+    _into: bool
+    _Ap: Optional[Tensor]
+
+    def _product(self, p: Tensor) -> tuple[Tensor, bool]:
+        """``(A p, whether it is the run's first product)``."""
+        first = self.matvecs == self._matvecs0
+        if self._into and not first:
+            if self._Ap is None:
+                self._Ap = torch.empty_like(p)
+            Ap = self.A(p, out=self._Ap)
+        else:
+            Ap = self.A(p)
+        self.matvecs += 1
+        return Ap, first
+
+
+class _HestenesStiefelCG(_TextbookProducts):
     """Textbook CG (``x += αp; r −= αAp; p = r + βp``) with device-side masks and no host sync.
 
     ``fallback``: a system that stops before its first step returns ``b / scale`` (``CG(on_indefinite="stop")``).
@@ -360,16 +389,7 @@ class _HestenesStiefelCG:
 
     def step(self) -> None:
         p, r, x = self.p, self.r, self.x
-        # an operator that writes into a buffer (`writes_out`) returns a fresh product without one:
-        # the first goes to the symmetry probe as is, the later ones reuse one buffer
-        first = self.matvecs == self._matvecs0
-        if self._into and not first:
-            if self._Ap is None:
-                self._Ap = torch.empty_like(p)
-            Ap = self.A(p, out=self._Ap)
-        else:
-            Ap = self.A(p)
-        self.matvecs += 1
+        Ap, first = self._product(p)
         self.probe.see(p, Ap, self.b0, Av_kept=first and self._into)
         pAp = _dot(p, Ap)
         # the curvature along p (Rayleigh quotient), on the scale of H's eigenvalues
@@ -418,6 +438,90 @@ class _HestenesStiefelCG:
         return [_CGOutcome(xi, rs_h, int(steps), loop_iterations, self.matvecs, int(status), min_rq, scale, asym,
                            bool(f)) for xi, (rs_h, status, steps, min_rq, scale, asym, f) in
                 zip(xs, rows.reshape(-1, 7).tolist())]
+
+
+class _HostScalarCG(_TextbookProducts):
+    """Textbook CG for one system on the CPU, its scalars kept on the host as Python floats.
+
+    On the CPU a host read costs nothing, so the masks and device scalars of
+    :class:`_HestenesStiefelCG` (about 30 tiny tensor ops per iteration) become a few float
+    operations and branches, the residual test runs every iteration (no product past
+    convergence), and a solve from zero copies nothing: the first step reads ``b`` as
+    ``p`` and writes ``x = αb`` and ``r = b − αAb`` into fresh buffers. Same decisions
+    (curvature stop, ``b / scale`` fallback, symmetry probe) as the device form; its scalars
+    are in double precision.
+    """
+
+    def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: float, flat_tol: float,
+                 fallback: bool = False) -> None:
+        self.A, self.thresh, self.flat_tol = A, thresh, flat_tol
+        self.b, self.b0 = b, (b if x0 is None else None)
+        self.x: Optional[Tensor]
+        self.r: Optional[Tensor]
+        if x0 is None:
+            self.x = self.r = None          # 0 and b: written at the first step
+            self.p, self.matvecs, self.rs = b, 0, float(torch.dot(b, b))
+        else:
+            self.x, self.r, self.matvecs = _initial_residual(A, b, x0)
+            self.p, self.rs = self.r.clone(), float(torch.dot(self.r, self.r))
+        self._matvecs0 = self.matvecs
+        self._into, self._Ap = writes_out(A), None
+        self.pp = self.rs                   # ‖p‖² by the recurrence, as the device form
+        self.status, self.steps, self.moved = _RUNNING, 0, True
+        self.tiny = torch.finfo(b.dtype).tiny
+        self.min_rq, self.scale = math.inf, 0.0
+        self.probe, self.gap = _SymmetryProbe(), math.nan
+        self.fallback, self.fell_back = fallback and x0 is None, False
+
+    def done(self) -> bool:
+        return self.status != _RUNNING or self.rs <= self.thresh or not self.moved
+
+    def asymmetric(self, sym_tol: float) -> bool:
+        return self.gap > sym_tol
+
+    def step(self) -> None:
+        p = self.p
+        Ap, first = self._product(p)
+        self.probe.see(p, Ap, self.b0, Av_kept=first and self._into, v_norm=math.sqrt(self.pp))
+        if self.probe.gap is not None and math.isnan(self.gap):
+            self.gap = float(self.probe.gap)
+        pAp = float(torch.dot(p, Ap))
+        rq = pAp / max(self.pp, self.tiny)
+        if math.isnan(rq):
+            rq = -math.inf                  # NaN counts as negative curvature
+        else:
+            self.scale = max(self.scale, abs(rq))
+        tol = self.flat_tol * self.scale
+        negative, flat = rq < -tol, abs(rq) <= tol
+        active = self.status == _RUNNING and self.rs > self.thresh
+        if active:
+            self.status = _NEGATIVE if negative else _FLAT if flat else _RUNNING
+            self.min_rq = min(self.min_rq, rq)
+        ok = active and not (negative or flat)
+        alpha = self.rs / pAp if ok else 0.0
+        if self.fallback and active and not ok and self.steps == 0 and 0.0 < self.scale < math.inf:
+            alpha, self.fell_back = 1.0 / self.scale, True      # stopped before any step: x = b / scale
+        self.moved = ok or self.fell_back
+        if not self.moved:
+            return
+        if self.x is None or self.r is None:                    # from zero: p is b
+            self.x, self.r = torch.mul(p, alpha), torch.add(p, Ap, alpha=-alpha)
+        else:
+            self.x.add_(p, alpha=alpha)
+            self.r.add_(Ap, alpha=-alpha)
+        rs_new = float(torch.dot(self.r, self.r))
+        if ok:
+            beta = rs_new / self.rs if self.rs > 0 else rs_new
+            # p = r + βp, in place once p is ours (the first p is the caller's b)
+            self.p = torch.add(self.r, p, alpha=beta) if p is self.b0 else torch.add(self.r, p, alpha=beta, out=p)
+            self.pp = rs_new + beta * beta * self.pp
+            self.steps += 1
+        self.rs = rs_new
+
+    def outcome(self, loop_iterations: int) -> _CGOutcome:
+        x = torch.zeros_like(self.b) if self.x is None else self.x
+        return _CGOutcome(x, self.rs, self.steps, loop_iterations, self.matvecs, self.status, self.min_rq,
+                          self.scale, self.gap, self.fell_back)
 
 
 class _ChronopoulosGearCG:
@@ -479,14 +583,22 @@ class _ChronopoulosGearCG:
                           st["min_rayleigh_quotient"], st["scale"], asym, fell_back)
 
 
-def _iterate_cg(run: Union[_HestenesStiefelCG, _ChronopoulosGearCG], maxiter: int, check_every: int,
-                thresh: Tensor, sym_tol: float) -> int:
+def _iterate_cg(run: Union[_HestenesStiefelCG, _ChronopoulosGearCG, _HostScalarCG], maxiter: int,
+                check_every: int, thresh: Tensor, sym_tol: float) -> int:
     """The CG loop: steps until the residual test, a curvature stop or an asymmetric operator is seen.
 
     The state is read on the host only every ``check_every`` iterations (one sync); iterations
-    after a stop are no-ops on the device. Returns the number of loop iterations run.
+    after a stop are no-ops on the device. A run with host scalars (:class:`_HostScalarCG`) is
+    tested after every iteration, for free. Returns the number of loop iterations run.
     """
     it = 0
+    if isinstance(run, _HostScalarCG):
+        while it < maxiter and not run.done():
+            run.step()
+            it += 1
+            if run.asymmetric(sym_tol):
+                break
+        return it
     if bool((run.residual_sq() <= thresh).all()):
         return it
     while it < maxiter:
@@ -518,7 +630,9 @@ class CG(Solver):
             the whole budget (benchmarks use it) unless the residual reaches that floor.
         damping: added to the diagonal; makes an indefinite or singular ``H`` solvable.
         atol: absolute residual tolerance.
-        check_every: test convergence on the host every this many iterations.
+        check_every: test convergence on the host every this many iterations (one system on the
+            CPU is tested after every iteration: there the host read is free, so no product is
+            spent past convergence).
         on_indefinite: ``"raise"`` (default): a direction of negative curvature or NaN
             raises :class:`DivergenceError`; ``"stop"``: stop there (Steihaug truncation) and
             return the last iterate before it (CG's iterates decrease the quadratic model
@@ -647,9 +761,12 @@ class CG(Solver):
         outs = [self._result(o, b, bn, th, None) for o, bn, th in zip(run.outcomes(it), bnorm, thresh.tolist())]
         return torch.stack([x for x, _ in outs]), [info for _, info in outs]
 
-    def _start(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str]
-               ) -> tuple[Union[_HestenesStiefelCG, _ChronopoulosGearCG], Tensor, Tensor]:
-        """``(run, ‖b‖, squared residual threshold)``, per system for a batch ``b`` of shape ``(B, P)``."""
+    def _start(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str],
+               host_scalars: Optional[bool] = None
+               ) -> tuple[Union[_HestenesStiefelCG, _ChronopoulosGearCG, _HostScalarCG], Tensor, Tensor]:
+        """``(run, ‖b‖, squared residual threshold)``, per system for a batch ``b`` of shape ``(B, P)``.
+
+        ``host_scalars``: run :class:`_HostScalarCG` (one system); ``None``: for one system on the CPU."""
         A = self._damped(matvec)
         bnorm = self._check_b(b)
         eps = torch.finfo(b.dtype).eps
@@ -659,16 +776,22 @@ class CG(Solver):
         if fused is not None:
             return _ChronopoulosGearCG(A, b, x0, thresh, flat_tol, fused, fallback=self.on_indefinite == "stop"), \
                 bnorm, thresh
+        if host_scalars is None:
+            host_scalars = b.dim() == 1 and b.device.type == "cpu"
+        if host_scalars:
+            return _HostScalarCG(A, b, x0, float(thresh), flat_tol, fallback=self.on_indefinite == "stop"), \
+                bnorm, thresh
         # NOTE: on_indefinite="stop" returns the last iterate (Steihaug's truncation), not the one of
         # smallest residual: CG's iterates decrease the quadratic model ½xᵀAx − bᵀx monotonically while
         # the curvature is positive, but not the residual, and a smallest-residual rule returned the
         # zero start (a zero hypergradient) at most steps of a random or partly trained network.
         return _HestenesStiefelCG(A, b, x0, thresh, flat_tol, fallback=self.on_indefinite == "stop"), bnorm, thresh
 
-    def _solve(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str]
-               ) -> tuple[Tensor, SolverInfo]:
-        """The solve; ``fused``: run the Chronopoulos–Gear form on that kernel backend, else textbook CG."""
-        run, bnorm, thresh = self._start(matvec, b, x0, fused)
+    def _solve(self, matvec: FlatMatvec, b: Tensor, x0: Optional[Tensor], fused: Optional[str],
+               host_scalars: Optional[bool] = None) -> tuple[Tensor, SolverInfo]:
+        """The solve; ``fused``: run the Chronopoulos–Gear form on that kernel backend, else textbook
+        CG, with host scalars as :meth:`_start` says."""
+        run, bnorm, thresh = self._start(matvec, b, x0, fused, host_scalars)
         it = _iterate_cg(run, self.maxiter, self.check_every, thresh, self._symmetry_tol(b.dtype))
         return self._result(run.outcome(it), b, bnorm, float(thresh), fused)
 
@@ -1630,7 +1753,9 @@ class NormalCG(_ShortRecurrence):
         damping: added to the diagonal of ``H`` (then ``(H + damping·I)ᵀ`` is used in the normal
             equations).
         atol: absolute residual tolerance.
-        check_every: test convergence on the host every this many iterations.
+        check_every: test convergence on the host every this many iterations (one system on the
+            CPU is tested after every iteration: there the host read is free, so no product is
+            spent past convergence).
 
     ``rmatvec=None`` builds ``Aᵀ`` products by reverse-mode autograd through one recorded call of
     ``matvec`` (one more product, its graph kept for the solve; right for a ``matvec`` written with

@@ -167,28 +167,81 @@ def test_cg_indefinite_is_detected_stopped_or_damped():
     assert rel_err(x["x"], torch.linalg.solve(A + 2.0 * torch.eye(4, dtype=DT), b)) < 1e-10
 
 
-@pytest.mark.parametrize("path", [None, "torch"], ids=["textbook", "chronopoulos-gear"])
-def test_cg_stop_before_the_first_step_returns_the_scaled_right_hand_side(path):
+CG_FORMS = [(None, None), (None, False), ("torch", None)]
+CG_FORM_IDS = ["textbook-host-scalars", "textbook-device-scalars", "chronopoulos-gear"]
+
+
+@pytest.mark.parametrize("path, host", CG_FORMS, ids=CG_FORM_IDS)
+def test_cg_stop_before_the_first_step_returns_the_scaled_right_hand_side(path, host):
     # bᵀAb/bᵀb = (1 − 3 + 0.5)/3 = −0.5: negative curvature along b itself, so CG stops before any
     # step. Zero would make the hypergradient zero; the fallback is b / |bᵀAb/bᵀb| = 2b.
     A = torch.diag(torch.tensor([1.0, -3.0, 0.5], dtype=DT))
     b = torch.ones(3, dtype=DT)
-    x, info = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: A @ v, b, None, path)
+    x, info = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: A @ v, b, None, path, host)
     assert torch.allclose(x, 2.0 * b, rtol=1e-14, atol=0)
     assert info.extra["indefinite"] and "fallback" in info.extra and not info.converged
     assert abs(info.residual_norm - float((A @ x - b).norm())) < 1e-12        # its own residual
     # a solve that made progress before the stop, or a warm start, is returned as before
     A2 = torch.diag(torch.tensor([3.0, 1.0, -1.0, 2.0], dtype=DT))
-    x2, info2 = bl.CG(on_indefinite="stop")._solve(lambda v: A2 @ v, torch.ones(4, dtype=DT), None, path)
+    x2, info2 = bl.CG(on_indefinite="stop")._solve(lambda v: A2 @ v, torch.ones(4, dtype=DT), None, path, host)
     assert "fallback" not in info2.extra and info2.extra["indefinite"]
     x0 = torch.full((3,), 0.1, dtype=DT)
-    x3, info3 = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: A @ v, b, x0, path)
+    x3, info3 = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: A @ v, b, x0, path, host)
     assert "fallback" not in info3.extra
     # a zero-curvature direction has no scale: x stays zero; and "raise" still raises
-    x4, info4 = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: 0 * v, b, None, path)
+    x4, info4 = bl.CG(maxiter=10, on_indefinite="stop")._solve(lambda v: 0 * v, b, None, path, host)
     assert not x4.any() and "fallback" not in info4.extra
     with pytest.raises(bl.DivergenceError, match="positive definite"):
-        bl.CG(maxiter=10)._solve(lambda v: A @ v, b, None, path)
+        bl.CG(maxiter=10)._solve(lambda v: A @ v, b, None, path, host)
+
+
+def _textbook_pair(cg, A, b, x0=None):
+    """The same solve with host scalars and with device scalars (both textbook CG)."""
+    return cg._solve(A, b, x0, None, True), cg._solve(A, b, x0, None, False)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("cond", [1.0, 30.0, 1e4])
+def test_host_scalar_cg_takes_the_device_forms_iterates(dtype, tol, cond):
+    A = spd(40, cond, seed=3, dtype=dtype)
+    b = torch.randn(40, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    b_before = b.clone()
+    for cg in (bl.CG(maxiter=7, tol=0.0), bl.CG(maxiter=300, tol=tol, check_every=5)):
+        for x0 in (None, torch.full((40,), 0.1, dtype=dtype)):
+            (xh, ih), (xd, idv) = _textbook_pair(cg, lambda v: A @ v, b, x0)
+            assert torch.equal(b, b_before)                        # b is read, never written
+            assert rel_err(xh, xd) < (1e-10 if dtype == torch.float64 else 1e-4) * cond
+            assert ih.converged == idv.converged and abs(ih.iterations - idv.iterations) <= 1 + idv.iterations // 20
+            assert ih.matvecs <= idv.matvecs                       # no product past convergence
+            if ih.converged:
+                assert ih.matvecs == ih.iterations + (x0 is not None) or ih.iterations == 0
+                assert rel_err(xh, torch.linalg.solve(A, b)) < 1e-8 * cond if dtype == torch.float64 else True
+            if not ih.converged:                                   # the same budget: the same residual
+                assert ih.residual_norm == pytest.approx(idv.residual_norm, rel=1e-3)
+
+
+def test_host_scalar_cg_makes_the_device_forms_decisions():
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(6, generator=gen, dtype=DT)
+    indefinite = torch.diag(torch.tensor([3.0, 1.0, -1.0, 2.0, 1.5, 0.5], dtype=DT))
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=DT))[0]
+    singular = Q @ torch.diag(torch.tensor([2.0, 1.0, 0.5, 0.25, 0.0, 0.0], dtype=DT)) @ Q.T
+    consistent = singular @ b                                      # in the range: CG converges
+    for A, rhs in ((indefinite, b), (singular, consistent), (torch.zeros(6, 6, dtype=DT), b)):
+        (xh, ih), (xd, idv) = _textbook_pair(bl.CG(maxiter=20, tol=1e-12, on_indefinite="stop"),
+                                             lambda v, A=A: A @ v, rhs)
+        assert torch.allclose(xh, xd, rtol=1e-10, atol=1e-12)
+        assert (ih.converged, ih.extra["indefinite"], "fallback" in ih.extra) == \
+            (idv.converged, idv.extra["indefinite"], "fallback" in idv.extra)
+        assert ih.extra["min_rayleigh_quotient"] == pytest.approx(idv.extra["min_rayleigh_quotient"], rel=1e-10)
+    for host in (True, False):
+        with pytest.raises(bl.DivergenceError, match="positive definite"):
+            bl.CG(maxiter=20)._solve(lambda v: indefinite @ v, b, None, None, host)
+        with pytest.raises(bl.DivergenceError, match="not symmetric"):
+            bl.CG(maxiter=20)._solve(lambda v: (singular + torch.triu(Q)) @ v, b, None, None, host)
+        nan_op = lambda v: torch.full_like(v, math.nan)           # noqa: E731
+        with pytest.raises(bl.DivergenceError):
+            bl.CG(maxiter=20)._solve(nan_op, b, None, None, host)
 
 
 def test_cg_singular_inconsistent_system_is_not_silent():
