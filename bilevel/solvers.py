@@ -450,6 +450,12 @@ class _HostScalarCG(_TextbookProducts):
     ``p`` and writes ``x = αb`` and ``r = b − αAb`` into fresh buffers. Same decisions
     (curvature stop, ``b / scale`` fallback, symmetry probe) as the device form; its scalars
     are in double precision.
+
+    From zero the symmetry probe keeps nothing but ``b``: with ``u = p₀ = b`` and ``v = p₁ =
+    r₁ + β₁b``, ``vᵀAu = r₁ᵀ(Ab) + β₁ bᵀAb`` is taken at the first step, while ``Ab`` is at hand
+    (both terms accurate: no cancellation beyond ``2·eps·‖v‖‖Au‖``), and ``uᵀAv = bᵀ(Ap₁)`` at
+    the second, so the first product's buffer is free to take the later ones (one weight-sized
+    buffer fewer, and no copy of it).
     """
 
     def __init__(self, A: FlatMatvec, b: Tensor, x0: Optional[Tensor], thresh: float, flat_tol: float,
@@ -472,6 +478,9 @@ class _HostScalarCG(_TextbookProducts):
         self.min_rq, self.scale = math.inf, 0.0
         self.probe, self.gap = _SymmetryProbe(), math.nan
         self.fallback, self.fell_back = fallback and x0 is None, False
+        # the probe from zero (see above): ‖b‖, ‖Ab‖ and vᵀAu, from the first step
+        self._from_zero = x0 is None
+        self._b_norm, self._Au_norm, self._vAu = math.sqrt(self.rs), math.nan, math.nan
 
     def done(self) -> bool:
         return self.status != _RUNNING or self.rs <= self.thresh or not self.moved
@@ -482,9 +491,15 @@ class _HostScalarCG(_TextbookProducts):
     def step(self) -> None:
         p = self.p
         Ap, first = self._product(p)
-        self.probe.see(p, Ap, self.b0, Av_kept=first and self._into, v_norm=math.sqrt(self.pp))
-        if self.probe.gap is not None and math.isnan(self.gap):
-            self.gap = float(self.probe.gap)
+        if not self._from_zero:
+            self.probe.see(p, Ap, None, Av_kept=first and self._into, v_norm=math.sqrt(self.pp))
+            if self.probe.gap is not None and math.isnan(self.gap):
+                self.gap = float(self.probe.gap)
+        elif first:
+            self._Au_norm = float(torch.linalg.vector_norm(Ap))
+        elif self.matvecs == 2 and not math.isnan(self._vAu):          # v = p₁, u = b
+            den = self._b_norm * float(torch.linalg.vector_norm(Ap)) + math.sqrt(self.pp) * self._Au_norm
+            self.gap = abs(self._vAu - float(torch.dot(self.b, Ap))) / max(den, self.tiny)
         pAp = float(torch.dot(p, Ap))
         rq = pAp / max(self.pp, self.tiny)
         if math.isnan(rq):
@@ -512,6 +527,10 @@ class _HostScalarCG(_TextbookProducts):
         rs_new = float(torch.dot(self.r, self.r))
         if ok:
             beta = rs_new / self.rs if self.rs > 0 else rs_new
+            if p is self.b0:                # the first step from zero: vᵀAu for the probe, then Ab is free
+                self._vAu = float(torch.dot(self.r, Ap)) + beta * pAp
+                if self._into:
+                    self._Ap = Ap
             # p = r + βp, in place once p is ours (the first p is the caller's b)
             self.p = torch.add(self.r, p, alpha=beta) if p is self.b0 else torch.add(self.r, p, alpha=beta, out=p)
             self.pp = rs_new + beta * beta * self.pp

@@ -220,6 +220,27 @@ def test_host_scalar_cg_takes_the_device_forms_iterates(dtype, tol, cond):
                 assert ih.residual_norm == pytest.approx(idv.residual_norm, rel=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("skew", [0.0, 1e-3, 0.3])
+def test_host_scalar_cg_probe_from_zero_measures_the_device_forms_asymmetry(dtype, skew):
+    """From zero the host form keeps only b for its symmetry probe; its gap is the device form's."""
+    from bilevel import solvers as S
+    gen = torch.Generator().manual_seed(5)
+    G = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    A = (spd(30, 1e3, seed=2) + skew * (G - G.T)).to(dtype)
+    b = torch.randn(30, generator=gen, dtype=dtype)
+    eps = S._FLAT_EPS * torch.finfo(dtype).eps
+    host = S._HostScalarCG(lambda v: A @ v, b, None, 0.0, eps)
+    device = S._HestenesStiefelCG(lambda v: A @ v, b, None, torch.zeros((), dtype=dtype), eps)
+    for _ in range(2):
+        host.step(), device.step()
+    gap = float(device.probe.gap)
+    if skew == 0.0:
+        assert host.gap < 10 * torch.finfo(dtype).eps and gap < 10 * torch.finfo(dtype).eps
+    else:
+        assert host.gap == pytest.approx(gap, rel=1e-6, abs=4 * torch.finfo(dtype).eps)   # to rounding
+
+
 def test_host_scalar_cg_makes_the_device_forms_decisions():
     gen = torch.Generator().manual_seed(0)
     b = torch.randn(6, generator=gen, dtype=DT)
