@@ -3,8 +3,8 @@
 Group ``inner_step``; unit: ``zero_grad(); loss.backward(); optimizer.step()`` on the same model,
 batch and optimizer (SGD, momentum 0.9). The candidate is ``HyperOptimizer.inner_step`` with a
 per-weight decay hyperparameter tree that the inner step does not use (``bl.FirstOrder()``), so the
-ratio is the per-step cost of the wrapper: finiteness check of loss and gradient, the gradient
-through ``torch.autograd.grad``, bookkeeping. Paired ratios (back to back) are what RESULTS.md
+ratio is the per-step cost of the wrapper: finiteness check of loss and gradients (read-only sums on
+CPU), ``backward(inputs=...)`` restricted to the inner variables, checks of the loss, bookkeeping. Paired ratios (back to back) are what RESULTS.md
 reports; targets 1.05 (MLP 64-512-256-10, batch 64) and 1.02 (the 1.07M MLP of conftest.py).
 """
 

