@@ -165,7 +165,17 @@ def all_finite(*tensors: Tensor) -> bool:
         # one host sync per device: the sum of the sums (an overflow to Inf goes to the exact test)
         if all(math.isfinite(float(torch.stack(ss).sum())) for ss in by_device.values()):
             return True
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return all(bool(torch.isfinite(_stored_values(t)).all()) for t in tensors)
+
+
+def _stored_values(t: Tensor) -> Tensor:
+    """The values a tensor stores: a sparse tensor's non-zeros (sparse gradients of ``nn.Embedding(
+    sparse=True)``: ``isfinite`` has no sparse kernel), else the tensor itself."""
+    if t.layout == torch.sparse_coo:
+        return t._values()
+    if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return t.values()
+    return t
 
 
 def fresh_tensors_finite(tensors: list[Tensor]) -> bool:

@@ -190,18 +190,44 @@ class ModelFunctions:
         buffers by ``buffers`` (copies: the passes of a hyper step must not move BatchNorm statistics)."""
         holder, hp_in_model, aliases = _LossCall(self.model), self.hp_in_model, _aliases(self.model)
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        tables = [m for m in self.model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
 
         def call(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
             tensors = {**params, **{n: hparams[k] for n, k in hp_in_model.items()}, **buffers}
             tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
-            with batch_statistics_only(norms):
+            with batch_statistics_only(norms), dense_embedding_gradients(tables):
                 return functional_call(holder, {"m." + n: t for n, t in tensors.items()}, (loss_fn, hparams, batch),
                                        tie_weights=False)
 
         return call
 
 
-class batch_statistics_only:
+class _SwitchOff:
+    """Within it, boolean attribute ``attr`` is ``False`` on those of ``modules`` where ``when(m)``
+    holds; it is set back to ``True`` on exit (also after an exception)."""
+
+    attr = ""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self.modules = list(modules)
+        self.changed: list[nn.Module] = []
+
+    def when(self, m: nn.Module) -> bool:
+        return bool(getattr(m, self.attr))
+
+    def __enter__(self) -> "_SwitchOff":
+        self.changed = [m for m in self.modules if self.when(m)]
+        for m in self.changed:
+            setattr(m, self.attr, False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m in self.changed:
+            setattr(m, self.attr, True)
+        self.changed = []
+
+
+class batch_statistics_only(_SwitchOff):
     """Within it, batch-norm layers (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) in training mode
     normalize by the batch's statistics without updating their running statistics (and their batch
     counter).
@@ -212,20 +238,19 @@ class batch_statistics_only:
     tensor that is not an input. Layers in eval mode (running statistics) are left as they are.
     """
 
-    def __init__(self, norms: Iterable[nn.Module]) -> None:
-        self.norms = list(norms)
-        self.changed: list[nn.Module] = []
+    attr = "track_running_stats"
 
-    def __enter__(self) -> "batch_statistics_only":
-        self.changed = [m for m in self.norms if m.training and m.track_running_stats]
-        for m in self.changed:
-            m.track_running_stats = False
-        return self
+    def when(self, m: nn.Module) -> bool:
+        return m.training and m.track_running_stats
 
-    def __exit__(self, *exc: Any) -> None:
-        for m in self.changed:
-            m.track_running_stats = True
-        self.changed = []
+
+class dense_embedding_gradients(_SwitchOff):
+    """Within it, ``nn.Embedding`` / ``nn.EmbeddingBag`` layers built with ``sparse=True`` give dense
+    gradients: the same values, in the layout that a hyper step's flat vectors, products and
+    solvers take (a sparse gradient is a training-step saving for ``torch.optim`` optimizers that
+    read it; the inner step keeps it)."""
+
+    attr = "sparse"
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

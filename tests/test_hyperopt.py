@@ -731,6 +731,85 @@ def test_a_non_finite_gradient_under_a_finite_loss_changes_nothing(dtype):
     assert all(p.grad is None for p in model.parameters())          # no Inf gradient left in .grad
 
 
+class _SparseBag(torch.nn.Module):
+    """Token ids -> mean of a sparse-gradient embedding -> linear: ``.grad`` of the table is sparse."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 4, sparse=True)
+        self.out = torch.nn.Linear(4, 1)
+
+    def forward(self, ids, grad_fill=None):
+        e = self.emb(ids)
+        if grad_fill is not None:                 # the table's gradient: this value at each row read
+            e.register_hook(lambda g: torch.full_like(g, grad_fill))
+        return self.out(e.mean(1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("grad_fill", [None, float("nan"), 1e38])
+def test_sparse_embedding_gradients_train_like_plain_torch_and_are_checked(grad_fill):
+    """``nn.Embedding(sparse=True)`` through the inner step: ordinary gradients train as a plain torch
+    loop does; a NaN gradient under a finite loss is skipped; finite gradients whose sum overflows
+    (12 rows of 1e38: the check's exact test then reads the sparse values) still give a step."""
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randperm(20, generator=gen)[:12].view(4, 3), torch.randn(4, generator=gen)   # rows read once
+    runs = []
+    for use_hopt in (True, False):
+        model = _SparseBag()
+        inner = lambda m, h, b: F.mse_loss(m(b[0], grad_fill), b[1])
+        opt = torch.optim.SGD(model.parameters(), lr=1e-38 if grad_fill == 1e38 else 0.1)   # rows move by 1
+        if use_hopt:
+            hp = {"c": torch.tensor(0.0, requires_grad=True)}
+            hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=inner, inner_optimizer=opt,
+                                     outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1), on_error="skip",
+                                     method=bl.FirstOrder())
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                for _ in range(3):
+                    hopt.inner_step((ids, y))
+            assert model.emb.weight.grad is None or model.emb.weight.grad.is_sparse
+            assert (hopt.inner_steps, hopt.skipped) == ((0, 3) if grad_fill != grad_fill else (3, 0))
+        else:
+            for _ in range(3):
+                opt.zero_grad()
+                inner(model, None, (ids, y)).backward()
+                opt.step()
+        runs.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    if grad_fill != grad_fill:                      # skipped: the weights stay as they started
+        runs[1] = {k: v.detach().clone() for k, v in _SparseBag().named_parameters()}
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("method", [bl.Implicit(solver=bl.CG(maxiter=20, damping=1.0)), bl.Unrolled(steps=3)],
+                         ids=["implicit", "unrolled"])
+def test_sparse_embedding_hypergradient_equals_the_dense_twins(method):
+    """A hyper step reads a ``sparse=True`` table's gradient densely (flat vectors, products): the
+    hypergradient equals that of the same model built with ``sparse=False``, and the layer's own
+    setting is back afterwards (the next inner step's gradient is sparse again). The decays are the
+    linear layer's: the table enters through the Hessian and the mixed term's chain."""
+    gen = torch.Generator().manual_seed(2)
+    ids, y = torch.randint(0, 20, (16, 3), generator=gen), torch.randn(16, generator=gen)
+    inner = lambda m, h, b: F.mse_loss(m(b[0]), b[1])
+    hgs = []
+    for sparse in (True, False):
+        model = _SparseBag()
+        model.emb.sparse = sparse
+        hp, pen = bl.hparams.weight_decay(model, init=1e-2, exclude=("emb.",))   # a decayed table's gradient is dense
+        hopt = bl.HyperOptimizer(model, hp, inner_loss=inner, outer_loss=inner, penalty=pen, method=method,
+                                 inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 outer_optimizer=torch.optim.Adam(hp.values(), lr=0.01))
+        hopt.inner_step((ids, y))
+        hg, stats = hopt.hypergradient((ids, y), (ids, y))
+        assert stats.hypergrad_norm > 0 and model.emb.sparse is sparse
+        hopt.inner_step((ids, y))
+        assert model.emb.weight.grad is None or model.emb.weight.grad.is_sparse is sparse
+        hgs.append(hg)
+    for k in hgs[0]:
+        torch.testing.assert_close(hgs[0][k], hgs[1][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_half_precision_hyperparameters_name_the_cause_and_float32_ones_train():
     """Adam's eps rounds to 0 in float16: a zero hypergradient entry gives 0/0. The error says so, and
     float32 hyperparameters over a float16 model work."""
