@@ -996,14 +996,19 @@ def _cost_problem(layers: Sequence[int], groups: Optional[int], batch: int = 256
         opt.step()
     params = {k: v.detach() for k, v in w.items()}
     # damping 1.0 only guards CG against the negative curvature that may be left after
-    # 50 Adam steps; it changes no cost: CG runs exactly 10 products (asserted)
+    # 50 Adam steps. tol=0: CG runs 10 products unless its residual reaches the rounding floor
+    # (8·eps·‖b‖) first, which the well-conditioned small models do; the count is recorded
     solver = bl.CG(maxiter=10, tol=0.0, damping=1.0)
+    products: list[int] = []
 
     def hypergrad() -> Any:
         hg = bl.implicit_hypergrad(loss, loss, params, hp, solver=solver, inner_args=(X, y), outer_args=(Xv, yv),
                                    penalty=penalty)
-        assert hg.info.solver.matvecs == 10
+        k = hg.info.solver.matvecs
+        assert k == 10 or (k < 10 and hg.info.solver.converged), hg.info.solver
+        products.append(k)
         return hg
+    hypergrad.products = products  # type: ignore[attr-defined]
     wl = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     leaves = list(wl.values())
     gradient = lambda: torch.autograd.grad(loss(wl, hp, X, y), leaves)  # noqa: E731
@@ -1048,7 +1053,7 @@ def run_cost(smoke: bool = False, memory: bool = True) -> Dict[str, Any]:
     for name, layers in sizes.items():
         P, n_h, hg, grad = _cost_problem(layers, None, batch=32 if smoke else 256, train_steps=5 if smoke else 50)
         r = {"model": name, "layers": list(layers), "n_params": P, "n_hparams": n_h, **paired(hg, grad, pairs),
-             **flop_ratio(hg, grad)}
+             **flop_ratio(hg, grad), "products": max(hg.products)}
         if memory and not smoke:
             r["peak_mb_hypergrad"] = peak_memory_mb("cost", "hypergrad", [list(layers), None])
             r["peak_mb_gradient"] = peak_memory_mb("cost", "gradient", [list(layers), None])
@@ -1057,7 +1062,8 @@ def run_cost(smoke: bool = False, memory: bool = True) -> Dict[str, Any]:
     layers = (20, 16, 3) if smoke else MODEL_SIZES["1M"]
     for G in ((4, None) if smoke else GROUPS):
         P, n_h, hg, grad = _cost_problem(layers, G, batch=32 if smoke else 256, train_steps=5 if smoke else 50)
-        r = {"groups": G, "n_params": P, "n_hparams": n_h, **paired(hg, grad, pairs), **flop_ratio(hg, grad)}
+        r = {"groups": G, "n_params": P, "n_hparams": n_h, **paired(hg, grad, pairs), **flop_ratio(hg, grad),
+             "products": max(hg.products)}
         if memory and not smoke:
             r["peak_mb_hypergrad"] = peak_memory_mb("cost", "hypergrad", [list(layers), G])
         by_groups.append(r)
