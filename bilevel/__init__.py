@@ -14,6 +14,7 @@ The stateful edge is :class:`HyperOptimizer`, driven by a method object
 
 from ._errors import BilevelError, DivergenceError, NonFiniteError, ShapeError
 from ._result import Hypergrad, HypergradInfo
+from ._second_order import twice_differentiable_kernels
 from ._tree import Tree
 from .operators import HessianOperator, hvp, mixed_vjp
 from .solvers import CG, BiCGSTAB, Exact, GMRES, Identity, Neumann, NormalCG, Nystrom, Solver, SolverInfo
@@ -56,6 +57,7 @@ __all__ = [
     "UnrollInfo",
     "unrolled_hypergrad",
     "imaml_grad",
+    "twice_differentiable_kernels",
     "HyperOptimizer",
     "HyperStepStats",
     "Trajectory",

@@ -3,7 +3,6 @@ as a pure function of its parameters, transactional snapshots, and the cycling o
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
@@ -13,10 +12,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
 from ._errors import NonFiniteError, all_finite, check_tree, fresh_tensors_finite
+from ._second_order import twice_differentiable_kernels
 from ._rng import get_state as get_rng
 from ._rng import set_state as set_rng
 from .distributed import all_reduce_mean_grads, world_size
@@ -195,20 +193,18 @@ class ModelFunctions:
         NOTE: the passes of a hyper step differentiate twice (double backward, or a forward tangent
         through a backward pass), so within them attention runs on PyTorch's math kernel
         (``scaled_dot_product_attention``'s fused flash and memory-efficient kernels have no second
-        derivative and no forward-mode rule: ``nn.TransformerEncoderLayer`` failed there),
-        sparse-gradient embeddings give dense gradients, and weight normalization runs as its
-        formula instead of the fused ``torch._weight_norm`` (whose second derivative is wrong in
-        torch 2.13: see :class:`decomposed_weight_norm`). Inner steps keep the fast kernels."""
+        derivative and no forward-mode rule: ``nn.TransformerEncoderLayer`` failed there), weight
+        normalization runs as its formula instead of the fused ``torch._weight_norm`` (whose second
+        derivative is wrong in torch 2.13), both by :func:`twice_differentiable_kernels`, and
+        sparse-gradient embeddings give dense gradients. Inner steps keep the fast kernels."""
         holder, hp_in_model, aliases = _LossCall(self.model), self.hp_in_model, _aliases(self.model)
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         tables = [m for m in self.model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-        weight_norm = uses_weight_norm(self.model)
 
         def call(params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Any) -> Tensor:
             tensors = {**params, **{n: hparams[k] for n, k in hp_in_model.items()}, **buffers}
             tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
-            with batch_statistics_only(norms), dense_embedding_gradients(tables), sdpa_kernel(SDPBackend.MATH), \
-                    (decomposed_weight_norm() if weight_norm else contextlib.nullcontext()):
+            with batch_statistics_only(norms), dense_embedding_gradients(tables), twice_differentiable_kernels():
                 return functional_call(holder, {"m." + n: t for n, t in tensors.items()}, (loss_fn, hparams, batch),
                                        tie_weights=False)
 
@@ -264,45 +260,6 @@ class dense_embedding_gradients(_SwitchOff):
     read it; the inner step keeps it)."""
 
     attr = "sparse"
-
-
-class decomposed_weight_norm(TorchFunctionMode):
-    """Within it, ``torch._weight_norm(v, g, dim)`` (what ``nn.utils.parametrizations.weight_norm``
-    and the older ``nn.utils.weight_norm`` call) is computed as ``v · g / ‖v‖`` from ordinary ops.
-
-    NOTE: the fused op's double backward is wrong on CPU in torch 2.13 (Hessian-vector products
-    through ``original1``, the direction ``v``, were off by up to 70 % of their size against
-    central differences in float64, and not symmetric), and it has no forward-mode rule. CG's
-    symmetry probe caught it (``DivergenceError``); Gauss–Newton and unrolled hypergradients would
-    have used the wrong derivative silently. The decomposition has the same value (to rounding)
-    and exact derivatives of every order.
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch._weight_norm:
-            v, g = args[0], args[1]
-            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-            return v * (g / torch.norm_except_dim(v, 2, dim))
-        return func(*args, **kwargs)
-
-
-def uses_weight_norm(model: nn.Module) -> bool:
-    """Whether any layer of ``model`` is weight-normalized (either torch API), i.e. calls ``torch._weight_norm``."""
-    for m in model.modules():
-        if any(_is_torch_weight_norm(h) for h in m._forward_pre_hooks.values()):
-            return True
-        plist = getattr(m, "parametrizations", None)
-        if plist is not None and any(_is_torch_weight_norm(p) for ps in plist.values() for p in ps):
-            return True
-    return False
-
-
-def _is_torch_weight_norm(obj: Any) -> bool:
-    """torch's weight-norm hook (``nn.utils.weight_norm``) or parametrization
-    (``nn.utils.parametrizations.weight_norm``), told by class (the latter's class is private)."""
-    cls = type(obj)
-    return cls.__name__ in ("WeightNorm", "_WeightNorm") and cls.__module__.startswith("torch.nn.utils.")
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ._errors import NonFiniteError, ShapeError, all_finite, check_finite_scalar, check_finite_tree, check_like, check_scalar, check_tree
 from ._result import Hypergrad, HypergradInfo
+from ._second_order import with_twice_differentiable_kernels
 from ._tree import Flat, Tree, tree_detach, tree_norm
 from .distributed import all_reduce_mean_list, check_group
 from .operators import CurvatureOperator, make_operator
@@ -100,6 +101,7 @@ def _resolve_args(args: Any, fn: str, name: str) -> tuple:
                     f"Fix: wrap a single argument as ({name}_value,).")
 
 
+@with_twice_differentiable_kernels
 def implicit_hypergrad(
     inner_loss: Callable[..., Tensor],
     outer_loss: Callable[..., Tensor],

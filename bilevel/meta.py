@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ._errors import check_like, check_tree
 from ._result import Hypergrad
+from ._second_order import with_twice_differentiable_kernels
 from ._tree import Tree
 from .implicit import implicit_hypergrad
 
@@ -94,6 +95,7 @@ def proximal_loss(inner_loss: Callable[..., Tensor], lam: float) -> Callable[...
     return loss
 
 
+@with_twice_differentiable_kernels
 def imaml_grad(
     inner_loss: Callable[..., Tensor],
     outer_loss: Callable[..., Tensor],

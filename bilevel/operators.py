@@ -39,6 +39,7 @@ from torch import Tensor
 from ._autograd import missing_derivative, reachable_leaves
 from ._errors import check_like, check_scalar, check_tree
 from ._rng import get_state as get_rng
+from ._second_order import with_twice_differentiable_kernels
 from ._rng import replay as replay_rng
 from ._tree import Flat, Tree, tree_detach, tree_norm
 from .distributed import all_reduce_mean_, all_reduce_mean_list, all_reduce_mean_tree, world_size
@@ -868,6 +869,7 @@ class HessianOperator(_Wrapper):
         super().__init__(make_operator(f, params, hparams, args, mode=mode, penalty=penalty, group=group, name=name))
 
 
+@with_twice_differentiable_kernels
 def hvp(f: Callable[..., Tensor], params: Mapping[str, Tensor], v: Mapping[str, Tensor], *args: Any,
         mode: str = "auto") -> Tree:
     """Exact Hessian-vector product ``H v`` with ``H = ∇²_params f(params, *args)``.
@@ -900,6 +902,7 @@ def hvp(f: Callable[..., Tensor], params: Mapping[str, Tensor], v: Mapping[str, 
     return make_operator(f, params, None, args, mode=mode, name="bilevel.hvp").matvec(v)
 
 
+@with_twice_differentiable_kernels
 def mixed_vjp(f: Callable[..., Tensor], params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
               u: Mapping[str, Tensor], *args: Any, mode: str = "auto") -> Tree:
     """Mixed product ``∇_hparams <∇_params f(params, hparams, *args), u>``.

@@ -35,6 +35,7 @@ from ._rng import set_state as set_rng
 from ._autograd import detach_state, grads_or_zeros, reachable_leaves
 from ._forward_ad import CallsMseLoss, fixes_for
 from ._result import Hypergrad
+from ._second_order import with_twice_differentiable_kernels
 from .inner import InnerOptimizer
 from .distributed import all_reduce_mean_grads, all_reduce_mean_list, check_group
 
@@ -493,6 +494,7 @@ def _forward(step: _Stepper, outer_loss, w: Tree, s: Any, h: Tree, t0: int, T: i
 
 
 # -- public -----------------------------------------------------------------------------------------
+@with_twice_differentiable_kernels
 def unrolled_hypergrad(
     inner_loss: Callable[..., Tensor],
     outer_loss: Callable[..., Tensor],

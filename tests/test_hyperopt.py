@@ -852,57 +852,6 @@ def test_transformer_layers_take_hyper_steps(method):
         torch.testing.assert_close(hgs[0][k], hgs[1][k], rtol=1e-6, atol=1e-9, msg=k)
 
 
-class _HandWeightNorm(torch.nn.Module):
-    """Linear(5, 8) with W = g · v / ‖v‖ (per output row) written out, tanh, Linear(8, 3): the oracle
-    for torch's weight-norm layers (same values, derivatives from ordinary ops)."""
-
-    def __init__(self, ref):
-        super().__init__()
-        names = dict(ref.named_parameters())
-        first = [k for k in names if k.startswith("0.") and k != "0.bias"]
-        g, v = sorted(first, key=lambda k: names[k].shape[1])          # g: (8, 1), v: (8, 5)
-        self.g, self.v = (torch.nn.Parameter(names[k].detach().clone()) for k in (g, v))
-        self.b0 = torch.nn.Parameter(names["0.bias"].detach().clone())
-        self.out = copy.deepcopy(ref[2])
-
-    def forward(self, x):
-        w = self.g * self.v / self.v.norm(dim=1, keepdim=True)
-        return self.out(torch.tanh(x @ w.T + self.b0))
-
-
-@pytest.mark.parametrize("api", ["parametrizations", "hook"])
-@pytest.mark.parametrize("method", [bl.Implicit(solver=bl.Exact(damping=0.1)), bl.Unrolled(steps=3)],
-                         ids=["implicit-exact", "unrolled"])
-def test_weight_normalized_layers_give_the_hypergradient_of_their_formula(api, method):
-    """``torch._weight_norm``'s fused second derivative is wrong in torch 2.13: a hyper step through
-    a weight-normalized layer (either torch API) must give the hypergradient of the same network
-    written out by hand (float64, exact solve or an unroll), for one global decay."""
-    torch.manual_seed(0)
-    ref = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
-    if api == "parametrizations":
-        torch.nn.utils.parametrizations.weight_norm(ref[0])
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.nn.utils.weight_norm(ref[0])
-    gen = torch.Generator().manual_seed(4)
-    batch = (torch.randn(32, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen))
-    loss = lambda m, h, b: F.cross_entropy(m(b[0]), b[1])
-    hgs = []
-    for model in (ref, _HandWeightNorm(ref)):
-        hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="model")
-        hp = {k: v.double().detach().requires_grad_(True) for k, v in hp.items()}
-        hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, penalty=pen, method=method,
-                                 inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                 outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1))
-        for _ in range(3):
-            hopt.inner_step(batch)
-        hg, _ = hopt.hypergradient(batch, batch)
-        hgs.append(torch.cat([v.reshape(-1) for v in hg.values()]))
-    assert hgs[1].abs().max() > 1e-6
-    torch.testing.assert_close(hgs[0], hgs[1], rtol=1e-9, atol=1e-12)
-
-
 def test_half_precision_hyperparameters_name_the_cause_and_float32_ones_train():
     """Adam's eps rounds to 0 in float16: a zero hypergradient entry gives 0/0. The error says so, and
     float32 hyperparameters over a float16 model work."""

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "_errors": 0,
     "_tree": 1, "_rng": 1, "_io": 1,
-    "_result": 2, "_autograd": 2, "distributed": 2, "_forward_ad": 2,
+    "_result": 2, "_autograd": 2, "distributed": 2, "_forward_ad": 2, "_second_order": 2,
     "kernels": 3,
     "losses": 4, "hparams": 5, "solvers": 4, "inner": 4,
     "operators": 6, "hvp": 7,
