@@ -66,9 +66,10 @@ def twice_differentiable_kernels() -> Iterator[None]:
     inside the block only. Blocks nest and may be open in several threads; the swap of weight norm
     is process-wide (another thread's weight norm meanwhile takes the formula too: same values) and
     the fused op is back once the last block closes (also after an exception). The core's hypergradient functions
-    (``implicit_hypergrad``, ``unrolled_hypergrad``, ``hvp``, ``mixed_vjp``, ``imaml_grad``) and
-    ``HyperOptimizer``'s hyper steps enter it themselves; wrap other second-order code in it (e.g.
-    a call of a function made by ``implicit_diff`` and the ``backward()`` through it).
+    (``implicit_hypergrad``, ``unrolled_hypergrad``, ``hvp``, ``mixed_vjp``, ``imaml_grad``), the
+    derivative rules of ``implicit_diff``/``implicit_root``/``implicit_fixed_point`` and
+    ``HyperOptimizer``'s hyper steps enter it themselves; wrap other second-order code in it (your
+    own double backward, a ``HessianOperator`` built and used by hand).
 
     Shapes: n/a (a context manager).
 

@@ -620,9 +620,12 @@ def _run_items(problem: _Problem, tensors: Sequence[Tensor], lead: int,
     return tuple(o.reshape(*problem.batch, *o.shape[1:]) for o in outs)
 
 
+@with_twice_differentiable_kernels
 def _run(problem: _Problem, tensors: Sequence[Tensor], lead: int, rule: Callable[..., tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
     """``rule`` on ``tensors = (lead vectors, x*, λ, arg tensors)`` at every item of ``problem.batch``:
-    all items at once where the solver and the loss allow it, else one at a time."""
+    all items at once where the solver and the loss allow it, else one at a time. The derivative
+    rules of ``implicit_diff``/``implicit_root``/``implicit_fixed_point`` (backward, jvp, vmap) all
+    run here, inside :func:`~bilevel.twice_differentiable_kernels`."""
     if not problem.batch:
         return rule(problem, problem.linearize(tensors[lead:]), tensors[:lead])
     together = _run_items(problem, tensors, lead, rule)

@@ -200,3 +200,32 @@ def test_hyper_steps_through_weight_norm_equal_the_hand_written_network(api, met
         hgs.append(torch.cat([v.reshape(-1) for v in hg.values()]))
     assert hgs[1].abs().max() > 1e-6
     torch.testing.assert_close(hgs[0], hgs[1], rtol=1e-9, atol=1e-12)
+
+
+def test_implicit_diff_backward_through_weight_norm_equals_the_hand_written_network():
+    """The derivative rule of ``@bl.implicit_diff`` runs later, in the caller's ``backward()``: it too
+    takes the formula of weight norm (the solver itself runs the fused op). Exact solve, float64."""
+    ref = _weight_normed()
+    X, y = _data()
+    grads = []
+    for model in (ref, _HandWeightNorm(ref)):
+        start = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+        def inner(p, h, m=model):
+            return F.cross_entropy(functional_call(m, p, (X,)), y) + 0.5 * h["log_decay"].exp() * sum(
+                (t ** 2).sum() for t in p.values())
+
+        def solve(h, m=model, start=start):                    # fixed full-batch gradient steps
+            p = {k: v.clone() for k, v in start.items()}
+            for _ in range(5):
+                q = {k: v.requires_grad_(True) for k, v in p.items()}
+                g = torch.autograd.grad(inner(q, h), list(q.values()))
+                p = {k: v.detach() - 0.1 * gk for (k, v), gk in zip(q.items(), g)}
+            return p
+
+        h = {"log_decay": torch.tensor(-3.0, dtype=DT, requires_grad=True)}
+        w = bl.implicit_diff(inner, solver=bl.Exact(damping=0.1))(solve)(h)
+        F.cross_entropy(functional_call(model, w, (X,)), y).backward()
+        grads.append(h["log_decay"].grad)
+    assert grads[1].abs() > 1e-6
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
