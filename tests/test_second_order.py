@@ -229,3 +229,71 @@ def test_implicit_diff_backward_through_weight_norm_equals_the_hand_written_netw
         grads.append(h["log_decay"].grad)
     assert grads[1].abs() > 1e-6
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+class _LastStep(torch.nn.Module):
+    """A recurrent layer, its last step, a linear head."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn, self.head = rnn, torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _attention_head():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.head = torch.nn.MultiheadAttention(6, 2, batch_first=True), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.att(x, x, x)[0].mean(1))
+    return Head()
+
+
+nn = torch.nn
+LAYERS = {
+    "layer-norm": (lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)), (10, 6)),
+    "rms-norm": (lambda: nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8), nn.Tanh(), nn.Linear(8, 3)), (10, 6)),
+    "batch-norm (train)": (lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)),
+                           (10, 6)),
+    "group-norm, conv1d": (lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(),
+                                                 nn.Linear(16, 3)), (10, 2, 6)),
+    "conv2d, max-pool": (lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)),
+                         (10, 1, 6, 6)),
+    "gelu, adaptive avg-pool": (lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(2),
+                                                      nn.Flatten(), nn.Linear(12, 3)), (10, 1, 5, 5)),
+    "silu, mish, elu": (lambda: nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 8), nn.Mish(), nn.Linear(8, 8),
+                                              nn.ELU(), nn.Linear(8, 3)), (10, 6)),
+    "lstm": (lambda: _LastStep(nn.LSTM(6, 8, batch_first=True)), (10, 4, 6)),
+    "gru": (lambda: _LastStep(nn.GRU(6, 8, batch_first=True)), (10, 4, 6)),
+    "multi-head attention (weights)": (_attention_head, (10, 4, 6)),
+    "orthogonal parametrization": (lambda: nn.Sequential(nn.utils.parametrizations.orthogonal(nn.Linear(6, 6)),
+                                                         nn.Tanh(), nn.Linear(6, 3)), (10, 6)),
+    "conv-transpose, upsample": (lambda: nn.Sequential(nn.ConvTranspose1d(2, 3, 3), nn.Upsample(scale_factor=2,
+                                                       mode="linear"), nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)),
+                                 (10, 2, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_hvp_through_common_layers_matches_central_differences(name):
+    """``bl.hvp`` through common layer types equals central differences of the gradient (float64,
+    error relative to the largest entry: a block whose curvature is exactly zero, such as a bias
+    before batch norm, is judged on that scale). Guards against a fused kernel with a wrong second
+    derivative, as weight norm's was."""
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    model = make().to(DT)
+    x = torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (shape[0],), generator=torch.Generator().manual_seed(2))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    loss = lambda p: F.cross_entropy(functional_call(model, p, (x,)), y)
+    gen = torch.Generator().manual_seed(3)
+    v = {k: torch.randn(t.shape, generator=gen, dtype=DT) for k, t in params.items()}
+    ours, oracle = bl.hvp(loss, params, v), _central_difference_hvp(loss, params, v)
+    scale = max(float(t.abs().max()) for t in oracle.values())
+    assert scale > 1e-3
+    assert max(float((ours[k] - oracle[k]).abs().max()) for k in params) <= 1e-6 * scale
