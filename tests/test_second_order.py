@@ -38,7 +38,8 @@ def _central_difference_hvp(loss, params, v, eps=1e-5):
         p = {k: (params[k] + shift * v[k]).requires_grad_(True) for k in params}
         return torch.autograd.grad(loss(p), list(p.values()))
     plus, minus = grad_at(eps), grad_at(-eps)
-    return {k: (a - b) / (2 * eps) for k, a, b in zip(params, plus, minus)}
+    dense = lambda t: t.to_dense() if t.is_sparse else t         # a sparse embedding's gradient
+    return {k: (dense(a) - dense(b)) / (2 * eps) for k, a, b in zip(params, plus, minus)}
 
 
 @pytest.mark.parametrize("api", ["parametrizations", "hook"])
@@ -139,6 +140,7 @@ def test_the_replacements_are_scoped_and_reentrant():
                 inside = torch._weight_norm(v, g, 0)
             raise RuntimeError("boom")
     assert calls and _second_order._DEPTH == 0 and torch._weight_norm is _second_order._FUSED_WEIGHT_NORM
+    assert F.embedding_bag is _second_order._FUSED_EMBEDDING_BAG
     assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()) == before
     calls.clear()
     with Spy():
@@ -167,7 +169,8 @@ def test_blocks_open_in_two_threads_restore_the_fused_op_when_the_last_closes():
         with bl.twice_differentiable_kernels():
             b_open.set()
             a_closed.wait(5)
-            seen["inside_after_a"] = torch._weight_norm is _second_order.weight_norm_formula
+            seen["inside_after_a"] = (torch._weight_norm is _second_order.weight_norm_formula
+                                      and F.embedding_bag is _second_order.embedding_bag_formula)
 
     threads = [threading.Thread(target=a), threading.Thread(target=b)]
     for t in threads:
@@ -297,3 +300,79 @@ def test_hvp_through_common_layers_matches_central_differences(name):
     scale = max(float(t.abs().max()) for t in oracle.values())
     assert scale > 1e-3
     assert max(float((ours[k] - oracle[k]).abs().max()) for k in params) <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("case", ["2d-mean", "2d-sum-weights", "offsets-mean-empty-bag", "last-offset-sum",
+                                  "padding-mean", "2d-max (fused)"])
+def test_embedding_bag_formula_equals_the_fused_op(case):
+    """The twice-differentiable embedding bag gives torch's values in every input form it takes."""
+    from bilevel._second_order import embedding_bag_formula
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, 5, generator=gen, dtype=DT)
+    kw = {}
+    if case.startswith("2d"):
+        inp = torch.randint(0, 12, (4, 3), generator=gen)
+        kw["mode"] = "sum" if "sum" in case else "max" if "max" in case else "mean"
+        if "weights" in case:
+            kw["per_sample_weights"] = torch.rand(4, 3, generator=gen, dtype=DT)
+    else:
+        inp = torch.randint(0, 12, (9,), generator=gen)
+        inp[[1, 5]] = 0
+        kw["offsets"] = torch.tensor([0, 2, 2, 6]) if "last" not in case else torch.tensor([0, 2, 2, 6, 9])
+        kw["include_last_offset"] = "last" in case
+        kw["mode"] = "sum" if "sum" in case else "mean"
+        if "padding" in case:
+            kw["padding_idx"] = 0
+    ours = embedding_bag_formula(inp, weight, **kw)
+    torch.testing.assert_close(ours, F.embedding_bag(inp, weight, **kw), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_embedding_bag_model_hypergradient_equals_the_hand_written_network(sparse):
+    """``nn.EmbeddingBag`` has no second derivative in torch; a ``HyperOptimizer`` hyper step through
+    it (implicit, exact solve) equals the one through ``nn.Embedding`` and a mean written by hand,
+    and ``bl.hvp`` through it equals central differences."""
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.bag = torch.nn.EmbeddingBag(20, 4, mode="mean", sparse=sparse)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.bag(x)))
+
+    class Hand(torch.nn.Module):
+        def __init__(self, ref):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 4)
+            self.emb.weight = torch.nn.Parameter(ref.bag.weight.detach().clone())
+            self.head = torch.nn.Linear(4, 3)
+            self.head.load_state_dict(ref.head.state_dict())
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x).mean(1)))
+
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randint(0, 20, (16, 3), generator=gen), torch.randint(0, 3, (16,), generator=gen))
+    loss = lambda m, h, b: F.cross_entropy(m(b[0]), b[1])
+    hgs, ref = [], Bag().to(DT)
+    for model in (ref, Hand(ref).to(DT)):
+        hp, pen = bl.hparams.weight_decay(model, init=1e-2, per="model")
+        hp = {k: v.double().detach().requires_grad_(True) for k, v in hp.items()}
+        hopt = bl.HyperOptimizer(model, hp, inner_loss=loss, outer_loss=loss, penalty=pen,
+                                 method=bl.Implicit(solver=bl.Exact(damping=0.1)),
+                                 inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 outer_optimizer=torch.optim.SGD(hp.values(), lr=0.1))
+        hopt.inner_step(batch)
+        hg, _ = hopt.hypergradient(batch, batch)
+        hgs.append(torch.cat([v.reshape(-1) for v in hg.values()]))
+    assert hgs[1].abs().max() > 1e-6
+    torch.testing.assert_close(hgs[0], hgs[1], rtol=1e-9, atol=1e-12)
+    params = {k: v.detach().clone() for k, v in ref.named_parameters()}
+    f = lambda p: F.cross_entropy(functional_call(ref, p, (batch[0],)), batch[1])
+    v = {k: torch.randn(t.shape, generator=gen, dtype=DT) for k, t in params.items()}
+    ours, oracle = bl.hvp(f, params, v), _central_difference_hvp(f, params, v)
+    for k in params:
+        torch.testing.assert_close(ours[k], oracle[k], rtol=1e-6, atol=1e-8, msg=k)
