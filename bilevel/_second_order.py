@@ -76,21 +76,21 @@ def embedding_bag_formula(input: Tensor, weight: Tensor, offsets: Optional[Tenso
         assert offsets is not None
         starts = offsets[:-1] if include_last_offset else offsets
         n_bags = starts.numel()
-        bag = torch.searchsorted(starts, torch.arange(flat.numel(), device=input.device), right=True) - 1
+        position = torch.arange(flat.numel(), device=input.device)
+        bag = torch.searchsorted(starts, position, right=True) - 1
         if include_last_offset:          # entries past the last offset belong to no bag
-            bag = torch.where(torch.arange(flat.numel(), device=input.device) < offsets[-1], bag, -1)
+            bag = torch.where(position < offsets[-1], bag, -1)
     keep = bag >= 0
     if padding_idx is not None:
         keep = keep & (flat != (padding_idx if padding_idx >= 0 else padding_idx + weight.shape[0]))
+    index, kept = bag.clamp(min=0), keep.to(weight.dtype)      # entries outside every bag add zero
     rows = torch.nn.functional.embedding(flat, weight)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.reshape(-1, 1).to(rows.dtype)
-    rows = rows * keep.unsqueeze(1).to(rows.dtype)
     out = torch.zeros(n_bags, weight.shape[1], dtype=rows.dtype, device=rows.device)
-    out = out.index_add(0, bag.clamp(min=0), rows)
+    out = out.index_add(0, index, rows * kept.unsqueeze(1))
     if mode == "mean":
-        counts = torch.zeros(n_bags, dtype=rows.dtype, device=rows.device).index_add(0, bag.clamp(min=0),
-                                                                                     keep.to(rows.dtype))
+        counts = torch.zeros(n_bags, dtype=rows.dtype, device=rows.device).index_add(0, index, kept)
         out = out / counts.clamp(min=1).unsqueeze(1)
     return out
 

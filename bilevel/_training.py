@@ -195,7 +195,8 @@ class ModelFunctions:
         (``scaled_dot_product_attention``'s fused flash and memory-efficient kernels have no second
         derivative and no forward-mode rule: ``nn.TransformerEncoderLayer`` failed there), weight
         normalization runs as its formula instead of the fused ``torch._weight_norm`` (whose second
-        derivative is wrong in torch 2.13), both by :func:`twice_differentiable_kernels`, and
+        derivative is wrong in torch 2.13) and embedding bags as a lookup and a per-bag sum (the
+        fused op has no second derivative), all by :func:`twice_differentiable_kernels`; and
         sparse-gradient embeddings give dense gradients. Inner steps keep the fast kernels."""
         holder, hp_in_model, aliases = _LossCall(self.model), self.hp_in_model, _aliases(self.model)
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
